@@ -28,3 +28,54 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
     dest = tmp_path_factory.mktemp("smollm2") / "model"
     return convert_gguf(embedded_gguf_path(), dest)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, proc, timeout: float = 90.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture
+def running_app(studio_home, tmp_path):
+    """``peft-studio ui`` as a real child process on a free loopback port; yields its URL."""
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "studio", "ui", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_http(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,86 @@
+"""``peft-studio``: the command line. Everything the UI does, headless.
+
+Sub-commands so far: ``ui`` (the web app), ``setup`` (prepare the embedded model), ``info``
+(architecture facts of a model source). Each sub-command's heavy imports stay in its handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from studio import config
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from studio.ui.launch import LaunchError, resolve_auth, serve
+
+    try:
+        auth = resolve_auth(args.host, args.auth, args.auth_file)
+    except LaunchError as exc:
+        print(f"peft-studio ui: {exc}", file=sys.stderr)
+        return 2
+    serve(args.host, args.port, auth, block=True)
+    return 0
+
+
+def _cmd_setup(args: argparse.Namespace) -> int:
+    from studio.models import ModelSourceError, resolve_source
+
+    try:
+        folder = resolve_source(args.model)
+    except ModelSourceError as exc:
+        print(f"peft-studio setup: {exc}", file=sys.stderr)
+        return 2
+    print(f"Model ready at {folder}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from studio.arch import ArchInfo
+    from studio.models import ModelSourceError, load_config
+
+    try:
+        info = ArchInfo.from_config(load_config(args.model, args.trust_remote_code),
+                                    args.trust_remote_code)
+    except ModelSourceError as exc:
+        print(f"peft-studio info: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info.to_dict(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-studio", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ui = sub.add_parser("ui", help="open the studio in your browser")
+    ui.add_argument("--host", default=config.DEFAULT_HOST,
+                    help="address to listen on (default 127.0.0.1; others need --auth)")
+    ui.add_argument("--port", type=int, default=config.DEFAULT_PORT)
+    group = ui.add_mutually_exclusive_group()
+    group.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
+    group.add_argument("--auth-file", metavar="FILE", help="logins, one user:password per line")
+    ui.set_defaults(handler=_cmd_ui)
+
+    setup = sub.add_parser("setup", help="prepare a model (convert and cache the embedded one)")
+    setup.add_argument("--model", default=config.DEFAULT_MODEL)
+    setup.set_defaults(handler=_cmd_setup)
+
+    info = sub.add_parser("info", help="print a model's architecture facts (reads no weights)")
+    info.add_argument("model", nargs="?", default=config.DEFAULT_MODEL,
+                      help="'default', a model folder, a config.json, a .gguf file or a hub id")
+    info.add_argument("--trust-remote-code", action="store_true",
+                      help="allow the model's own Python code (only for sources you trust)")
+    info.set_defaults(handler=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

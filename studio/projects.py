@@ -1,0 +1,46 @@
+"""Projects as the user sees them: a history row plus a folder under ``projects/``.
+
+The database row and the folder are created and removed together here, so neither the UI nor
+the CLI can leave one without the other (a row whose folder could not be made is rolled back).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from studio import config
+from studio.db import Database, Project
+
+STARTER_PROJECT = "My first project"
+
+
+def project_dir(project: Project) -> Path:
+    return config.child_path(config.projects_dir(), project.folder)
+
+
+def create_project(db: Database, name: str, model_source: str = config.DEFAULT_MODEL) -> Project:
+    project = db.create_project(name, model_source=model_source)
+    try:
+        project_dir(project).mkdir(parents=True, exist_ok=False)
+    except Exception:
+        db.delete_project(project.id)
+        raise
+    return project
+
+
+def delete_project(db: Database, project_id: int) -> None:
+    project = db.get_project(project_id)
+    if project is None:
+        raise ValueError(f"no project with id {project_id}")
+    folder = project_dir(project)
+    db.delete_project(project_id)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def ensure_starter_project(db: Database) -> Project:
+    """On a fresh install, one project on the embedded model so the app opens ready to use."""
+    existing = db.list_projects()
+    if existing:
+        return existing[0]
+    return create_project(db, STARTER_PROJECT)

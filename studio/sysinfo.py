@@ -1,0 +1,96 @@
+"""What this machine offers for training: CPU, RAM, disk and GPUs.
+
+GPU facts come from ``torch.cuda``, but the UI process must not import torch (it costs seconds
+and memory before the user needs a model), so they are read in a short-lived child process once
+and cached. RAM and disk come from psutil in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import psutil
+
+from studio import config
+
+_PROBE = r"""
+import json, torch
+gpus = []
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        gpus.append({"index": i, "name": torch.cuda.get_device_name(i), "free_bytes": free,
+                     "total_bytes": total})
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus}))
+"""
+
+_lock = threading.Lock()
+_cached: dict[str, Any] | None = None
+
+
+def probe_accelerators(timeout: float = 120.0) -> dict[str, Any]:
+    """torch version and GPUs, read in a child process; cached after the first success."""
+    global _cached
+    with _lock:
+        if _cached is not None:
+            return _cached
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            )
+            info = json.loads(out.stdout.strip().splitlines()[-1])
+        except (subprocess.SubprocessError, json.JSONDecodeError, IndexError, OSError) as exc:
+            return {"torch": None, "cuda": None, "gpus": [], "error": f"probe failed: {exc}"}
+        _cached = info
+        return info
+
+
+def host_summary() -> dict[str, Any]:
+    memory = psutil.virtual_memory()
+    disk = psutil.disk_usage(str(config.projects_dir()))
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": psutil.cpu_count(logical=True),
+        "ram_total_bytes": memory.total,
+        "ram_available_bytes": memory.available,
+        "disk_free_bytes": disk.free,
+        "disk_total_bytes": disk.total,
+        "projects_dir": str(config.projects_dir()),
+    }
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def summary_markdown(accel: dict[str, Any] | None = None) -> str:
+    host = host_summary()
+    accel = accel if accel is not None else probe_accelerators()
+    lines = [
+        f"**CPU**: {host['cpu']}, {host['cores']} logical cores",
+        f"**RAM**: {gib(host['ram_available_bytes'])} free of {gib(host['ram_total_bytes'])}",
+        f"**Disk** ({host['projects_dir']}): {gib(host['disk_free_bytes'])} free "
+        f"of {gib(host['disk_total_bytes'])}",
+    ]
+    if accel.get("gpus"):
+        for gpu in accel["gpus"]:
+            lines.append(
+                f"**GPU {gpu['index']}**: {gpu['name']}, {gib(gpu['free_bytes'])} free "
+                f"of {gib(gpu['total_bytes'])}"
+            )
+        lines.append("**Device**: CUDA (training runs on the GPU)")
+    else:
+        lines.append("**GPU**: none detected")
+        lines.append("**Device**: CPU (training runs on the processor; expect minutes, not seconds)")
+    if accel.get("torch"):
+        lines.append(f"**PyTorch**: {accel['torch']}" + (f", CUDA {accel['cuda']}" if accel.get("cuda") else ""))
+    if accel.get("error"):
+        lines.append(f"*GPU probe: {accel['error']}*")
+    return "  \n".join(lines)

@@ -1,0 +1,31 @@
+"""The app shell: header, project picker, system panel and the six tabs."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from studio import projects
+from studio.db import Database
+from studio.ui import labels, placeholders, projects_panel, system_panel
+
+
+def build_app(db: Database | None = None) -> gr.Blocks:
+    db = db or Database()
+    projects.ensure_starter_project(db)
+    with gr.Blocks(title=labels.TITLE) as demo:
+        gr.Markdown(f"# {labels.TITLE}\n{labels.TAGLINE}", elem_id="app-header")
+        with gr.Row():
+            with gr.Column(scale=4):
+                picker, load_projects = projects_panel.build(db)
+                with gr.Tabs(elem_id="main-tabs"):
+                    for name in labels.TABS:
+                        with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}"):
+                            if name == "Data":
+                                gr.Markdown(placeholders.sample_tasks_markdown(),
+                                            elem_id="sample-tasks")
+                            placeholders.build(name)
+            with gr.Column(scale=1, min_width=260):
+                summary, read_summary = system_panel.build()
+        demo.load(load_projects, None, [picker], api_name=False)
+        demo.load(read_summary, None, [summary], api_name=False)
+    return demo
