@@ -62,6 +62,7 @@ class ArchInfo:
     total_params: int
     embedding_params: int  # input token (+ position) embeddings
     lm_head_params: int  # 0 when tied to the input embedding
+    block_params: tuple[int, ...] = ()  # parameters of each decoder block, in order
     linears: tuple[LinearGroup, ...] = field(default_factory=tuple)
 
     @property
@@ -97,6 +98,7 @@ class ArchInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ArchInfo":
         data = dict(data)
+        data["block_params"] = tuple(data.get("block_params", ()))
         data["linears"] = tuple(LinearGroup(**g) for g in data.get("linears", ()))
         return cls(**data)
 
@@ -132,6 +134,7 @@ class ArchInfo:
             total_params=sum(p.numel() for p in model.parameters()),
             embedding_params=_embedding_params(model),
             lm_head_params=0 if _is_tied(model) else _lm_head_params(model),
+            block_params=_block_params(model, int(_first_attr(text_cfg, "num_hidden_layers", "n_layer"))),
             linears=linears,
         )
 
@@ -224,6 +227,16 @@ def _embedding_params(model: Any) -> int:
             seen.add(id(module.weight))
             total += module.weight.numel()
     return total
+
+
+def _block_params(model: Any, num_layers: int) -> tuple[int, ...]:
+    """Parameter count of each decoder block: the first ModuleList with one entry per layer."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return tuple(sum(p.numel() for p in block.parameters()) for block in module)
+    return ()
 
 
 def _lm_head_params(model: Any) -> int:

@@ -1,0 +1,1 @@
+"""Adapter modules that PEFT does not provide, written here (see each module for why)."""
