@@ -1,0 +1,66 @@
+"""Measuring what the estimator predicts, on a real model: parameter, gradient and optimizer
+bytes exactly, and the bytes autograd saves for backward (``saved_tensors_hooks``).
+
+Used by the tests and ``bench/estimate.py`` to hold ``estimate.py`` to account.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+
+def saved_activation_bytes(model: Any, input_ids: torch.Tensor) -> int:
+    """Bytes of distinct storages that autograd holds for backward after one training forward.
+
+    Every tensor packed for backward is recorded with a weak reference; only those still alive
+    when the forward ends count (some graphs are built and dropped inside the forward, e.g.
+    DoRA's detached weight-norm product, and their memory is reused). Storages are counted once
+    however many views of them are saved; parameters are excluded (they are weights, not
+    activations).
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    packed: list[tuple[weakref.ref, int, int]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        packed.append((weakref.ref(tensor), storage.data_ptr(), storage.nbytes()))
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=input_ids, labels=input_ids.clone())
+    alive: dict[int, int] = {}
+    for ref, key, nbytes in packed:
+        if ref() is not None and key not in params:
+            alive[key] = max(alive.get(key, 0), nbytes)
+    del out
+    return sum(alive.values())
+
+
+def state_bytes(model: Any, optimizer_name: str = "adamw") -> dict[str, int]:
+    """Exact bytes of weights (frozen, trainable), gradients and optimizer state after one step."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    if optimizer_name == "adamw":
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    elif optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(trainable, lr=1e-4)
+    else:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=1e-4)
+    optimizer.step()
+    opt = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+              if torch.is_tensor(v) and v.dim() > 0)
+    return {
+        "frozen": sum(p.numel() * p.element_size() for p in frozen),
+        "trainable": sum(p.numel() * p.element_size() for p in trainable),
+        "gradients": sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None),
+        "optimizer": opt,
+    }
