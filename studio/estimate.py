@@ -148,7 +148,8 @@ def _adapter_elements(arch: ArchInfo, method: str, p: Any) -> tuple[float, float
       DoRA: as LoRA + 2·out per token (the base output and the scaled update). Its weight-norm
         product B·A·I is built and detached inside the forward, so nothing of it is held.
       LoHa / LoKr: the shared input per token, and the materialised ΔW (in·out) per module.
-      VeRA: r + out per token, and the shared A, B once: r · (max in + max out).
+      VeRA: r + out per token (λ_d and λ_b keep their operands; x·A with the frozen buffer A
+        keeps no input), and the shared A, B once: r · (max in + max out).
     """
     from studio.methods import get_method  # registry: cheap, no torch
 
@@ -165,6 +166,7 @@ def _adapter_elements(arch: ArchInfo, method: str, p: Any) -> tuple[float, float
         if method in ("loha", "lokr"):
             per_model = sum(g.count * g.in_features * g.out_features for g in targets)
         elif method == "vera":
+            # x·A with A a frozen buffer keeps no input; λ_d and λ_b keep their operands.
             per_token = sum(g.count * (rank + g.out_features) for g in targets) / layers
             # The slices are views of one shared pair: stored once, at the largest shapes.
             per_model = rank * (max(g.in_features for g in targets) + max(g.out_features for g in targets))
@@ -172,7 +174,7 @@ def _adapter_elements(arch: ArchInfo, method: str, p: Any) -> tuple[float, float
             per_token = modules * rank / layers
         if dropout:
             per_token += sum(g.count * 2 * g.in_features for g in targets) / layers
-        else:
+        elif method != "vera":
             per_token += _distinct_inputs(arch, targets)
         if method == "dora" or getattr(p, "use_dora", False):
             per_token += sum(g.count * 2 * g.out_features for g in targets) / layers
@@ -218,7 +220,14 @@ def estimate_training(arch: ArchInfo, method: str, p: Any, trainable: int,
     terms = [_weights_term(arch, setup, frozen_base, in_base)]
     adapters = trainable - in_base
     # PEFT keeps adapter weights in fp32 even over a bf16/fp16 base (autocast_adapter_dtype).
-    terms.append(Term("trainable", adapters * 4, f"adapter parameters {adapters:,} × 4 B (fp32)"))
+    text = f"adapter parameters {adapters:,} × 4 B (fp32)"
+    if method == "adalora":  # plus one frozen rank counter per adapted module
+        from studio.methods.base import resolve_targets
+
+        counters = sum(g.count for g in arch.matching(resolve_targets(arch, p.target_preset, p.target_modules)))
+        adapters += counters
+        text += f" + {counters:,} rank counters × 4 B"
+    terms.append(Term("trainable", adapters * 4, text))
     terms.append(Term("gradients", trainable * 4, f"{trainable:,} × 4 B"))
     opt = OPTIMIZER_BYTES[setup.optimizer]
     terms.append(Term("optimizer", int(trainable * opt), f"{setup.optimizer}: {trainable:,} × {opt:g} B"))

@@ -79,3 +79,25 @@ def running_app(studio_home, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**TINY_LLAMA, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama saved as a model folder (weights + tokenizer-free)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(folder)
+    return folder
