@@ -1,7 +1,7 @@
 """``peft-studio``: the command line. Everything the UI does, headless.
 
 Sub-commands so far: ``ui`` (the web app), ``setup`` (prepare the embedded model), ``info``
-(architecture facts of a model source). Each sub-command's heavy imports stay in its handler.
+(architecture facts of a model source), ``estimate`` (trainable count and memory). Each sub-command's heavy imports stay in its handler.
 """
 
 from __future__ import annotations
@@ -51,6 +51,41 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from studio.arch import ArchInfo
+    from studio.estimate import TrainSetup
+    from studio.methods import SettingError
+    from studio.models import ModelSourceError, load_config
+    from studio.planner import plan
+
+    try:
+        settings = dict(_key_value(item) for item in args.set)
+        arch = ArchInfo.from_config(load_config(args.model, args.trust_remote_code), args.trust_remote_code)
+        setup = TrainSetup(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
+                           quant=args.quant or "none", grad_checkpointing=args.grad_checkpointing,
+                           optimizer=args.optimizer, device=args.device)
+        result = plan(arch, args.method, settings, setup)
+    except (ModelSourceError, SettingError, ValueError) as exc:
+        print(f"peft-studio estimate: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['title']}: {result['trainable_params']:,} trainable "
+              f"({result['trainable_percent']:.3f} %)\n  {result['formula']}")
+        for name, value in result["memory_bytes"].items():
+            print(f"  {name:12s} {value / 2**30:9.3f} GiB   {result['memory_formulas'][name]}")
+        print(f"  {'total':12s} {result['total_bytes'] / 2**30:9.3f} GiB")
+    return 0
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects key=value, got {item!r}")
+    return key.strip(), value.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-studio", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--trust-remote-code", action="store_true",
                       help="allow the model's own Python code (only for sources you trust)")
     info.set_defaults(handler=_cmd_info)
+
+    est = sub.add_parser("estimate", help="trainable parameters and training memory (no weights read)")
+    est.add_argument("--model", default=config.DEFAULT_MODEL,
+                     help="a model folder, a config.json, a .gguf file, a hub id or 'default'")
+    est.add_argument("--method", required=True, help="lora, dora, rslora, loraplus, qlora, houlsby, "
+                     "prefix, prompt, ia3, adalora, loha, lokr, vera, full, last_n")
+    est.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="a method setting, peft's own name (r, lora_alpha, target_modules=q_proj,v_proj, ...)")
+    est.add_argument("--batch-size", type=int, default=4)
+    est.add_argument("--seq-len", type=int, default=256)
+    est.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
+    est.add_argument("--quant", choices=["none", "nf4", "int8"], default=None,
+                     help="quantise the frozen base (qlora implies nf4)")
+    est.add_argument("--grad-checkpointing", action="store_true")
+    est.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], default="adamw")
+    est.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                     help="cuda adds the runtime allowance (~0.75 GiB)")
+    est.add_argument("--trust-remote-code", action="store_true")
+    est.add_argument("--json", action="store_true", help="print one JSON object")
+    est.set_defaults(handler=_cmd_estimate)
     return parser
 
 

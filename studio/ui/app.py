@@ -6,7 +6,7 @@ import gradio as gr
 
 from studio import projects
 from studio.db import Database
-from studio.ui import labels, placeholders, projects_panel, system_panel
+from studio.ui import labels, method_tab, placeholders, projects_panel, system_panel
 
 
 def build_app(db: Database | None = None) -> gr.Blocks:
@@ -20,6 +20,9 @@ def build_app(db: Database | None = None) -> gr.Blocks:
                 with gr.Tabs(elem_id="main-tabs"):
                     for name in labels.TABS:
                         with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}"):
+                            if name == "Method":
+                                method_tab.build(demo)
+                                continue
                             if name == "Data":
                                 gr.Markdown(placeholders.sample_tasks_markdown(),
                                             elem_id="sample-tasks")

@@ -1,0 +1,106 @@
+"""The method advisor: rank every method for the user's constraints, one line of reasons each.
+
+It is a decision table (the rules below, each with its reason) applied on top of the live
+estimate: a method whose estimated training memory exceeds the GPU drops to the bottom whatever
+else it has going for it. Scores are additive so every rule that fired shows in the reasons.
+
+Rules (from the methods' papers and common practice, summarised in each spec's guidance):
+* fits the GPU (+3) / tight (+1) / exceeds (-10); unknown GPU: no change.
+* must merge into the base for deployment: non-mergeable methods -10.
+* many tasks on one base: small adapters +2 (< 0.5 % of the model), whole-model methods -3.
+* quality first: DoRA +3, LoRA / rsLoRA / LoRA+ +2, full fine-tuning +3 when it fits; the
+  virtual-token methods -2.
+* few examples (< 1,000): few trainable parameters +2 (< 0.5 %); many (> 50,000): LoRA-family
+  and full +1.
+* baseline preference: LoRA +1 (the well-trodden default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from studio.arch import ArchInfo
+from studio.estimate import TrainSetup
+from studio.methods import all_methods
+from studio.methods.base import SettingError
+from studio.planner import plan
+
+LORA_FAMILY = {"lora", "dora", "rslora", "loraplus", "qlora", "adalora"}
+VIRTUAL_TOKENS = {"prefix", "prompt"}
+WHOLE_MODEL = {"full", "last_n"}
+
+
+@dataclass(frozen=True)
+class Constraints:
+    gpu_bytes: int | None = None  # free GPU memory; None: unknown
+    examples: int = 1000
+    must_merge: bool = False
+    many_tasks: bool = False
+    quality_first: bool = False
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    method: str
+    title: str
+    score: int
+    reasons: str
+    trainable_params: int
+    total_bytes: int
+    verdict: str
+
+
+def recommend(arch: ArchInfo, constraints: Constraints, setup: TrainSetup | None = None) -> list[Recommendation]:
+    rows = []
+    for spec in all_methods():
+        try:
+            estimate = plan(arch, spec.name, {}, setup, constraints.gpu_bytes)
+        except SettingError as exc:
+            rows.append(Recommendation(spec.name, spec.title, -100, f"not applicable: {exc}", 0, 0, "n/a"))
+            continue
+        score, reasons = _score(spec, estimate, constraints)
+        rows.append(Recommendation(spec.name, spec.title, score, "; ".join(reasons) or "no rule applies",
+                                   estimate["trainable_params"], estimate["total_bytes"], estimate["verdict"]))
+    return sorted(rows, key=lambda r: (-r.score, r.total_bytes))
+
+
+def _score(spec: Any, estimate: dict[str, Any], c: Constraints) -> tuple[int, list[str]]:
+    score, reasons = 0, []
+    small = estimate["trainable_percent"] < 0.5
+
+    def rule(points: int, reason: str) -> None:
+        nonlocal score
+        score += points
+        reasons.append(reason)
+
+    fit = estimate["verdict"]
+    if fit == "fits":
+        rule(3, f"fits ({estimate['total_bytes'] / 2**30:.1f} GiB)")
+    elif fit == "tight":
+        rule(1, f"tight fit ({estimate['total_bytes'] / 2**30:.1f} GiB)")
+    elif fit == "exceeds":
+        rule(-10, f"needs {estimate['total_bytes'] / 2**30:.1f} GiB: exceeds the GPU")
+    if c.must_merge and not spec.mergeable:
+        rule(-10, "cannot merge into the base")
+    if c.many_tasks:
+        if small:
+            rule(2, "small per-task files over one base")
+        if spec.name in WHOLE_MODEL:
+            rule(-3, "a whole model per task")
+    if c.quality_first:
+        if spec.name == "dora":
+            rule(3, "closest to full fine-tuning at low rank")
+        elif spec.name in ("lora", "rslora", "loraplus"):
+            rule(2, "strong quality")
+        elif spec.name == "full" and fit in ("fits", "unknown"):
+            rule(3, "the quality reference")
+        elif spec.name in VIRTUAL_TOKENS:
+            rule(-2, "weaker on small and mid-size models")
+    if c.examples < 1000 and small:
+        rule(2, f"few trainable parameters suit {c.examples:,} examples")
+    if c.examples > 50_000 and (spec.name in LORA_FAMILY or spec.name == "full"):
+        rule(1, "capacity for a large dataset")
+    if spec.name == "lora":
+        rule(1, "the well-trodden default")
+    return score, reasons

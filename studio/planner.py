@@ -1,0 +1,101 @@
+"""One call from (model, method, settings, training setup) to what the Method tab and
+``peft-studio estimate`` show: the trainable count with its formula and the memory estimate.
+
+``arch_for`` gets a model's ``ArchInfo`` without importing torch in the calling process: the
+meta-device build runs once in a child process (``peft-studio info``) and its JSON is cached
+under ``projects/models/arch/``, so the UI stays light and every later estimate is arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from studio import config
+from studio.arch import ArchInfo
+from studio.estimate import TrainSetup, estimate_training, verdict
+from studio.methods import get_method
+from studio.models import ModelSourceError
+
+_memory: dict[str, ArchInfo] = {}
+_lock = threading.Lock()
+
+
+def _cache_file(source: str) -> Path:
+    path = Path(source).expanduser()
+    key = str(path.resolve()) if path.exists() else source  # a folder moves: key by real path
+    folder = config.models_dir() / "arch"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _stamp(source: str) -> float:
+    """mtime of a local config, so an edited config.json is re-read."""
+    path = Path(source).expanduser()
+    target = path / "config.json" if path.is_dir() else path
+    return target.stat().st_mtime if target.exists() else 0.0
+
+
+def arch_for(source: str = config.DEFAULT_MODEL, trust_remote_code: bool = False) -> ArchInfo:
+    """``ArchInfo`` for a model source: memory, then disk cache, then a child process."""
+    source = (source or config.DEFAULT_MODEL).strip()
+    with _lock:
+        if source in _memory:
+            return _memory[source]
+        cache = _cache_file(source)
+        stamp = _stamp(source)
+        if cache.is_file():
+            data = json.loads(cache.read_text())
+            if data.get("stamp") == stamp:
+                _memory[source] = ArchInfo.from_dict(data["arch"])
+                return _memory[source]
+        cmd = [sys.executable, "-m", "studio", "info", source]
+        if trust_remote_code:
+            cmd.append("--trust-remote-code")
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if result.returncode != 0:
+            message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+            raise ModelSourceError(message.removeprefix("peft-studio info: "))
+        info = ArchInfo.from_dict(json.loads(result.stdout))
+        cache.write_text(json.dumps({"source": source, "stamp": stamp, "arch": info.to_dict()}))
+        _memory[source] = info
+        return info
+
+
+def plan(arch: ArchInfo, method: str, settings: dict[str, Any] | None = None,
+         setup: TrainSetup | None = None, gpu_free_bytes: int | None = None) -> dict[str, Any]:
+    """Trainable count, formula and memory terms as one JSON-able dict."""
+    spec = get_method(method)
+    params = spec.params(settings or {})
+    setup = setup or TrainSetup()
+    if spec.quantized and setup.quant == "none":
+        setup = TrainSetup(**{**asdict(setup), "quant": "nf4",
+                              "double_quant": getattr(params, "bnb_4bit_use_double_quant", True)})
+    count = spec.count(arch, params)
+    estimate = estimate_training(arch, method, params, count.trainable, setup)
+    return {
+        "method": method,
+        "title": spec.title,
+        "family": spec.family,
+        "mergeable": spec.mergeable,
+        "inference_overhead": spec.inference_overhead,
+        "trainable_params": count.trainable,
+        "total_params": arch.total_params,
+        "trainable_percent": 100.0 * count.trainable / arch.total_params,
+        "formula": count.formula,
+        "memory_bytes": estimate.as_dict(),
+        "memory_formulas": {t.name: t.formula for t in estimate.terms},
+        "total_bytes": estimate.total_bytes,
+        "setup": asdict(setup),
+        "settings": asdict(params),
+        "verdict": verdict(estimate.total_bytes, gpu_free_bytes),
+        "gpu_free_bytes": gpu_free_bytes,
+    }
