@@ -5,10 +5,11 @@ estimate: a method whose estimated training memory exceeds the GPU drops to the 
 else it has going for it. Scores are additive so every rule that fired shows in the reasons.
 
 Rules (from the methods' papers and common practice, summarised in each spec's guidance):
-* fits the GPU (+3) / tight (+1) / exceeds (-10); unknown GPU: no change.
+* fits the GPU (+3) / tight (+1) / exceeds (-10); unknown GPU: no change. A method that exceeds
+  is re-estimated with gradient checkpointing; if that fits, it is scored so (-1 for the speed).
 * must merge into the base for deployment: non-mergeable methods -10.
 * many tasks on one base: small adapters +2 (< 0.5 % of the model), whole-model methods -3.
-* quality first: DoRA +3, LoRA / rsLoRA / LoRA+ +2, full fine-tuning +3 when it fits; the
+* quality first: DoRA +4, LoRA / rsLoRA / LoRA+ +2, full fine-tuning +4 when it fits; the
   virtual-token methods -2.
 * few examples (< 1,000): few trainable parameters +2 (< 0.5 %); many (> 50,000): LoRA-family
   and full +1.
@@ -17,7 +18,7 @@ Rules (from the methods' papers and common practice, summarised in each spec's g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from studio.arch import ArchInfo
@@ -56,6 +57,12 @@ def recommend(arch: ArchInfo, constraints: Constraints, setup: TrainSetup | None
     for spec in all_methods():
         try:
             estimate = plan(arch, spec.name, {}, setup, constraints.gpu_bytes)
+            if estimate["verdict"] == "exceeds" and not estimate["setup"]["grad_checkpointing"]:
+                # Grounded in the estimate: say when checkpointing alone makes it fit.
+                retry = plan(arch, spec.name, {}, replace(setup or TrainSetup(), grad_checkpointing=True),
+                             constraints.gpu_bytes)
+                if retry["verdict"] != "exceeds":
+                    estimate = {**retry, "verdict": retry["verdict"], "needs_checkpointing": True}
         except SettingError as exc:
             rows.append(Recommendation(spec.name, spec.title, -100, f"not applicable: {exc}", 0, 0, "n/a"))
             continue
@@ -75,6 +82,8 @@ def _score(spec: Any, estimate: dict[str, Any], c: Constraints) -> tuple[int, li
         reasons.append(reason)
 
     fit = estimate["verdict"]
+    if estimate.get("needs_checkpointing"):
+        rule(-1, "needs gradient checkpointing (~30 % slower)")
     if fit == "fits":
         rule(3, f"fits ({estimate['total_bytes'] / 2**30:.1f} GiB)")
     elif fit == "tight":
@@ -90,11 +99,11 @@ def _score(spec: Any, estimate: dict[str, Any], c: Constraints) -> tuple[int, li
             rule(-3, "a whole model per task")
     if c.quality_first:
         if spec.name == "dora":
-            rule(3, "closest to full fine-tuning at low rank")
+            rule(4, "closest to full fine-tuning at low rank")
         elif spec.name in ("lora", "rslora", "loraplus"):
             rule(2, "strong quality")
         elif spec.name == "full" and fit in ("fits", "unknown"):
-            rule(3, "the quality reference")
+            rule(4, "the quality reference")
         elif spec.name in VIRTUAL_TOKENS:
             rule(-2, "weaker on small and mid-size models")
     if c.examples < 1000 and small:

@@ -88,12 +88,17 @@ PERSON_TEMPLATES = (
     "At {age}, {name} calls {city} home.",
     "{name} from {city} is {age} years old.",
     "In {city} lives {name}, aged {age}.",
+    # Three with a distracting second number, always below 18 so it can never be the age.
+    "{name} has lived in {city} for {years} years and is now {age}.",
+    "{name} is {age}, has {kids} kids, and lives in {city}.",
+    "{name}, who lives in {city}, celebrated turning {age} with {kids} friends.",
 )
 
 
 def make_person(rng: random.Random) -> tuple[str, str]:
     name, city, age = rng.choice(NAMES), rng.choice(CITIES), rng.randint(18, 89)
-    text = rng.choice(PERSON_TEMPLATES).format(name=name, age=age, city=city)
+    template, years, kids = rng.choice(PERSON_TEMPLATES), rng.randint(2, 15), rng.randint(2, 9)
+    text = template.format(name=name, age=age, city=city, years=years, kids=kids)
     answer = json.dumps({"name": name, "age": age, "city": city}, ensure_ascii=False)
     return text, answer
 
