@@ -22,8 +22,9 @@ ORDER = ["lora", "dora", "rslora", "loraplus", "qlora", "houlsby", "prefix", "pr
 assert sorted(ORDER) == sorted(REGISTRY), "every registered method has a place in ORDER"
 
 UNAVAILABLE = {
-    "galore": "GaLore needs the galore-torch package, which works on CUDA only and is not "
-              "maintained for current PyTorch; transformers' galore optimizers refuse CPU.",
+    "galore": "GaLore is not offered: its only implementation, galore-torch (used by transformers "
+              "as optim='galore_adamw'), runs here on the CPU but has had no release since "
+              "version 1.0 of March 2024, so it is not a maintained package to build on.",
 }
 
 

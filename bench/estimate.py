@@ -1,0 +1,86 @@
+"""Estimator benchmark: speed on a 70B config, and estimate vs measurement for every method.
+
+    python bench/estimate.py [--skip-135m]
+
+1. Time of one full estimate (settings parsing + closed-form count + memory terms) for the
+   Llama-3-70B config, median of 1,000 calls, against the 100 ms-per-change budget.
+2. For every method on a tiny Llama and on the SmolLM2-135M architecture (random weights; the
+   shapes are what matter), fp32 on CPU, batch 2: saved activations (estimate / measured with
+   saved_tensors_hooks), and parameter + gradient + AdamW-state bytes (estimate == measured).
+Prints Markdown tables (the figures in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import CONFIGS, tiny_llama_config  # noqa: E402
+
+from studio.arch import ArchInfo  # noqa: E402
+from studio.estimate import TrainSetup, estimate_training  # noqa: E402
+from studio.measure import saved_activation_bytes, state_bytes  # noqa: E402
+from studio.methods import ORDER, get_method  # noqa: E402
+from studio.methods.base import trainable_count  # noqa: E402
+from studio.models import load_config  # noqa: E402
+from studio.planner import plan  # noqa: E402
+
+
+def time_70b() -> None:
+    arch = ArchInfo.from_config(load_config(str(CONFIGS / "llama3-70b.json")))
+    samples = []
+    for _ in range(1000):
+        started = time.perf_counter()
+        plan(arch, "qlora", {"r": "16", "lora_alpha": "32"}, TrainSetup(batch_size=4, seq_len=2048))
+        samples.append(time.perf_counter() - started)
+    median = statistics.median(samples)
+    print(f"70B estimate (plan: parse + count + memory), median of 1,000: {median * 1e3:.3f} ms "
+          f"= {median / 0.1:.4f} of the 100 ms budget; max {max(samples) * 1e3:.3f} ms\n")
+
+
+def compare(label: str, cfg, batch: int, seq: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    arch = ArchInfo.from_config(cfg)
+    print(f"### {label} (batch {batch} × {seq} tokens, fp32, CPU)\n")
+    print("| method | trainable | activations est / measured (MB) | ratio | weights+grads+AdamW est == measured |")
+    print("|---|---|---|---|---|")
+    for name in ORDER:
+        if name == "qlora":
+            continue  # needs a 4-bit load; its count equals LoRA's, its state is bitsandbytes'
+        spec = get_method(name)
+        params = spec.params()
+        torch.manual_seed(0)
+        model = spec.apply(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa"), arch, params)
+        est = estimate_training(arch, name, params, trainable_count(model),
+                                TrainSetup(batch_size=batch, seq_len=seq, dtype="fp32", device="cpu"))
+        measured = saved_activation_bytes(model, torch.randint(0, cfg.vocab_size, (batch, seq)))
+        state = state_bytes(model)
+        est_state = sum(est.term(t).bytes for t in ("weights", "trainable", "gradients", "optimizer"))
+        ok = est_state == sum(state.values())
+        print(f"| {name} | {trainable_count(model):,} | {est.saved_activation_bytes / 1e6:.2f} / "
+              f"{measured / 1e6:.2f} | {est.saved_activation_bytes / measured:.3f} | "
+              f"{'yes' if ok else f'NO ({est_state:,} vs {sum(state.values()):,})'} |", flush=True)
+        del model
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-135m", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    time_70b()
+    compare("tiny Llama (d=64, L=2, GQA 4/2, vocab 512)", tiny_llama_config(), 2, 32)
+    if not args.skip_135m:
+        compare("SmolLM2-135M architecture", load_config(str(CONFIGS / "smollm2-135m.json")), 2, 64)
+
+
+if __name__ == "__main__":
+    main()
