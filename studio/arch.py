@@ -63,6 +63,8 @@ class ArchInfo:
     embedding_params: int  # input token (+ position) embeddings
     lm_head_params: int  # 0 when tied to the input embedding
     block_params: tuple[int, ...] = ()  # parameters of each decoder block, in order
+    param_tensors: tuple[tuple[int, int], ...] = ()  # (numel, how many tensors), whole model
+    block_tensors: tuple[tuple[int, int], ...] = ()  # (numel, how many tensors), last block
     linears: tuple[LinearGroup, ...] = field(default_factory=tuple)
 
     @property
@@ -99,6 +101,8 @@ class ArchInfo:
     def from_dict(cls, data: dict[str, Any]) -> "ArchInfo":
         data = dict(data)
         data["block_params"] = tuple(data.get("block_params", ()))
+        for key in ("param_tensors", "block_tensors"):
+            data[key] = tuple(tuple(pair) for pair in data.get(key, ()))
         data["linears"] = tuple(LinearGroup(**g) for g in data.get("linears", ()))
         return cls(**data)
 
@@ -135,6 +139,8 @@ class ArchInfo:
             embedding_params=_embedding_params(model),
             lm_head_params=0 if _is_tied(model) else _lm_head_params(model),
             block_params=_block_params(model, int(_first_attr(text_cfg, "num_hidden_layers", "n_layer"))),
+            param_tensors=_histogram(model.parameters()),
+            block_tensors=_histogram(_last_block_parameters(model, int(_first_attr(text_cfg, "num_hidden_layers", "n_layer")))),
             linears=linears,
         )
 
@@ -237,6 +243,22 @@ def _block_params(model: Any, num_layers: int) -> tuple[int, ...]:
         if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
             return tuple(sum(p.numel() for p in block.parameters()) for block in module)
     return ()
+
+
+def _last_block_parameters(model: Any, num_layers: int) -> list:
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return list(module[-1].parameters())
+    return []
+
+
+def _histogram(parameters: Any) -> tuple[tuple[int, int], ...]:
+    """(numel, count) pairs of parameter tensors, shared tensors once (optimizers see them once)."""
+    from collections import Counter
+
+    return tuple(sorted(Counter(p.numel() for p in parameters).items()))
 
 
 def _lm_head_params(model: Any) -> int:

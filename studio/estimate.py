@@ -32,9 +32,25 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}
 OPTIMIZER_BYTES = {  # per trainable parameter
     "adamw": 8,  # exp_avg + exp_avg_sq in fp32 (trainable params are fp32, see below)
-    "adamw8bit": 2 + 2 * 4 / 2048,  # two 8-bit states + one fp32 absmax per 2048-value block each
+    "adamw8bit": 2,  # nominal; the exact figure is per tensor, see adamw8bit_bytes
     "sgd": 0,  # plain SGD keeps no state
 }
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
+BNB_BLOCK = 256  # values per fp32 absmax in its blockwise 8-bit states
+BNB_QMAP_BYTES = 2 * 256 * 4  # two 256-entry fp32 quantisation maps per 8-bit tensor
+
+
+def adamw8bit_bytes(tensors: list[tuple[int, int]]) -> int:
+    """bitsandbytes AdamW8bit state (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+    Quantization"): per tensor of n values, two uint8 states (2n) + one fp32 absmax per 256-value
+    block for each (8·⌈n/256⌉) + two 256-entry fp32 maps, or plain fp32 Adam (8n) when n < 4096."""
+    total = 0
+    for numel, count in tensors:
+        if numel < BNB_MIN_8BIT_SIZE:
+            total += count * 8 * numel
+        else:
+            total += count * (2 * numel + 8 * -(-numel // BNB_BLOCK) + BNB_QMAP_BYTES)
+    return total
 CUDA_OVERHEAD = 1024**3 * 3 // 4  # ~0.75 GiB: CUDA context, cuBLAS workspace, fragmentation
 GATED_LEAVES = ("gate_proj", "w1", "gate_up_proj")
 
@@ -230,7 +246,15 @@ def estimate_training(arch: ArchInfo, method: str, p: Any, trainable: int,
     terms.append(Term("trainable", adapters * 4, text))
     terms.append(Term("gradients", trainable * 4, f"{trainable:,} × 4 B"))
     opt = OPTIMIZER_BYTES[setup.optimizer]
-    terms.append(Term("optimizer", int(trainable * opt), f"{setup.optimizer}: {trainable:,} × {opt:g} B"))
+    if setup.optimizer == "adamw8bit":
+        from studio.methods import get_method
+
+        tensors = get_method(method).tensors(arch, p)
+        terms.append(Term("optimizer", adamw8bit_bytes(tensors),
+                          f"adamw8bit over {sum(c for _, c in tensors):,} tensors: 2 B per value "
+                          f"+ block absmax + maps (fp32 states below {BNB_MIN_8BIT_SIZE} values)"))
+    else:
+        terms.append(Term("optimizer", int(trainable * opt), f"{setup.optimizer}: {trainable:,} × {opt:g} B"))
 
     seq = setup.seq_len + (p.num_virtual_tokens if method == "prompt" else 0)
     tokens = setup.batch_size * seq

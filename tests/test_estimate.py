@@ -58,6 +58,16 @@ def test_state_bytes_exact_and_activations_within_15_percent(method, settings):
     assert est.term("optimizer").bytes == measured_state["optimizer"]
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "houlsby", "prefix", "full"])
+def test_adamw8bit_state_bytes_exact(method):
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_llama_config(hidden_size=128, intermediate_size=256)  # tensors on both sides of 4096
+    arch, params, model = build(cfg, method, {})
+    est = estimate_training(arch, method, params, trainable_count(model),
+                            TrainSetup(2, 16, "fp32", optimizer="adamw8bit", device="cpu"))
+    assert est.term("optimizer").bytes == state_bytes(model, "adamw8bit")["optimizer"]
+
+
 def test_sgd_keeps_no_state_and_logits_scale_with_vocab():
     cfg = tiny_llama_config()
     arch, params, model = build(cfg, "lora", {})

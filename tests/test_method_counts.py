@@ -8,6 +8,7 @@ our bottleneck module) builds on the meta device. 0 mismatches allowed.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import pytest
 import torch
@@ -46,10 +47,20 @@ def family(name: str) -> tuple:
     return cfg, ArchInfo.from_config(cfg)
 
 
-def built_count(cfg, arch, spec, params) -> int:
+def built(cfg, arch, spec, params):
     with torch.device("meta"):
-        model = build_on_meta(cfg)
-        return trainable_count(spec.apply(model, arch, params))
+        return spec.apply(build_on_meta(cfg), arch, params)
+
+
+def built_count(cfg, arch, spec, params) -> int:
+    return trainable_count(built(cfg, arch, spec, params))
+
+
+def tensor_sizes(pairs) -> Counter:
+    sizes: Counter = Counter()
+    for numel, count in pairs:
+        sizes[numel] += count
+    return sizes
 
 
 CASES = [(m, f, s) for m in ORDER for f in FAMILIES for s in ("default", "second")]
@@ -73,5 +84,9 @@ def test_formula_equals_built_model(method, family_name, setting):
         with pytest.raises(Exception):
             built_count(cfg, arch, spec, params)
         return
-    assert formula.trainable == built_count(cfg, arch, spec, params), formula.formula
+    model = built(cfg, arch, spec, params)
+    assert formula.trainable == trainable_count(model), formula.formula
     assert f"{formula.trainable:,}" in formula.formula
+    # The declared trainable tensors (what an optimizer keeps state for) match one for one.
+    real = Counter(p.numel() for p in model.parameters() if p.requires_grad)
+    assert tensor_sizes(spec.tensors(arch, params)) == real

@@ -58,6 +58,8 @@ class MethodSpec:
     apply: Callable[[Any, ArchInfo, Any], Any]  # (model, arch, params) -> trainable model
     quantized: bool = False  # the frozen base is loaded in 4-bit
     notes: str = ""
+    # Sizes of the trainable tensors as (numel, how many): what an optimizer allocates state for.
+    tensors: Callable[[ArchInfo, Any], list[tuple[int, int]]] | None = None
 
     def default_params(self) -> Any:
         return self.params_cls()
@@ -174,6 +176,12 @@ def with_defaults(cls: type, name: str, **defaults: Any) -> type:
     fields = [(f.name, f.type, field(default=defaults.get(f.name, _default_of(f)), metadata=f.metadata))
               for f in dataclasses.fields(cls)]
     return dataclasses.make_dataclass(name, fields, bases=(cls,), frozen=True)
+
+
+def per_module_tensors(arch: ArchInfo, targets: list[str],
+                       shapes: Callable[[Any], list[int]]) -> list[tuple[int, int]]:
+    """(numel, count) for every trainable tensor an adapter adds to each targeted Linear."""
+    return [(numel, g.count) for g in arch.matching(targets) for numel in shapes(g)]
 
 
 def trainable_count(model: Any) -> int:

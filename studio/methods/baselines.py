@@ -40,6 +40,15 @@ def last_n_count(arch: ArchInfo, p: LastNParams) -> Count:
     return Count(total, text)
 
 
+def full_tensors(arch: ArchInfo, p: FullParams) -> list[tuple[int, int]]:
+    return list(arch.param_tensors)
+
+
+def last_n_tensors(arch: ArchInfo, p: LastNParams) -> list[tuple[int, int]]:
+    # Blocks share one layout; the last block's tensor sizes, N times.
+    return [(numel, count * p.num_layers) for numel, count in arch.block_tensors]
+
+
 def apply_full(model: Any, arch: ArchInfo, p: FullParams) -> Any:
     for param_ in model.parameters():
         param_.requires_grad_(True)
@@ -69,7 +78,7 @@ FULL = MethodSpec(
     inference_overhead=NO_OVERHEAD,
     guidance="The quality reference: every weight trains. Needs ~4× the model's memory for AdamW "
              "states and gradients, and saves a whole model per task.",
-    params_cls=FullParams, count=full_count, apply=apply_full,
+    params_cls=FullParams, count=full_count, apply=apply_full, tensors=full_tensors,
     notes="Nothing to merge: the result is a whole model.",
 )
 LAST_N = MethodSpec(
@@ -77,7 +86,7 @@ LAST_N = MethodSpec(
     inference_overhead=NO_OVERHEAD,
     guidance="A cheap baseline: train only the top blocks. Less memory for gradients and optimizer "
              "states; usually below LoRA for the same budget.",
-    params_cls=LastNParams, count=last_n_count, apply=apply_last_n,
+    params_cls=LastNParams, count=last_n_count, apply=apply_last_n, tensors=last_n_tensors,
     notes="Nothing to merge: the trained blocks replace the base's.",
 )
 SPECS = [FULL, LAST_N]

@@ -28,6 +28,12 @@ def houlsby_count(arch: ArchInfo, p: HoulsbyParams) -> Count:
     return Count(total, f"L × 2 × (2·d·r + r + d) = {layers} × 2 × (2×{d}×{r} + {r} + {d}) = {n(total)}")
 
 
+def houlsby_tensors(arch: ArchInfo, p: HoulsbyParams) -> list[tuple[int, int]]:
+    adapters = 2 * arch.num_layers  # down weight, down bias, up weight, up bias each
+    d, r = arch.hidden_size, p.r
+    return [(d * r, 2 * adapters), (r, adapters), (d, adapters)]
+
+
 def apply_houlsby(model: Any, arch: ArchInfo, p: HoulsbyParams) -> Any:
     from studio.adapters.bottleneck import add_bottleneck_adapters
 
@@ -39,7 +45,7 @@ HOULSBY = MethodSpec(
     inference_overhead=EXTRA_MODULES,
     guidance="The classic adapter: robust quality, independent of the attention layout, easy to "
              "stack per task. Costs a little latency at inference because it cannot merge.",
-    params_cls=HoulsbyParams, count=houlsby_count, apply=apply_houlsby,
+    params_cls=HoulsbyParams, count=houlsby_count, apply=apply_houlsby, tensors=houlsby_tensors,
     notes="Cannot merge: the adapter has a non-linearity between its two projections.",
 )
 SPECS = [HOULSBY]

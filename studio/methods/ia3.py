@@ -61,6 +61,12 @@ def ia3_count(arch: ArchInfo, p: IA3Params) -> Count:
     return Count(total, grouped_formula("Σ scales", terms, total))
 
 
+def ia3_tensors(arch: ArchInfo, p: IA3Params) -> list[tuple[int, int]]:
+    targets, feedforward = resolved(arch, p)
+    ff = {id(g) for g in arch.matching(feedforward)} if feedforward else set()
+    return [(g.in_features if id(g) in ff else g.out_features, g.count) for g in arch.matching(targets)]
+
+
 def apply_ia3(model: Any, arch: ArchInfo, p: IA3Params) -> Any:
     from peft import IA3Config, get_peft_model
 
@@ -73,6 +79,6 @@ IA3 = MethodSpec(
     name="ia3", title="IA3", family=ADDITIVE, mergeable=True, inference_overhead=SCALES,
     guidance="The fewest parameters of any method here (tens of thousands): for many tasks on one "
              "base, tiny files, and few examples; usually below LoRA in quality.",
-    params_cls=IA3Params, count=ia3_count, apply=apply_ia3,
+    params_cls=IA3Params, count=ia3_count, apply=apply_ia3, tensors=ia3_tensors,
 )
 SPECS = [IA3]

@@ -19,7 +19,7 @@ from typing import Any
 
 from studio.arch import ArchInfo
 from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Count, MethodSpec, n, param,
-                                 per_module_sum, resolve_targets, with_defaults)
+                                 per_module_sum, per_module_tensors, resolve_targets, with_defaults)
 
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
 
@@ -62,6 +62,12 @@ def lora_count(arch: ArchInfo, p: Any) -> Count:
                         f"total {n(base.trainable)} + {n(magnitudes)} = {n(total)}")
 
 
+def lora_tensors(arch: ArchInfo, p: Any) -> list[tuple[int, int]]:
+    """A (r × in) and B (out × r) per adapted Linear; DoRA adds a magnitude vector (out)."""
+    return per_module_tensors(arch, targets(arch, p), lambda g: [p.r * g.in_features, g.out_features * p.r]
+                              + ([g.out_features] if p.use_dora else []))
+
+
 def lora_config(arch: ArchInfo, p: Any):
     from peft import LoraConfig
 
@@ -94,7 +100,7 @@ def _spec(name: str, title: str, **defaults: Any) -> MethodSpec:
     return MethodSpec(
         name=name, title=title, family=REPARAMETERISATION, mergeable=True,
         inference_overhead=NO_OVERHEAD, guidance=GUIDANCE[name], params_cls=params_cls,
-        count=lora_count, apply=apply_lora,
+        count=lora_count, apply=apply_lora, tensors=lora_tensors,
     )
 
 

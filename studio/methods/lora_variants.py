@@ -21,7 +21,7 @@ from typing import Any
 
 from studio.arch import ArchInfo
 from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Count, MethodSpec, SettingError,
-                                 param, per_module_sum, resolve_targets)
+                                 param, per_module_sum, per_module_tensors, resolve_targets)
 from studio.methods.lora import TARGET_PRESETS
 
 
@@ -122,6 +122,29 @@ def vera_count(arch: ArchInfo, p: VeraParams) -> Count:
                           lambda g: f"({p.r} + {g.out_features})", "Σ (r + out)")
 
 
+def adalora_tensors(arch: ArchInfo, p: AdaLoraParams) -> list[tuple[int, int]]:
+    r = p.init_r  # A (r × in), B (out × r), singular values E (r × 1)
+    return per_module_tensors(arch, _targets(arch, p), lambda g: [r * g.in_features, g.out_features * r, r])
+
+
+def loha_tensors(arch: ArchInfo, p: LohaParams) -> list[tuple[int, int]]:
+    r = p.r  # two Hadamard factors, each B (out × r) and A (r × in)
+    return per_module_tensors(arch, _targets(arch, p),
+                              lambda g: [g.out_features * r, r * g.in_features] * 2)
+
+
+def lokr_tensors(arch: ArchInfo, p: LokrParams) -> list[tuple[int, int]]:
+    def shapes(g: Any) -> list[int]:
+        a, b = near_square_factors(g.out_features)
+        c, d = near_square_factors(g.in_features)
+        return [a * c] + ([b * d] if p.r >= max(b, d) / 2 else [b * p.r, p.r * d])
+    return per_module_tensors(arch, _targets(arch, p), shapes)
+
+
+def vera_tensors(arch: ArchInfo, p: VeraParams) -> list[tuple[int, int]]:
+    return per_module_tensors(arch, _targets(arch, p), lambda g: [g.out_features, p.r])
+
+
 def _apply(make_config: Any) -> Any:
     def apply(model: Any, arch: ArchInfo, p: Any) -> Any:
         from peft import get_peft_model
@@ -155,21 +178,23 @@ def _vera_config(arch: ArchInfo, p: VeraParams):
     return VeraConfig(r=p.r, target_modules=_targets(arch, p), task_type="CAUSAL_LM")
 
 
-def _spec(name: str, title: str, guidance: str, params_cls: type, count: Any, make_config: Any) -> MethodSpec:
+def _spec(name: str, title: str, guidance: str, params_cls: type, count: Any, make_config: Any,
+          tensors: Any) -> MethodSpec:
     return MethodSpec(name=name, title=title, family=REPARAMETERISATION, mergeable=True,
                       inference_overhead=NO_OVERHEAD, guidance=guidance, params_cls=params_cls,
-                      count=count, apply=_apply(make_config))
+                      count=count, apply=_apply(make_config), tensors=tensors)
 
 
 SPECS = [
     _spec("adalora", "AdaLoRA", "LoRA that moves rank to the layers that need it during training; "
           "worth it when a fixed budget must go far. Needs the total step count.",
-          AdaLoraParams, adalora_count, _adalora_config),
+          AdaLoraParams, adalora_count, _adalora_config, adalora_tensors),
     _spec("loha", "LoHa", "A higher effective rank than LoRA for the same r (Hadamard of two "
           "low-rank products), at twice LoRA's parameters and more compute.",
-          LohaParams, loha_count, _loha_config),
+          LohaParams, loha_count, _loha_config, loha_tensors),
     _spec("lokr", "LoKr", "Very few parameters for a full-rank-capable update (Kronecker product); "
-          "popular for diffusion models, less tested on LLMs.", LokrParams, lokr_count, _lokr_config),
+          "popular for diffusion models, less tested on LLMs.", LokrParams, lokr_count, _lokr_config, lokr_tensors),
     _spec("vera", "VeRA", "Ten times fewer parameters than LoRA: shared frozen random matrices with "
-          "tiny per-layer scales. Lower quality ceiling.", VeraParams, vera_count, _vera_config),
+          "tiny per-layer scales. Lower quality ceiling.", VeraParams, vera_count, _vera_config,
+          vera_tensors),
 ]

@@ -49,6 +49,19 @@ def prefix_count(arch: ArchInfo, p: PrefixParams) -> Count:
                         f"after training {text}")
 
 
+def prefix_tensors(arch: ArchInfo, p: PrefixParams) -> list[tuple[int, int]]:
+    tokens, out = p.num_virtual_tokens, arch.num_layers * 2 * arch.kv_dim
+    if not p.prefix_projection:
+        return [(tokens * out, 1)]
+    kv = arch.kv_dim
+    h = p.encoder_hidden_size or kv
+    return [(tokens * kv, 1), (kv * h, 1), (h, 1), (h * out, 1), (out, 1)]
+
+
+def prompt_tensors(arch: ArchInfo, p: PromptParams) -> list[tuple[int, int]]:
+    return [(p.num_virtual_tokens * arch.hidden_size, 1)]
+
+
 def prompt_count(arch: ArchInfo, p: PromptParams) -> Count:
     total = p.num_virtual_tokens * arch.hidden_size
     return Count(total, f"p × d = {p.num_virtual_tokens} × {arch.hidden_size} = {n(total)}")
@@ -81,7 +94,7 @@ PREFIX = MethodSpec(
     inference_overhead=LONGER_CONTEXT,
     guidance="Small and leaves the model untouched; works best on larger models and generation "
              "tasks. Start with the projection on: random prefixes start far from the base.",
-    params_cls=PrefixParams, count=prefix_count, apply=apply_prefix,
+    params_cls=PrefixParams, count=prefix_count, apply=apply_prefix, tensors=prefix_tensors,
     notes="Cannot merge: the learned keys/values are extra context, not a weight change.",
 )
 PROMPT = MethodSpec(
@@ -89,7 +102,7 @@ PROMPT = MethodSpec(
     inference_overhead=LONGER_CONTEXT,
     guidance="The smallest adapters (p × d values). Competitive only on large models (10B+); "
              "on small models expect less than LoRA. Text initialisation helps.",
-    params_cls=PromptParams, count=prompt_count, apply=apply_prompt,
+    params_cls=PromptParams, count=prompt_count, apply=apply_prompt, tensors=prompt_tensors,
     notes="Cannot merge: the virtual tokens are extra input, not a weight change.",
 )
 SPECS = [PREFIX, PROMPT]

@@ -18,7 +18,7 @@ from typing import Any
 
 from studio.arch import ArchInfo
 from studio.methods.base import NO_OVERHEAD, REPARAMETERISATION, MethodSpec, param
-from studio.methods.lora import LoraParams, apply_lora, lora_count
+from studio.methods.lora import LoraParams, apply_lora, lora_count, lora_tensors
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,6 @@ QLORA = MethodSpec(
     guidance="When the model does not fit in GPU memory for LoRA: the frozen base in 4-bit uses "
              "about a quarter of the memory, at some speed cost. Merging goes into a de-quantised "
              "base.",
-    params_cls=QLoraParams, count=lora_count, apply=apply_qlora, quantized=True,
+    params_cls=QLoraParams, count=lora_count, apply=apply_qlora, quantized=True, tensors=lora_tensors,
 )
 SPECS = [QLORA]
