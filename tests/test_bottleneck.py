@@ -55,3 +55,4 @@ def test_adapters_sit_on_the_sublayer_outputs():
     names = output_projections(fresh(), 64)
     assert names == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
                      "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+

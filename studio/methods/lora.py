@@ -78,6 +78,21 @@ def lora_config(arch: ArchInfo, p: Any):
     )
 
 
+def loraplus_optimizer(model: Any, p: Any, lr: float, weight_decay: float = 0.0,
+                       optimizer_cls: Any = None) -> Any:
+    """LoRA+'s optimizer: B matrices at ``loraplus_lr_ratio`` × the learning rate of A.
+
+    Built by ``peft.optimizers.create_loraplus_optimizer``; ``None`` when the ratio is 1 (plain
+    LoRA: the trainer's default optimizer is right)."""
+    if p.loraplus_lr_ratio == 1.0:
+        return None
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model=model, optimizer_cls=optimizer_cls or torch.optim.AdamW, lr=lr,
+                                     loraplus_lr_ratio=p.loraplus_lr_ratio, weight_decay=weight_decay)
+
+
 def apply_lora(model: Any, arch: ArchInfo, p: Any) -> Any:
     from peft import get_peft_model
 
