@@ -7,6 +7,8 @@
 2. For every method on a tiny Llama and on the SmolLM2-135M architecture (random weights; the
    shapes are what matter), fp32 on CPU, batch 2: saved activations (estimate / measured with
    saved_tensors_hooks), and parameter + gradient + AdamW-state bytes (estimate == measured).
+3. With CUDA: for the embedded model, bf16, one training step per method, the estimate's total
+   (without the runtime allowance) vs ``torch.cuda.max_memory_allocated()``.
 Prints Markdown tables (the figures in docs/benchmarks.md).
 """
 
@@ -71,6 +73,45 @@ def compare(label: str, cfg, batch: int, seq: int) -> None:
     print()
 
 
+def gpu_check(batch: int = 4, seq: int = 256) -> None:
+    """On CUDA only: estimate total vs torch.cuda.max_memory_allocated for one training step."""
+    from transformers import AutoModelForCausalLM
+
+    from studio.models import load_model
+
+    print(f"### GPU: {torch.cuda.get_device_name(0)} (batch {batch} × {seq}, bf16, AdamW)\n")
+    print("| method | estimate (GiB, without runtime allowance) | max allocated (GiB) | ratio |")
+    print("|---|---|---|---|")
+    cfg = load_config("default")
+    arch = ArchInfo.from_config(cfg)
+    for name in ("lora", "dora", "ia3", "prompt", "houlsby", "full", "qlora"):
+        spec = get_method(name)
+        params = spec.params({"bnb_4bit_compute_dtype": "bfloat16"} if name == "qlora" else {})
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        kwargs = {}
+        if spec.quantized:
+            from studio.methods.qlora import quantization_config
+            kwargs["quantization_config"] = quantization_config(params)
+        model = load_model("default", dtype="bfloat16", device=None if spec.quantized else "cuda",
+                           device_map="cuda" if spec.quantized else None, **kwargs)
+        model = spec.apply(model, arch, params)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        peak = torch.cuda.max_memory_allocated()
+        est = estimate_training(arch, name, params, trainable_count(model),
+                                TrainSetup(batch, seq, "bf16", quant="nf4" if spec.quantized else "none",
+                                           device="cpu"))
+        print(f"| {name} | {est.total_bytes / 2**30:.3f} | {peak / 2**30:.3f} | {est.total_bytes / peak:.3f} |",
+              flush=True)
+        del model, optimizer
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-135m", action="store_true")
@@ -80,6 +121,10 @@ def main() -> None:
     compare("tiny Llama (d=64, L=2, GQA 4/2, vocab 512)", tiny_llama_config(), 2, 32)
     if not args.skip_135m:
         compare("SmolLM2-135M architecture", load_config(str(CONFIGS / "smollm2-135m.json")), 2, 64)
+    if torch.cuda.is_available():
+        gpu_check()
+    else:
+        print("No CUDA device: the GPU comparison (estimate vs max_memory_allocated) was skipped.")
 
 
 if __name__ == "__main__":
