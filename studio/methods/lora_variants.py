@@ -25,41 +25,37 @@ from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Count, MethodS
 from studio.methods.lora import TARGET_PRESETS
 
 
-def _targets_field(default: str = "all-linear") -> Any:
-    return param(default, "Which Linear layers to adapt.", choices=TARGET_PRESETS)
+@dataclass(frozen=True)
+class TargetedParams:
+    """The adapted-layer choice every method in this file shares."""
+
+    target_preset: str = param("all-linear", "Which Linear layers to adapt.", choices=TARGET_PRESETS)
+    target_modules: tuple = param((), "Custom module names (overrides the preset).", advanced=True)
 
 
 @dataclass(frozen=True)
-class AdaLoraParams:
+class AdaLoraParams(TargetedParams):
     init_r: int = param(12, "Starting rank of every adapted layer.", min=1, max=512)
     target_r: int = param(8, "Average rank after pruning.", min=1, max=512)
     lora_alpha: int = param(32, "Scale numerator α.", min=1, max=4096)
     total_step: int = param(1000, "Training steps (AdaLoRA schedules its pruning over them).", min=1, max=10**7)
-    target_preset: str = _targets_field()
-    target_modules: tuple = param((), "Custom module names (overrides the preset).", advanced=True)
 
 
 @dataclass(frozen=True)
-class LohaParams:
+class LohaParams(TargetedParams):
     r: int = param(16, "Rank of each of the two factors.", min=1, max=512)
     alpha: int = param(16, "Scale numerator α.", min=1, max=4096)
-    target_preset: str = _targets_field()
-    target_modules: tuple = param((), "Custom module names (overrides the preset).", advanced=True)
 
 
 @dataclass(frozen=True)
-class LokrParams:
+class LokrParams(TargetedParams):
     r: int = param(16, "Rank of the second Kronecker factor when it is decomposed.", min=1, max=512)
     alpha: int = param(16, "Scale numerator α.", min=1, max=4096)
-    target_preset: str = _targets_field()
-    target_modules: tuple = param((), "Custom module names (overrides the preset).", advanced=True)
 
 
 @dataclass(frozen=True)
-class VeraParams:
+class VeraParams(TargetedParams):
     r: int = param(256, "Rank of the shared random matrices (VeRA uses high ranks: 256+).", min=1, max=4096)
-    target_preset: str = _targets_field()
-    target_modules: tuple = param((), "Custom module names (overrides the preset).", advanced=True)
 
 
 def _targets(arch: ArchInfo, p: Any) -> list[str]:
