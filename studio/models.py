@@ -258,11 +258,37 @@ def config_from_json(path: Path, trust_remote_code: bool = False):
         raise ModelSourceError(f"{path}: unknown model_type '{model_type}' ({exc})") from exc
 
 
+def tokenizer_folder(source: ModelSource | str) -> Path:
+    """A folder holding the tokenizer, without converting a GGUF model's weights for it.
+
+    The Data tab needs only the tokenizer; de-quantising 135M weights (and importing torch) to
+    get it would make the first preview slow. A GGUF's tokenizer is read from its header once
+    and cached beside the model cache.
+    """
+    src = parse_source(source) if isinstance(source, str) else source
+    if src.kind not in ("default", "gguf"):
+        return resolve_source(src)
+    gguf = embedded_gguf_path() if src.kind == "default" else Path(src.ref)
+    model_dir = gguf_cache_dir(gguf, embedded=src.kind == "default")
+    if is_cached(model_dir, gguf):
+        return model_dir
+    folder = model_dir.with_name(model_dir.name + "-tokenizer")
+    if not (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folder
+
+
 def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        str(resolve_source(source)), trust_remote_code=trust_remote_code
+        str(tokenizer_folder(source)), trust_remote_code=trust_remote_code
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

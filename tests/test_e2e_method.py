@@ -28,8 +28,9 @@ def bar_svg(page) -> str:
 
 
 def choose(page, elem_id: str, option: str) -> None:
+    """Pick ``option`` in the Gradio dropdown ``elem_id`` (its list renders inside it)."""
     page.locator(f"#{elem_id} input").first.click()
-    page.get_by_role("option", name=option, exact=True).click()
+    page.locator(f"#{elem_id}").get_by_role("option", name=option, exact=True).click()
 
 
 def test_method_and_rank_change_the_count_and_the_bar(running_app, tmp_path):

@@ -13,7 +13,7 @@ from studio.ui import labels
 pytestmark = pytest.mark.e2e
 
 # Tabs that are built, and an element each shows once ready.
-BUILT = {"Method": "#method-count h2"}
+BUILT = {"Method": "#method-count h2", "Data": "#data-inspect"}
 
 
 def shot(page, tmp_path: Path, name: str) -> Path:
@@ -38,7 +38,7 @@ def test_every_tab_opens_and_a_project_is_created_and_deleted(running_app, tmp_p
         for name in labels.TABS:
             page.get_by_role("tab", name=name).click()
             if name == "Data":
-                page.get_by_text("Sample tasks ready to train on").wait_for()
+                page.get_by_text("Start from a sample task").wait_for()
             if name in BUILT:
                 page.locator(BUILT[name]).first.wait_for(state="visible")
             else:

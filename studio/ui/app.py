@@ -6,7 +6,13 @@ import gradio as gr
 
 from studio import projects
 from studio.db import Database
-from studio.ui import labels, method_tab, placeholders, projects_panel, system_panel
+from studio.ui import data_tab, labels, method_tab, placeholders, projects_panel, system_panel
+
+
+CSS = """
+mark.loss { background: #fde68a; color: inherit; border-radius: 2px; }
+.token-preview { max-height: 28em; overflow-y: auto; }
+"""
 
 
 def build_app(db: Database | None = None) -> gr.Blocks:
@@ -24,8 +30,8 @@ def build_app(db: Database | None = None) -> gr.Blocks:
                                 method_tab.build(demo)
                                 continue
                             if name == "Data":
-                                gr.Markdown(placeholders.sample_tasks_markdown(),
-                                            elem_id="sample-tasks")
+                                data_tab.build(demo, db, picker)
+                                continue
                             placeholders.build(name)
             with gr.Column(scale=1, min_width=260):
                 summary, read_summary = system_panel.build()

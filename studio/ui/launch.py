@@ -67,7 +67,7 @@ def serve(host: str, port: int, auth: list[tuple[str, str]] | None, block: bool 
     """Build and launch the app. Returns the Blocks (already closed when ``block``)."""
     # Read when gr.Blocks is built; anything but the string "True" keeps analytics off.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from studio.ui.app import build_app
+    from studio.ui.app import CSS, build_app
 
     demo = build_app()
     demo.queue(default_concurrency_limit=4)
@@ -81,5 +81,6 @@ def serve(host: str, port: int, auth: list[tuple[str, str]] | None, block: bool 
         footer_links=[],
         mcp_server=False,
         quiet=False,
+        css=CSS,
     )
     return demo

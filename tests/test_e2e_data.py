@@ -1,0 +1,55 @@
+"""Browser test of the Data tab: upload a CSV, map its columns, see the preview and histogram."""
+
+from __future__ import annotations
+
+import csv
+import re
+
+import pytest
+
+from browser import browser_page
+from test_e2e_method import choose
+from test_e2e_shell import shot
+
+pytestmark = pytest.mark.e2e
+
+
+def write_csv(path, rows: int = 24) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["q_text", "a_text"])  # names no detector knows: the user maps them
+        for i in range(rows):
+            writer.writerow([f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.\nDone, \"simply\"."])
+
+
+def test_upload_csv_map_columns_preview_and_histogram(running_app, tmp_path, studio_home):
+    from studio.db import Database
+
+    data = tmp_path / "qa.csv"
+    write_csv(data)
+    with browser_page() as page:
+        page.goto(running_app)
+        page.get_by_role("tab", name="Data").click()
+        page.locator("#data-upload input[type=file]").set_input_files(str(data))
+        page.get_by_text("Columns: q_text, a_text").wait_for()
+
+        choose(page, "data-format", "prompt_completion")
+        choose(page, "data-slot-0", "q_text")
+        choose(page, "data-slot-1", "a_text")
+        page.locator("#data-import").click()
+        page.get_by_text("Imported: qa").wait_for(timeout=60_000)
+
+        marks = page.locator("#data-preview .token-preview mark.loss")
+        marks.first.wait_for(timeout=60_000)
+        trained = marks.all_inner_texts()
+        # Only answers are trained on; the questions are context.
+        assert trained and all(re.search(r"\d+ plus \d+ is \d+\.", t) for t in trained)
+        assert not any("What is" in t for t in trained)
+        assert re.search(r"What is \d+ plus \d+\?", page.locator("#data-preview .token-preview").first.inner_text())
+        page.locator("#data-hist svg").first.wait_for()
+        assert "Token lengths" in page.locator("#data-stats").inner_text()
+        shot(page, tmp_path, "data-csv-preview")
+
+    db = Database()
+    (dataset,) = db.list_datasets(db.list_projects()[0].id)
+    assert dataset.format == "prompt_completion" and dataset.num_train + dataset.num_eval == 24
