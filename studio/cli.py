@@ -1,7 +1,8 @@
 """``peft-studio``: the command line. Everything the UI does, headless.
 
 Sub-commands so far: ``ui`` (the web app), ``setup`` (prepare the embedded model), ``info``
-(architecture facts of a model source), ``estimate`` (trainable count and memory). Each sub-command's heavy imports stay in its handler.
+(architecture facts of a model source), ``estimate`` (trainable count and memory), ``train``
+(a run from a runspec file, through the same worker the UI uses). Each sub-command's heavy imports stay in its handler.
 """
 
 from __future__ import annotations
@@ -79,6 +80,46 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Create a run from a runspec file and train it in a worker, streaming its log here."""
+    import time
+
+    from studio import projects
+    from studio.db import Database
+    from studio.runspec import RunSpec, RunSpecError
+    from studio.worker import launch
+
+    try:
+        spec = RunSpec.load(args.runspec).validate()
+    except (RunSpecError, ValueError) as exc:
+        print(f"peft-studio train: {exc}", file=sys.stderr)
+        return 2
+    db = Database()
+    project = db.get_project_by_name(args.project) or projects.create_project(db, args.project)
+    run = launch.create_run(db, project.id, spec, args.name)
+    try:
+        launch.start(db, run.id)
+    except launch.RunConflict as exc:
+        print(f"peft-studio train: {exc}", file=sys.stderr)
+        return 2
+    log = launch.run_folder(db, run) / launch.LOG_NAME
+    print(f"run {run.id} started in project '{project.name}'; log: {log}", flush=True)
+    offset = 0
+    while True:
+        time.sleep(1.0)
+        launch.reconcile(db)
+        with open(log, encoding="utf-8", errors="replace") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+            offset = fh.tell()
+        if chunk:
+            print(chunk, end="", flush=True)
+        current = db.get_run(run.id)
+        if current.status != "running":
+            print(f"run {run.id}: {current.status}" + (f"\n{current.error}" if current.error else ""))
+            return 0 if current.status in ("completed", "cancelled") else 1
+
+
 def _key_value(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
@@ -129,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--trust-remote-code", action="store_true")
     est.add_argument("--json", action="store_true", help="print one JSON object")
     est.set_defaults(handler=_cmd_estimate)
+
+    tr = sub.add_parser("train", help="train a run described by a runspec.json, in a worker process")
+    tr.add_argument("runspec", help="a runspec.json (the Train tab saves one with every run)")
+    tr.add_argument("--project", default="CLI runs", help="project to record the run in (created if new)")
+    tr.add_argument("--name", default=None, help="a name for the run")
+    tr.set_defaults(handler=_cmd_train)
     return parser
 
 

@@ -101,3 +101,24 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with the real SmolLM2 tokenizer and chat template: trains in
+    seconds through the whole studio path (worker, Trainer, checkpoints, exact match)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from studio.models import tokenizer_folder
+
+    folder = tmp_path_factory.mktemp("tiny-chat") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder("default")))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.generation_config.max_new_tokens = 8
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

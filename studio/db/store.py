@@ -279,6 +279,14 @@ class Database:
                            .order_by(Checkpoint.step.desc()).limit(1))
         return found[0] if found else None
 
+    def delete_checkpoints(self, run_id: int) -> int:
+        """Forget a run's checkpoints (after their folders were removed); returns how many."""
+        with self.session() as s:
+            rows = s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id)).all()
+            for row in rows:
+                s.delete(row)
+            return len(rows)
+
     # ---- exports ----
     def add_export(self, project_id: int, kind: str, path: str | Path, **fields: Any) -> Export:
         self._check_fields(Export, fields)

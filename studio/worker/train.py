@@ -1,0 +1,199 @@
+"""The worker's ``main``: train one run from its RunSpec and report everything to the database.
+
+Life of a run as this module sees it: status ``running`` with our pid → model, method and data
+built → transformers ``Trainer`` with ``StudioCallback`` → ``completed`` (or ``cancelled`` on a
+cancel request, ``oom`` with advice on out-of-memory, ``failed`` with the traceback tail on any
+other error). A killed worker cannot write its own end: ``launch.reconcile`` marks it failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio import config
+from studio.db import Database, RunStatus, utcnow
+from studio.runspec import RunSpec
+from studio.worker import prepare
+from studio.worker.trainer import StudioCallback, StudioTrainer
+
+QUANTISED_EM_NOTE = ("exact match is measured after training for QLoRA: generating with the 4-bit "
+                     "model mid-training would switch bitsandbytes to a kernel without gradients")
+
+
+def run_dir(db: Database, run_id: int) -> Path:
+    run = db.get_run(run_id)
+    project = db.get_project(run.project_id)
+    return config.child_path(config.child_path(config.projects_dir(), project.folder) / "runs", run.folder)
+
+
+def exact_match_scorer(spec: RunSpec, tokenizer: Any):
+    if not spec.sample_task or spec.exact_match_limit <= 0:
+        return None
+    from studio.evaluate import score_task
+
+    def score(model: Any) -> float:
+        was_training = model.training
+        model.eval()
+        model.config.use_cache = True
+        try:
+            return score_task(model, tokenizer, spec.sample_task, limit=spec.exact_match_limit).exact_match
+        finally:
+            model.config.use_cache = False
+            model.train(was_training)
+    return score
+
+
+def training_arguments(spec: RunSpec, compute: prepare.Compute, output_dir: Path, has_eval: bool):
+    from transformers import TrainingArguments
+
+    optim = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "sgd": "sgd"}[spec.optimizer]
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=spec.max_steps if spec.max_steps > 0 else -1,
+        num_train_epochs=spec.epochs,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=spec.weight_decay,
+        optim=optim,
+        logging_steps=1,
+        eval_strategy="steps" if has_eval and spec.eval_steps > 0 else "no",
+        eval_steps=spec.eval_steps or None,
+        save_strategy="steps" if spec.save_steps > 0 else "no",
+        save_steps=spec.save_steps or 500,
+        save_total_limit=3,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        bf16=compute.bf16,
+        fp16=compute.fp16,
+        use_cpu=compute.device == "cpu",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def train(db: Database, run_id: int, resume: bool = False, extra_callbacks: tuple = ()) -> str:
+    """Train run ``run_id``; returns the final status. Exceptions end as a status, not a crash."""
+    run = db.get_run(run_id)
+    spec = RunSpec.from_dict(run.spec).validate()
+    folder = run_dir(db, run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    db.update_run(run_id, status=RunStatus.RUNNING.value, pid=os.getpid(), started_at=utcnow(),
+                  finished_at=None, error=None, exit_code=None, cancel_request=None)
+    db.heartbeat(run_id)
+    try:
+        return _train(db, run_id, spec, folder, resume, extra_callbacks)
+    except torch.OutOfMemoryError as exc:
+        db.update_run(run_id, status=RunStatus.OOM.value, finished_at=utcnow(),
+                      error=f"Out of memory: {exc}\n\n{oom_advice(spec)}")
+        return RunStatus.OOM.value
+    except Exception:  # every other failure: recorded for the user, then the process exits 1
+        db.update_run(run_id, status=RunStatus.FAILED.value, finished_at=utcnow(),
+                      error=traceback.format_exc()[-4000:])
+        return RunStatus.FAILED.value
+
+
+def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool, extra_callbacks: tuple) -> str:
+    torch.manual_seed(spec.seed)
+    compute = prepare.choose_compute(spec)
+    run = db.get_run(run_id)
+    dataset_id = prepare.dataset_for(db, spec, run.project_id)
+    if run.dataset_id != dataset_id:
+        db.update_run(run_id, dataset_id=dataset_id)
+    model, tokenizer, arch, params = prepare.build_model(spec, compute)
+    train_set, eval_set, collator = prepare.build_data(db, spec, dataset_id, tokenizer)
+    quantised = getattr(model, "is_loaded_in_4bit", False)
+    scorer = exact_match_scorer(spec, tokenizer)
+    callback = StudioCallback(db, run_id, None if quantised else scorer)
+    optimizers = (None, None)
+    if getattr(params, "loraplus_lr_ratio", 1.0) != 1.0:
+        from studio.methods.lora import loraplus_optimizer
+
+        optimizers = (loraplus_optimizer(model, params, spec.learning_rate, spec.weight_decay), None)
+    trainer = StudioTrainer(
+        model=model, args=training_arguments(spec, compute, folder / "checkpoints", eval_set is not None),
+        train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
+        processing_class=tokenizer, callbacks=[callback, *extra_callbacks], optimizers=optimizers,
+    )
+    callback.trainer = trainer
+    checkpoint = None
+    if resume:
+        latest = db.latest_checkpoint(run_id)
+        checkpoint = latest.path if latest is not None and Path(latest.path).is_dir() else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    if callback.cancel_mode is not None:
+        if callback.cancel_mode == "discard":
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+            db.delete_checkpoints(run_id)
+        db.update_run(run_id, status=RunStatus.CANCELLED.value, finished_at=utcnow())
+        return RunStatus.CANCELLED.value
+
+    step = trainer.state.global_step
+    final = {}
+    if eval_set is not None:
+        final.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+    if scorer is not None:
+        final["eval_exact_match"] = scorer(model)
+    trainer.save_model(str(folder / "adapter"))
+    if final:
+        db.log_metrics(run_id, step, final)
+    db.update_run(run_id, status=RunStatus.COMPLETED.value, finished_at=utcnow(), exit_code=0)
+    return RunStatus.COMPLETED.value
+
+
+def oom_advice(spec: RunSpec) -> str:
+    """What would fit, computed from the estimator for the same run with one knob changed."""
+    from studio.estimate import TrainSetup
+    from studio.planner import arch_for, plan
+
+    try:
+        arch = arch_for(spec.model)
+        free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+        base = TrainSetup(batch_size=spec.batch_size, seq_len=spec.max_length,
+                          dtype="fp32" if spec.precision in ("auto", "fp32") and free is None else "bf16",
+                          grad_checkpointing=spec.grad_checkpointing, optimizer=spec.optimizer,
+                          device="cuda" if free else "cpu")
+        options = [("as configured", spec.method, base)]
+        if spec.batch_size > 1:
+            options.append((f"batch size {max(1, spec.batch_size // 2)} (accumulate ×{spec.grad_accum * 2})",
+                            spec.method, replace(base, batch_size=max(1, spec.batch_size // 2))))
+        if not spec.grad_checkpointing:
+            options.append(("gradient checkpointing on", spec.method, replace(base, grad_checkpointing=True)))
+        if spec.method in ("lora", "dora", "rslora", "loraplus"):
+            options.append(("QLoRA (4-bit base)", "qlora", replace(base, quant="nf4")))
+        if spec.max_length > 128:
+            options.append((f"max length {spec.max_length // 2}", spec.method,
+                            replace(base, seq_len=spec.max_length // 2)))
+        lines = ["Estimated memory for the same run with one change:"]
+        for label, method, setup in options:
+            settings = spec.method_settings if method == spec.method else {
+                k: v for k, v in spec.method_settings.items() if k in ("r", "lora_alpha", "lora_dropout")}
+            result = plan(arch, method, settings, setup, free)
+            lines.append(f"- {label}: {result['total_bytes'] / 2**30:.2f} GiB ({result['verdict']})")
+        return "\n".join(lines)
+    except Exception as exc:  # advice is best effort; the OOM itself is what matters
+        return f"(could not compute advice: {exc})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studio.worker")
+    parser.add_argument("run_id", type=int)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    status = train(Database(), args.run_id, resume=args.resume)
+    print(f"run {args.run_id}: {status}", flush=True)
+    return 0 if status in (RunStatus.COMPLETED.value, RunStatus.CANCELLED.value) else 1

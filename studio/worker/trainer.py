@@ -1,0 +1,115 @@
+"""The studio's Trainer and the callback that reports to the database.
+
+``StudioTrainer`` is transformers' ``Trainer`` with two additions: it counts the tokens it trains
+on (for tokens/s), and it saves / restores our bottleneck adapters as adapter folders (PEFT
+models are handled by Trainer itself; a plain model with our wrappers would otherwise be saved
+whole). ``StudioCallback`` writes per-step metrics and a heartbeat, records checkpoints, runs the
+exact-match evaluation and turns a cancel request from the UI into a clean stop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from transformers import Trainer, TrainerCallback
+
+from studio.adapters import bottleneck
+from studio.db import Database
+
+
+class CancelRequested(Exception):
+    """Raised after the trainer stopped because the UI asked; carries the mode."""
+
+
+class StudioTrainer(Trainer):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.tokens_seen = 0
+        self.train_seconds = 0.0  # inside training steps only: evals and saves do not count
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        started = time.perf_counter()
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self.train_seconds += time.perf_counter() - started
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model, "bottleneck_config", None) is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        bottleneck.save_bottleneck(model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        target = model or self.model
+        if getattr(target, "bottleneck_config", None) is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(resume_from_checkpoint) / bottleneck.WEIGHTS_NAME))
+        target.load_state_dict(state, strict=False)
+
+
+class StudioCallback(TrainerCallback):
+    def __init__(self, db: Database, run_id: int, evaluate_exact_match: Any = None):
+        self.db = db
+        self.run_id = run_id
+        self.evaluate_exact_match = evaluate_exact_match  # (model) -> float, or None
+        self.trainer: StudioTrainer | None = None
+        self.cancel_mode: str | None = None
+        self._last_busy = 0.0
+        self._last_tokens = 0
+        self._started = time.perf_counter()
+        self._process = psutil.Process(os.getpid())
+
+    def _memory_bytes(self) -> float:
+        if torch.cuda.is_available():
+            return float(torch.cuda.memory_allocated())
+        return float(self._process.memory_info().rss)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        request = self.db.heartbeat(self.run_id)
+        if request in ("save", "discard"):
+            self.cancel_mode = request
+            control.should_training_stop = True
+            control.should_save = request == "save"
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or state.global_step == 0:
+            return
+        now = time.perf_counter()
+        tokens = self.trainer.tokens_seen if self.trainer else 0
+        busy = self.trainer.train_seconds if self.trainer else now - self._started
+        values = {k: float(v) for k, v in logs.items()
+                  if isinstance(v, (int, float)) and k in ("loss", "learning_rate", "grad_norm", "epoch",
+                                                            "eval_loss")}
+        if "loss" in values:  # a training log: add throughput and memory
+            values["tokens_per_s"] = (tokens - self._last_tokens) / max(busy - self._last_busy, 1e-9)
+            values["elapsed_s"] = now - self._started
+            values["memory_bytes"] = self._memory_bytes()
+            self._last_busy, self._last_tokens = busy, tokens
+        if values:
+            self.db.log_metrics(self.run_id, state.global_step, values, wall_time=time.time())
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        if self.evaluate_exact_match is not None and model is not None:
+            score = self.evaluate_exact_match(model)
+            if score is not None:
+                self.db.log_metrics(self.run_id, state.global_step, {"eval_exact_match": score},
+                                    wall_time=time.time())
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            self.db.add_checkpoint(self.run_id, state.global_step, str(folder))
