@@ -26,7 +26,9 @@ def json_problem(exc: json.JSONDecodeError, text: str) -> str:
     """'truncated JSON (Expecting ',' delimiter at column 31)' or 'invalid JSON (...)'."""
     stripped = text.rstrip()
     truncated = exc.pos >= len(stripped) or exc.msg.startswith("Unterminated string")
-    return f"{'truncated' if truncated else 'invalid'} JSON ({exc.msg} at column {exc.colno})"
+    # some messages end in "at" already ("Unterminated string starting at")
+    where = f"{exc.msg} column" if exc.msg.endswith(" at") else f"{exc.msg} at column"
+    return f"{'truncated' if truncated else 'invalid'} JSON ({where} {exc.colno})"
 
 
 def iter_json_records(path: Path, display: str) -> Iterator[tuple[int, int, object]]:
@@ -110,7 +112,8 @@ def _iter_array(handle, head: str, display: str) -> Iterator[tuple[int, int, obj
                     continue
                 truncated = cur.eof and (unterminated or exc.pos >= len(cur.buf.rstrip()))
                 cur.advance(min(exc.pos, len(cur.buf)))
-                raise fail(f"{'truncated' if truncated else 'invalid'} JSON ({exc.msg})") from None
+                message = exc.msg.removesuffix(" at")  # the line is named before it
+                raise fail(f"{'truncated' if truncated else 'invalid'} JSON ({message})") from None
             except RecursionError:
                 raise fail("invalid JSON (nested too deeply)") from None
             if len(cur.buf) - end < 64 and not cur.eof and cur.refill():

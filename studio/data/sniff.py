@@ -20,7 +20,8 @@ EXTENSIONS = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
     ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text",
 }
-SUPPORTED = ".jsonl, .json, .csv, .tsv, .parquet, .txt, a folder saved with save_to_disk, or a hub id"
+SUPPORTED = (".jsonl, .json, .csv, .tsv, .parquet, .txt, a folder saved with save_to_disk, "
+             "or a hub id")
 HEAD_BYTES = 64 * 1024
 
 # Files people export by mistake. Naming what the file really is beats "invalid JSON at line 1".

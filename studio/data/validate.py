@@ -166,7 +166,7 @@ def validate(source: Source, fmt: str, mapping: dict[str, str], work_dir: Path, 
     for numbers, rows in source.iter_batches(BATCH):
         batch: list[tuple[int, int, dict]] = []
         for number, row in zip(numbers, rows):
-            example, errors, warnings = convert_row(row, fmt, dict(mapping))
+            example, errors, warnings = convert_row(row, fmt, mapping)
             for code, column, message in warnings:
                 report.warn(code, _WARNINGS.get(code, message), number)
             if errors:
