@@ -132,10 +132,15 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
         if not st.get("source"):
             return "**Inspect a file first.**", gr.update()
         mapping = {slot: col for slot, col in zip(_slots(fmt_value), slot_values) if col}
+        counter = None
+        if max_tok:  # count with the project model's real tokenizer, not a character estimate
+            tokenizer = _tokenizer(db, project_id)
+            counter = lambda texts: [len(ids) for ids in tokenizer(texts)["input_ids"]]  # noqa: E731
         try:
             result = import_dataset(db, project_id, st["source"], name=name_v or None, format=fmt_value,
                                     mapping=mapping or None, on_invalid=invalid, eval_ratio=float(ratio),
-                                    max_tokens=int(max_tok) if max_tok else None, on_long=long_rows)
+                                    max_tokens=int(max_tok) if max_tok else None, on_long=long_rows,
+                                    token_counter=counter)
         except (DataError, ValueError) as exc:
             return f"**Import refused:** {exc}", gr.update()
         return _report_text(result), refresh_list(project_id, result.dataset.id)
