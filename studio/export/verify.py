@@ -1,0 +1,96 @@
+"""Verifying an export: reload it in a clean child process and compare with the trained model.
+
+The child imports transformers (and peft only for adapter exports) but never the studio, so a
+merged export is proven loadable by plain transformers. It writes its logits and greedy tokens
+for a few eval prompts to a safetensors file; this process computes the same with the trained
+model and compares: the maximum absolute logit difference and the share of prompts whose greedy
+continuation is identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GREEDY_TOKENS = 16
+FP32_MAX_DIFF = 1e-3  # fp32 merges differ by ~1e-5..1e-4 (rounding of W + BA)
+# Half-precision exports round every weight; a near-tie between two tokens may flip. We accept
+# a bf16/fp16 export when at least this share of prompts continue identically.
+HALF_MIN_AGREEMENT = 0.75
+
+_CHILD = r"""
+import json, sys
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, kind, base, texts_file, out_file = sys.argv[1:6]
+texts = json.load(open(texts_file))
+tok = AutoTokenizer.from_pretrained(folder if kind == "merged" else base)
+if kind == "merged":
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+else:
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, use_safetensors=True), folder)
+model = model.float().eval()
+tensors = {}
+with torch.no_grad():
+    for i, text in enumerate(texts):
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        tensors[f"logits_{i}"] = model(input_ids=ids).logits[0].contiguous()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=%d,
+                             do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        tensors[f"greedy_{i}"] = out[0, ids.shape[1]:].contiguous()
+save_file(tensors, out_file)
+studio_loaded = [m for m in sys.modules if m == "studio" or m.startswith("studio.")]
+print(json.dumps({"studio_modules": studio_loaded, "peft_loaded": "peft" in sys.modules}))
+""" % GREEDY_TOKENS
+
+
+def reference_outputs(model: Any, tokenizer: Any, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    results = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+            logits = model(input_ids=ids).logits[0].float().cpu()
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_TOKENS,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            results.append((logits, out[0, ids.shape[1]:].cpu()))
+    return results
+
+
+def verify_export(folder: Path, kind: str, base_folder: Path, reference: list, texts: list[str],
+                  dtype: str) -> dict[str, Any]:
+    """Run the child, compare with ``reference`` (from ``reference_outputs``); a JSON-able result."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        texts_file, out_file = Path(tmp) / "texts.json", Path(tmp) / "out.safetensors"
+        texts_file.write_text(json.dumps(texts))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        child = subprocess.run([sys.executable, "-c", _CHILD, str(folder), kind, str(base_folder),
+                                str(texts_file), str(out_file)], capture_output=True, text=True,
+                               timeout=1800, cwd=tmp, env=env)
+        if child.returncode != 0:
+            return {"ok": False, "error": child.stderr.strip()[-2000:], "loader": "transformers"}
+        loaded = json.loads(child.stdout.strip().splitlines()[-1])
+        got = load_file(str(out_file))
+    diffs, agree = [], 0
+    for i, (logits, greedy) in enumerate(reference):
+        diffs.append(float((got[f"logits_{i}"] - logits).abs().max()))
+        agree += int(torch.equal(got[f"greedy_{i}"], greedy))
+    max_diff = max(diffs) if diffs else 0.0
+    agreement = agree / len(reference) if reference else 1.0
+    if dtype == "float32":
+        ok = agreement == 1.0 and max_diff <= FP32_MAX_DIFF
+    else:
+        ok = agreement >= HALF_MIN_AGREEMENT
+    return {"ok": ok, "max_abs_diff": max_diff, "greedy_agreement": agreement, "prompts": len(texts),
+            "greedy_tokens": GREEDY_TOKENS, "loader": "transformers" + (" + peft" if loaded["peft_loaded"] else ""),
+            "studio_imported_by_loader": loaded["studio_modules"]}

@@ -1,0 +1,120 @@
+"""Exports of trained runs: merged (plain transformers reloads it, logits match), adapter-only
+(PEFT or our loader reloads it), atomic on failure, recorded in the history."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from studio.db import Database
+from studio.export import ExportError, export_run
+from studio.projects import create_project
+from studio.runspec import RunSpec
+from studio.worker import launch
+from studio.worker.train import train
+
+MERGEABLE = ["lora", "rslora", "loraplus", "dora", "ia3", "loha", "lokr", "vera", "adalora"]
+
+
+def trained_run(db: Database, model_dir, method: str, **settings) -> int:
+    project = db.get_project_by_name("exports") or create_project(db, "exports")
+    spec = RunSpec(model=str(model_dir), method=method, method_settings=settings, sample_task="dates",
+                   max_steps=3, batch_size=2, max_length=64, learning_rate=5e-3, eval_steps=0,
+                   save_steps=0, exact_match_limit=0)
+    run = launch.create_run(db, project.id, spec)
+    assert train(db, run.id) == "completed", db.get_run(run.id).error
+    return run.id
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merged_export_reloads_with_plain_transformers_and_matches(method, tiny_chat_model):
+    db = Database()
+    settings = {"total_step": 3} if method == "adalora" else {}
+    export = export_run(db, trained_run(db, tiny_chat_model, method, **settings), "merged", "float32")
+    result = export.verification
+    assert export.status == "verified", result
+    assert result["loader"] == "transformers" and result["studio_imported_by_loader"] == []
+    assert result["max_abs_diff"] <= 1e-4 and result["greedy_agreement"] == 1.0
+    folder = os.listdir(export.path)
+    assert "config.json" in folder and "README.md" in folder and any(f.endswith(".safetensors") for f in folder)
+    assert export.size_bytes > 0 and db.list_exports(db.get_run(export.run_id).project_id)[0].id == export.id
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt", "prefix"])
+def test_adapter_export_is_a_peft_folder_that_reloads_and_matches(method, tiny_chat_model):
+    db = Database()
+    export = export_run(db, trained_run(db, tiny_chat_model, method), "adapter", "float32")
+    assert export.status == "verified", export.verification
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(export.path))
+    assert export.verification["loader"] == "transformers + peft"
+
+
+def test_bottleneck_adapter_export_reloads_with_our_loader(tiny_chat_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from studio.adapters.bottleneck import load_bottleneck
+    from studio.export.load import load_trained
+
+    db = Database()
+    run_id = trained_run(db, tiny_chat_model, "houlsby", r=8)
+    with pytest.raises(ExportError, match="cannot be merged"):
+        export_run(db, run_id, "merged")
+    export = export_run(db, run_id, "adapter")
+    reloaded = load_bottleneck(AutoModelForCausalLM.from_pretrained(tiny_chat_model), export.path).eval()
+    trained = load_trained(RunSpec.from_dict(db.get_run(run_id).spec), launch.run_folder(db, db.get_run(run_id)) / "adapter")
+    ids = AutoTokenizer.from_pretrained(tiny_chat_model)("2021-03-05", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def test_no_overwrite_without_confirmation_and_bf16_export(tiny_chat_model):
+    db = Database()
+    run_id = trained_run(db, tiny_chat_model, "lora")
+    first = export_run(db, run_id, "merged", "bfloat16")
+    assert first.status == "verified" and first.verification["greedy_agreement"] >= 0.75
+    with pytest.raises(ExportError, match="already exists"):
+        export_run(db, run_id, "merged", "bfloat16")
+    again = export_run(db, run_id, "merged", "bfloat16", overwrite=True)
+    assert again.status == "verified"
+
+
+def _failed_rows(db, run_id, path):
+    return [e for e in db.list_exports(db.get_run(run_id).project_id) if e.path == str(path)]
+
+
+def test_unusable_destination_leaves_nothing_marked_good(tiny_chat_model, tmp_path):
+    db = Database()
+    run_id = trained_run(db, tiny_chat_model, "lora")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError):
+        export_run(db, run_id, "merged", dest=str(blocker / "out"))
+    assert blocker.read_text() == "not a folder"
+    (row,) = _failed_rows(db, run_id, blocker / "out")
+    assert row.status == "failed" and row.verification["error"]
+
+
+def test_disk_full_mid_write_leaves_no_half_written_folder(tiny_chat_model, tmp_path):
+    """RLIMIT_FSIZE makes any write past 2 MB fail with EFBIG, like a full disk, while the
+    model's safetensors shard (~25 MB) is being written."""
+    import resource
+    import signal
+
+    db = Database()
+    run_id = trained_run(db, tiny_chat_model, "lora")
+    dest = tmp_path / "exports" / "merged"
+    dest.parent.mkdir()
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, previous[1]))
+    try:
+        with pytest.raises(Exception):
+            export_run(db, run_id, "merged", dest=str(dest))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+    (row,) = _failed_rows(db, run_id, dest)
+    assert row.status == "failed"
