@@ -2,7 +2,8 @@
 
 Sub-commands so far: ``ui`` (the web app), ``setup`` (prepare the embedded model), ``info``
 (architecture facts of a model source), ``estimate`` (trainable count and memory), ``train``
-(a run from a runspec file, through the same worker the UI uses). Each sub-command's heavy imports stay in its handler.
+(a run from a runspec file, through the same worker the UI uses), ``export`` (merged or
+adapter-only files of a finished run, verified). Each sub-command's heavy imports stay in its handler.
 """
 
 from __future__ import annotations
@@ -120,6 +121,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 0 if current.status in ("completed", "cancelled") else 1
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from studio.db import Database
+    from studio.export import ExportError, export_run
+
+    db = Database()
+    try:
+        row = export_run(db, args.run_id, args.kind, args.dtype, shard_size=args.shard_size, dest=args.dest,
+                         overwrite=args.overwrite, verify=not args.no_verify,
+                         progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}", flush=True))
+    except ExportError as exc:
+        print(f"peft-studio export: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"path": row.path, "status": row.status, "size_bytes": row.size_bytes,
+                      "verification": row.verification}, indent=2))
+    return 0 if row.status in ("verified", "unverified") else 1
+
+
 def _key_value(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
@@ -176,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--project", default="CLI runs", help="project to record the run in (created if new)")
     tr.add_argument("--name", default=None, help="a name for the run")
     tr.set_defaults(handler=_cmd_train)
+
+    ex = sub.add_parser("export", help="export a finished run: merged model or adapter, verified")
+    ex.add_argument("run_id", type=int)
+    ex.add_argument("--kind", choices=["merged", "adapter"], default="merged")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ex.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB")
+    ex.add_argument("--dest", default=None, help="a folder of your choice (default: the project's exports/)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    ex.add_argument("--no-verify", action="store_true", help="skip reloading and comparing")
+    ex.set_defaults(handler=_cmd_export)
     return parser
 
 
