@@ -118,3 +118,26 @@ def test_disk_full_mid_write_leaves_no_half_written_folder(tiny_chat_model, tmp_
     assert not dest.exists() and list(dest.parent.iterdir()) == []
     (row,) = _failed_rows(db, run_id, dest)
     assert row.status == "failed"
+
+
+def test_qlora_merges_into_the_dequantised_base(tiny_chat_model):
+    pytest.importorskip("bitsandbytes")
+    db = Database()
+    run_id = trained_run(db, tiny_chat_model, "qlora", bnb_4bit_compute_dtype="float32")
+    export = export_run(db, run_id, "merged", "float32")
+    result = export.verification
+    # Compared with the 4-bit model as trained: the merged weights are its de-quantised weights
+    # plus the adapter, so the greedy outputs agree on every eval prompt.
+    assert export.status == "verified", result
+    assert result["greedy_agreement"] == 1.0 and result["loader"] == "transformers"
+
+
+@pytest.mark.slow
+def test_lora_on_the_real_model_exports_and_verifies(smollm2_dir):
+    db = Database()
+    run_id = trained_run(db, smollm2_dir, "lora")
+    export = export_run(db, run_id, "merged", "float32", shard_size="200MB")
+    assert export.status == "verified", export.verification
+    shards = [f for f in os.listdir(export.path) if f.endswith(".safetensors")]
+    assert len(shards) >= 3  # 538 MB in 200 MB shards
+    assert export.verification["max_abs_diff"] <= 1e-3

@@ -113,7 +113,8 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
                 trained = load_trained(spec, adapter, "float32")  # compare with the 4-bit model as trained
             texts = _prompts(spec, tokenizer)
             reference = reference_outputs(trained, tokenizer, texts)
-            result = verify_export(tmp, kind, models.resolve_source(spec.model), reference, texts, dtype)
+            result = verify_export(tmp, kind, models.resolve_source(spec.model), reference, texts, dtype,
+                                   quantised_reference=method.quantized)
         elif verify:
             result = {"ok": None, "note": "bottleneck adapters load with the studio, not plain transformers"}
         if result.get("ok") is False:

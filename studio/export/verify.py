@@ -66,7 +66,7 @@ def reference_outputs(model: Any, tokenizer: Any, texts: list[str]) -> list[tupl
 
 
 def verify_export(folder: Path, kind: str, base_folder: Path, reference: list, texts: list[str],
-                  dtype: str) -> dict[str, Any]:
+                  dtype: str, quantised_reference: bool = False) -> dict[str, Any]:
     """Run the child, compare with ``reference`` (from ``reference_outputs``); a JSON-able result."""
     from safetensors.torch import load_file
 
@@ -87,7 +87,12 @@ def verify_export(folder: Path, kind: str, base_folder: Path, reference: list, t
         agree += int(torch.equal(got[f"greedy_{i}"], greedy))
     max_diff = max(diffs) if diffs else 0.0
     agreement = agree / len(reference) if reference else 1.0
-    if dtype == "float32":
+    if quantised_reference:
+        # QLoRA: the reference runs bitsandbytes' 4-bit kernel, whose accumulation differs from a
+        # plain matmul over the same de-quantised weights (~4e-3 in the logits here); the greedy
+        # continuations are what must agree.
+        ok = agreement == 1.0 if dtype == "float32" else agreement >= HALF_MIN_AGREEMENT
+    elif dtype == "float32":
         ok = agreement == 1.0 and max_diff <= FP32_MAX_DIFF
     else:
         ok = agreement >= HALF_MIN_AGREEMENT
