@@ -127,7 +127,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     db = Database()
     try:
-        row = export_run(db, args.run_id, args.kind, args.dtype, shard_size=args.shard_size, dest=args.dest,
+        dtype = args.dtype or ("f16" if args.kind == "gguf" else "float32")
+        row = export_run(db, args.run_id, args.kind, dtype, shard_size=args.shard_size, dest=args.dest,
                          overwrite=args.overwrite, verify=not args.no_verify,
                          progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}", flush=True))
     except ExportError as exc:
@@ -197,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a finished run: merged model or adapter, verified")
     ex.add_argument("run_id", type=int)
-    ex.add_argument("--kind", choices=["merged", "adapter"], default="merged")
-    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ex.add_argument("--kind", choices=["merged", "adapter", "gguf"], default="merged")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "f16", "q8_0"], default=None,
+                    help="float32/bfloat16/float16 (merged, adapter); f16/q8_0 (gguf)")
     ex.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB")
     ex.add_argument("--dest", default=None, help="a folder of your choice (default: the project's exports/)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")

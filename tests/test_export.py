@@ -141,3 +141,13 @@ def test_lora_on_the_real_model_exports_and_verifies(smollm2_dir):
     shards = [f for f in os.listdir(export.path) if f.endswith(".safetensors")]
     assert len(shards) >= 3  # 538 MB in 200 MB shards
     assert export.verification["max_abs_diff"] <= 1e-3
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_gguf_export_reloads_with_transformers_and_agrees(outtype, tiny_chat_model):
+    db = Database()
+    export = export_run(db, trained_run(db, tiny_chat_model, "lora"), "gguf", outtype)
+    assert export.status == "verified", export.verification
+    files = set(os.listdir(export.path))
+    assert f"model-{outtype}.gguf" in files and "README.md" in files and ".merged-fp32" not in files
+    assert export.verification["greedy_agreement"] >= 0.75 and export.verification["studio_imported_by_loader"] == []

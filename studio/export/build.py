@@ -23,7 +23,8 @@ from studio.methods import get_method
 from studio.runspec import RunSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
-KINDS = ("merged", "adapter")
+GGUF_TYPES = ("f16", "q8_0")
+KINDS = ("merged", "adapter", "gguf")
 
 
 class ExportError(Exception):
@@ -69,14 +70,14 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
                verify: bool = True, progress: Callable[[float, str], None] | None = None) -> Any:
     """Export run ``run_id``; returns the export row (status "verified", "unverified" or raises)."""
     report = progress or (lambda fraction, message: None)
-    if kind not in KINDS or dtype not in DTYPES:
-        raise ExportError(f"kind must be one of {KINDS} and dtype one of {DTYPES}")
+    if kind not in KINDS or dtype not in (GGUF_TYPES if kind == "gguf" else DTYPES):
+        raise ExportError(f"kind must be one of {KINDS}; dtype one of {DTYPES} ({GGUF_TYPES} for gguf)")
     run = db.get_run(run_id)
     if run is None or run.status != RunStatus.COMPLETED.value:
         raise ExportError(f"run {run_id} has not completed; export a finished run")
     spec = RunSpec.from_dict(run.spec)
     method = get_method(spec.method)
-    if kind == "merged" and not method.mergeable:
+    if kind in ("merged", "gguf") and not method.mergeable:
         raise ExportError(f"{method.title} cannot be merged: {method.notes} Export the adapter only.")
     if kind == "adapter" and spec.method in WHOLE_MODEL_METHODS:
         raise ExportError(f"{method.title} trains the model itself: there is no adapter; export merged")
@@ -97,6 +98,8 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
         report(0.4, "Writing files")
         if kind == "merged":
             _write_merged(trained, spec, tokenizer, tmp, dtype, shard_size)
+        elif kind == "gguf":
+            _write_gguf(trained, spec, tokenizer, tmp, dtype)
         else:
             for item in adapter.iterdir():  # the PEFT (or bottleneck) folder as saved
                 if item.is_file() and not item.name.startswith("training_args"):
@@ -129,6 +132,20 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
     status = "verified" if result.get("ok") else "unverified"
     report(1.0, f"Export {status}")
     return db.update_export(row.id, status=status, verification=result, size_bytes=_folder_size(target))
+
+
+def _write_gguf(trained: Any, spec: RunSpec, tokenizer: Any, folder: Path, outtype: str) -> None:
+    """Merge in fp32 into a scratch folder, convert it to one .gguf file, drop the scratch."""
+    from studio.export.gguf_export import GGUFExportError, write_gguf
+
+    scratch = folder / ".merged-fp32"
+    _write_merged(trained, spec, tokenizer, scratch, "float32", "50GB")
+    try:
+        write_gguf(scratch, folder / f"model-{outtype}.gguf", outtype)
+    except GGUFExportError as exc:
+        raise ExportError(str(exc)) from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _write_merged(trained: Any, spec: RunSpec, tokenizer: Any, folder: Path, dtype: str, shard_size: str) -> None:

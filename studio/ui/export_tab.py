@@ -48,8 +48,9 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
         with gr.Column(scale=2):
             run = gr.Dropdown(label="Finished run", choices=[], elem_id="export-run")
             note = gr.Markdown(elem_id="export-note")
-            kind = gr.Radio(["merged", "adapter"], value="merged", label="What to export",
-                            info="merged: a full model plain transformers loads; adapter: small PEFT files")
+            kind = gr.Radio(["merged", "adapter", "gguf"], value="merged", label="What to export",
+                            info="merged: a full model plain transformers loads; adapter: small PEFT files; "
+                                 "gguf: one file for llama.cpp-style runtimes (Llama-family models)")
             dtype = gr.Radio(["float32", "bfloat16", "float16"], value="float32", label="Precision")
             with gr.Accordion("More", open=False):
                 shard = gr.Textbox(value="2GB", label="Largest safetensors shard")
@@ -85,6 +86,11 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
         return (f"**Export {row.status}:** `{row.path}` ({(row.size_bytes or 0) / 1e6:.1f} MB). {checked}",
                 _exports_table(db, project_id))
 
+    def on_kind(kind_v):
+        choices = ["f16", "q8_0"] if kind_v == "gguf" else ["float32", "bfloat16", "float16"]
+        return gr.update(choices=choices, value=choices[0])
+
+    kind.change(on_kind, [kind], [dtype], api_name=False)
     go.click(on_export, [picker, run, kind, dtype, shard, dest, overwrite, verify], [result, table],
              api_name=False)
     run.change(lambda rid: run_note(db, rid), [run], [note], api_name=False)
