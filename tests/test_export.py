@@ -42,10 +42,14 @@ def test_merged_export_reloads_with_plain_transformers_and_matches(method, tiny_
     assert export.size_bytes > 0 and db.list_exports(db.get_run(export.run_id).project_id)[0].id == export.id
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt", "prefix"])
+PEFT_METHODS = ["lora", "rslora", "loraplus", "dora", "ia3", "loha", "lokr", "vera", "adalora", "prompt", "prefix"]
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
 def test_adapter_export_is_a_peft_folder_that_reloads_and_matches(method, tiny_chat_model):
     db = Database()
-    export = export_run(db, trained_run(db, tiny_chat_model, method), "adapter", "float32")
+    settings = {"total_step": 3} if method == "adalora" else {}
+    export = export_run(db, trained_run(db, tiny_chat_model, method, **settings), "adapter", "float32")
     assert export.status == "verified", export.verification
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(export.path))
     assert export.verification["loader"] == "transformers + peft"

@@ -104,7 +104,8 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
             for item in adapter.iterdir():  # the PEFT (or bottleneck) folder as saved
                 if item.is_file() and not item.name.startswith("training_args"):
                     shutil.copy2(item, tmp / item.name)
-        metrics = {m.name: m.value for m in db.metrics_for(run_id) if m.name.startswith("eval_")}
+        # The last value of each loss and eval metric (rows come ordered by step).
+        metrics = {m.name: m.value for m in db.metrics_for(run_id) if m.name == "loss" or m.name.startswith("eval_")}
         dataset = db.get_dataset(run.dataset_id) if run.dataset_id else None
         (tmp / "README.md").write_text(model_card(run=run, spec=spec, dataset=dataset, kind=kind, dtype=dtype,
                                                   metrics=metrics, steps=db.last_step(run_id),
