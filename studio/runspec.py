@@ -17,6 +17,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSS_ON = ("assistant", "all")
 
 
+# Field annotations (strings: ``from __future__ import annotations``) -> accepted JSON types.
+_FIELD_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+                "str | None": (str, type(None)), "int | None": (int, type(None)),
+                "dict[str, Any]": (dict,)}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               dict: "an object"}
+
+
 class RunSpecError(ValueError):
     """A run specification that cannot be trained, with the field and the reason."""
 
@@ -57,6 +65,7 @@ class RunSpec:
     def validate(self) -> "RunSpec":
         from studio.methods import get_method
 
+        self._check_types()
         spec = get_method(self.method)  # raises SettingError (a ValueError) for unknown names
         spec.params(self.method_settings)
         checks = [
@@ -77,6 +86,19 @@ class RunSpec:
             if not ok:
                 raise RunSpecError(f"runspec '{name}': {why} (got {getattr(self, name)!r})")
         return self
+
+    def _check_types(self) -> None:
+        """A value of the wrong JSON type (``"batch_size": "four"``, ``"packing": "yes"``) is named
+        here instead of failing as a TypeError below or being taken as truthy by the worker."""
+        for f in fields(self):
+            expected = _FIELD_TYPES.get(str(f.type))
+            if expected is None:  # a field type not listed above: not checked here
+                continue
+            value = getattr(self, f.name)
+            if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+                wanted = " or ".join("null" if t is type(None) else _TYPE_NAMES[t] for t in expected
+                                     if not (t is int and float in expected))
+                raise RunSpecError(f"runspec '{f.name}': must be {wanted} (got {value!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -87,7 +87,7 @@ def _cuda_device_count() -> int:
 def start(db: Database, run_id: int, resume: bool = False) -> Run:
     """Start the worker for ``run_id``; refuses while another run trains on this machine."""
     busy = active_run(db)
-    if busy is not None and busy.id != run_id:
+    if busy is not None:  # the same run too: a second worker would write the same run folder
         raise RunConflict(f"run {busy.id} ('{busy.name}', pid {busy.pid}) is training on this "
                           "machine; two trainings would fight for the same device. Stop it or "
                           "wait for it to finish.")

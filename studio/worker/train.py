@@ -91,8 +91,10 @@ def train(db: Database, run_id: int, resume: bool = False, extra_callbacks: tupl
     spec = RunSpec.from_dict(run.spec).validate()
     folder = run_dir(db, run_id)
     folder.mkdir(parents=True, exist_ok=True)
+    # No cancel_request=None here: launch.start clears an old request when it starts the worker,
+    # and a Stop clicked while this process was still importing must not be forgotten.
     db.update_run(run_id, status=RunStatus.RUNNING.value, pid=os.getpid(), started_at=utcnow(),
-                  finished_at=None, error=None, exit_code=None, cancel_request=None)
+                  finished_at=None, error=None, exit_code=None)
     db.heartbeat(run_id)
     try:
         return _train(db, run_id, spec, folder, resume, extra_callbacks)

@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from studio.adapters import bottleneck
-from studio.db import Database
+from studio.db import Checkpoint, Database
 
 
 class CancelRequested(Exception):
@@ -41,6 +41,10 @@ class StudioTrainer(Trainer):
         finally:
             self.train_seconds += time.perf_counter() - started
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        keep_4bit_training_layout(model)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
         if getattr(model, "bottleneck_config", None) is None:
@@ -58,6 +62,25 @@ class StudioTrainer(Trainer):
 
         state = load_file(str(Path(resume_from_checkpoint) / bottleneck.WEIGHTS_NAME))
         target.load_state_dict(state, strict=False)
+
+
+def keep_4bit_training_layout(model: Any) -> None:
+    """Keep bitsandbytes 4-bit layers in training mode during a mid-training evaluation.
+
+    On the CPU, a ``Linear4bit`` that runs a no-grad forward in eval mode repacks its weights for
+    an inference kernel without autograd, and keeps them so: every training step after the first
+    evaluation would send no gradient through the frozen layers (measured: the first layer's
+    q_proj LoRA B gradient became exactly 0). The layer's ``training`` flag changes nothing else
+    in its forward: evaluation then uses the ordinary dequantising path (slower on the CPU, same
+    function); dropout and every other module stay in eval mode.
+    """
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):  # bitsandbytes' own layer, not PEFT's wrapper
+            module.training = True
 
 
 class StudioCallback(TrainerCallback):
@@ -113,3 +136,10 @@ class StudioCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             self.db.add_checkpoint(self.run_id, state.global_step, str(folder))
+        # Trainer keeps the last ``save_total_limit`` folders and deletes older ones before this
+        # call: forget their rows too, so the history lists only checkpoints that exist.
+        gone = [c.id for c in self.db.list_checkpoints(self.run_id) if not Path(c.path).is_dir()]
+        if gone:
+            with self.db.session() as s:
+                for checkpoint_id in gone:
+                    s.delete(s.get(Checkpoint, checkpoint_id))
