@@ -13,7 +13,7 @@ from studio.ui import labels
 pytestmark = pytest.mark.e2e
 
 # Tabs that are built, and an element each shows once ready.
-BUILT = {"Method": "#method-count h2", "Data": "#data-inspect"}
+BUILT = {"Method": "#method-count h2", "Data": "#data-inspect", "Train": "#train-start", "Export": "#export-go"}
 
 
 def shot(page, tmp_path: Path, name: str) -> Path:

@@ -1,4 +1,8 @@
-"""The app shell: header, project picker, system panel and the six tabs."""
+"""The app shell: header, project picker, system panel and the six tabs.
+
+The Train tab's polling timer is placed after ``gr.Tabs``, not inside its tab: a timer inside a
+tab does not tick until that tab has been opened, and a running training must be followed (and a
+dead worker reconciled) from page load."""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import gradio as gr
 
 from studio import projects
 from studio.db import Database
-from studio.ui import data_tab, labels, method_tab, placeholders, projects_panel, system_panel
+from studio.ui import (data_tab, export_tab, labels, method_tab, placeholders, projects_panel,
+                       system_panel, train_tab)
 
 
 CSS = """
@@ -23,16 +28,26 @@ def build_app(db: Database | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=4):
                 picker, load_projects = projects_panel.build(db)
+                method_choice, attach_train_timer = None, None
                 with gr.Tabs(elem_id="main-tabs"):
                     for name in labels.TABS:
-                        with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}"):
+                        with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}") as tab:
                             if name == "Method":
-                                method_tab.build(demo)
+                                method_choice = method_tab.build(demo)
+                                continue
+                            if name == "Train":
+                                attach_train_timer = train_tab.build(
+                                    demo, db, picker, method_choice, train_tab.find_method_settings(demo), tab)
                                 continue
                             if name == "Data":
                                 data_tab.build(demo, db, picker)
                                 continue
+                            if name == "Export":
+                                export_tab.build(demo, db, picker)
+                                continue
                             placeholders.build(name)
+                if attach_train_timer is not None:
+                    attach_train_timer()
             with gr.Column(scale=1, min_width=260):
                 summary, read_summary = system_panel.build()
         demo.load(load_projects, None, [picker], api_name=False)

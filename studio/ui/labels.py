@@ -55,3 +55,56 @@ def delete_warning(name: str) -> str:
         f"**Delete '{name}'?** Its datasets, runs, checkpoints and exports will be removed "
         "from disk and from the history. This cannot be undone."
     )
+
+# ---- Train tab ----
+TRAIN_DATA = "Train on"
+TRAIN_METHOD = "Method"
+TRAIN_STEPS = "Max steps"
+TRAIN_ADVANCED = "Advanced training settings"
+TRAIN_START = "Start training"
+TRAIN_STOP = "Stop and save"
+TRAIN_DISCARD = "Stop and discard"
+TRAIN_RESUME = "Resume selected run"
+TRAIN_RUN = "Run"
+TRAIN_NO_RUN = "No run yet: choose what to train on and press **Start training**."
+TRAIN_PREPARING = "Starting: loading the model and tokenising the data…"
+# Label and help of each training setting, by RunSpec field.
+TRAIN_FIELDS = {
+    "max_steps": ("Max steps", "Optimizer steps to train. 0 uses the number of epochs instead."),
+    "epochs": ("Epochs", "Passes over the training split; only used when max steps is 0."),
+    "batch_size": ("Batch size", "Examples per step. Larger is faster per example but needs more memory."),
+    "grad_accum": ("Gradient accumulation", "Steps whose gradients are added up before one update: a "
+                   "larger effective batch without more memory."),
+    "learning_rate": ("Learning rate", "2e-4 suits LoRA-type methods; full fine-tuning wants ~1e-5."),
+    "lr_scheduler": ("Schedule", "How the learning rate changes over training (after a 5 % warm-up)."),
+    "max_length": ("Max length (tokens)", "Longer examples are cut to this many tokens. Memory grows with it."),
+    "packing": ("Packing", "Join short examples into full-length rows: fewer padding tokens, faster epochs."),
+    "grad_checkpointing": ("Gradient checkpointing", "Recompute activations in the backward pass: much "
+                           "less memory, about 30 % slower."),
+    "precision": ("Precision", "auto: bf16 (or fp16) on a GPU, fp32 on the CPU."),
+    "seed": ("Seed", "The same seed and settings give the same run."),
+    "eval_steps": ("Eval every (steps)", "Evaluate on the held-out split every this many steps (0: only "
+                   "at the end)."),
+    "exact_match_limit": ("Exact-match eval rows", "Held-out rows the model answers for a sample task's "
+                          "exact-match score (0: skip; generating is slow on a CPU)."),
+}
+TRAIN_HELP = {
+    "data": "A sample task (imported into this project on first use and scored by exact match) "
+            "or a dataset you imported in the Data tab.",
+    "method": "Shared with the Method tab, whose settings (e.g. the LoRA rank) are used too.",
+    "run": "Every run of this project, newest first. Pick one to see its curves and summary.",
+}
+TRAIN_MSG = {
+    "no_project": "**Not started:** pick or create a project first.",
+    "refused": "**Not started:** {reason}",
+    "too_big": "**Not started: it would not fit.** {estimate} Lower the batch size or max length, turn "
+               "on gradient checkpointing, or pick QLoRA.",
+    "busy": "run #{id} ('{name}') is training on this machine; two trainings would fight for the same "
+            "device. Stop it or wait for it to finish.",
+    "started": "**Started run #{id}** ({name}).",
+    "not_running": "**Nothing to stop:** the selected run is not running.",
+    "stopping": "**Stopping run #{id}** after its current step, {kept}.",
+    "no_resume": "**Nothing to resume:** select a failed, cancelled or out-of-memory run.",
+    "not_resumed": "**Not resumed:** {reason}",
+    "resumed": "**Resumed run #{id}** from its latest checkpoint.",
+}
