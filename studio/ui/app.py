@@ -10,6 +10,7 @@ import gradio as gr
 
 from studio import projects
 from studio.db import Database
+from studio.worker import launch
 from studio.ui import (data_tab, export_tab, labels, method_tab, placeholders, projects_panel,
                        system_panel, train_tab)
 
@@ -23,6 +24,7 @@ mark.loss { background: #fde68a; color: inherit; border-radius: 2px; }
 def build_app(db: Database | None = None) -> gr.Blocks:
     db = db or Database()
     projects.ensure_starter_project(db)
+    launch.reconcile(db)  # at start-up too: runs whose worker died while the UI was closed
     with gr.Blocks(title=labels.TITLE) as demo:
         gr.Markdown(f"# {labels.TITLE}\n{labels.TAGLINE}", elem_id="app-header")
         with gr.Row():
