@@ -106,6 +106,10 @@ def test_eta_and_log_cleaning_helpers(project):
     assert train_tab.seconds_per_step([(1, 9.0), (2, 11.0), (3, 13.0)]) == 2.0
     assert train_tab.seconds_per_step([(1, 9.0)]) is None  # one point: the warm-up would mislead
     assert train_tab.seconds_per_step([(4, 30.0), (5, 1.0), (6, 3.5)]) == 2.5  # after a resume
+    assert train_tab.seconds_per_step([(1, 0.0), (2, 2.0), (3, 92.0), (4, 94.0)]) == 2.0  # an eval
+    for step, eta, text in [(0, None, "starting…"), (5, 90.0, "ETA 1 min 30 s"), (60, 0.0, "final evaluation…")]:
+        assert text in train_tab.progress_html(step, 60, eta, "running")
+    assert "cancelled" in train_tab.progress_html(6, 60, None, "cancelled")
     assert train_tab.duration(75) == "1 min 15 s" and train_tab.duration(3720) == "1 h 2 min"
     # Y limits change only when the data leaves them (each change redraws the plot's axes).
     assert train_tab.nice_limits(pd.Series([10.77, 10.83])) == [10.76, 10.84]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import math
 import shutil
+import statistics
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -231,12 +232,11 @@ def total_steps(db: Database, run: Run) -> int | None:
 
 
 def seconds_per_step(elapsed: list[tuple[int, float]]) -> float | None:
-    """Over the last ten ``elapsed_s`` points (the first step's warm-up would skew a plain mean);
-    a resume restarts that clock, so only the points since the last drop count."""
-    window = elapsed[-11:]
-    drops = [i for i in range(1, len(window)) if window[i][1] <= window[i - 1][1]]
-    window = window[drops[-1]:] if drops else window
-    return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) >= 2 else None
+    """Median over the last twenty steps: an evaluation between two steps (minutes on a CPU) or
+    the first step's warm-up would throw a mean off; a resume restarts the clock (skipped)."""
+    window = elapsed[-21:]
+    rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(window, window[1:]) if b[1] > a[1] and b[0] > a[0]]
+    return statistics.median(rates) if rates else None
 
 
 def duration(seconds: float) -> str:
@@ -248,7 +248,8 @@ def progress_html(step: int, total: int | None, eta: float | None, status: str) 
     share = min(1.0, step / total) if total else 0.0
     text = f"Step {step} / {total if total else '?'}" + (f" ({share:.0%})" if total else "")
     right = status if status != RunStatus.RUNNING.value else (
-        f"ETA {duration(eta)}" if eta is not None else "starting…" if step == 0 else "estimating the time left…")
+        "final evaluation…" if total and step >= total else "starting…" if step == 0
+        else f"ETA {duration(eta)}" if eta is not None else "estimating the time left…")
     return (f'<div class="train-progress-text" style="display:flex;justify-content:space-between">'
             f"<span>{text}</span><span>{html.escape(right)}</span></div>"
             '<div style="background:var(--neutral-200,#e5e7eb);border-radius:6px;height:14px">'
