@@ -279,10 +279,14 @@ class Database:
                            .order_by(Checkpoint.step.desc()).limit(1))
         return found[0] if found else None
 
-    def delete_checkpoints(self, run_id: int) -> int:
-        """Forget a run's checkpoints (after their folders were removed); returns how many."""
+    def delete_checkpoints(self, run_id: int, ids: list[int] | None = None) -> int:
+        """Forget a run's checkpoints, or only those in ``ids`` (after their folders were
+        removed); returns how many."""
+        query = select(Checkpoint).where(Checkpoint.run_id == run_id)
+        if ids is not None:
+            query = query.where(Checkpoint.id.in_(ids))
         with self.session() as s:
-            rows = s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id)).all()
+            rows = s.scalars(query).all()
             for row in rows:
                 s.delete(row)
             return len(rows)

@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from studio.adapters import bottleneck
-from studio.db import Checkpoint, Database
+from studio.db import Database
 
 
 class CancelRequested(Exception):
@@ -140,6 +140,4 @@ class StudioCallback(TrainerCallback):
         # call: forget their rows too, so the history lists only checkpoints that exist.
         gone = [c.id for c in self.db.list_checkpoints(self.run_id) if not Path(c.path).is_dir()]
         if gone:
-            with self.db.session() as s:
-                for checkpoint_id in gone:
-                    s.delete(s.get(Checkpoint, checkpoint_id))
+            self.db.delete_checkpoints(self.run_id, gone)
