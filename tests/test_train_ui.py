@@ -16,6 +16,7 @@ import pytest
 from studio import projects
 from studio.db import Database, RunStatus
 from studio.ui import train_tab
+from studio.ui import train_view
 from studio.worker import launch
 
 FAST = {"max_steps": 6, "eval_steps": 3, "exact_match_limit": 5}
@@ -63,7 +64,7 @@ def logged_steps(db: Database, run_id: int, name: str) -> list[int]:
 
 
 def finished(db: Database, run_id: int):
-    view = train_tab.render_run(db, run_id)
+    view = train_view.render_run(db, run_id)
     return view if view.run.status != RunStatus.RUNNING.value else None
 
 
@@ -93,33 +94,33 @@ def test_start_trains_a_sample_task_and_renders_curves_and_summary(project):
 
 def test_frames_hold_every_series_from_the_first_one_with_float_types():
     # Gradio's plot fixes its colour domain and axis types on the first frame it draws.
-    empty = train_tab.frame({}, train_tab.LOSS_SERIES)
+    empty = train_view.frame({}, train_view.LOSS_SERIES)
     assert list(empty["series"]) == ["train loss", "eval loss"] and empty["value"].isna().all()
     assert empty["step"].dtype == float and empty["value"].dtype == float
-    partial = train_tab.frame({"loss": [(1, 2.5), (2, float("inf"))]}, train_tab.LOSS_SERIES)
+    partial = train_view.frame({"loss": [(1, 2.5), (2, float("inf"))]}, train_view.LOSS_SERIES)
     assert list(partial["series"]) == ["train loss", "train loss", "eval loss"]
     assert partial["value"].iloc[0] == 2.5 and partial["value"].iloc[1:].isna().all()
-    assert train_tab.render_run(Database(), None).run is None
+    assert train_view.render_run(Database(), None).run is None
 
 
 def test_eta_and_log_cleaning_helpers(project):
-    assert train_tab.seconds_per_step([(1, 9.0), (2, 11.0), (3, 13.0)]) == 2.0
-    assert train_tab.seconds_per_step([(1, 9.0)]) is None  # one point: the warm-up would mislead
-    assert train_tab.seconds_per_step([(4, 30.0), (5, 1.0), (6, 3.5)]) == 2.5  # after a resume
-    assert train_tab.seconds_per_step([(1, 0.0), (2, 2.0), (3, 92.0), (4, 94.0)]) == 2.0  # an eval
+    assert train_view.seconds_per_step([(1, 9.0), (2, 11.0), (3, 13.0)]) == 2.0
+    assert train_view.seconds_per_step([(1, 9.0)]) is None  # one point: the warm-up would mislead
+    assert train_view.seconds_per_step([(4, 30.0), (5, 1.0), (6, 3.5)]) == 2.5  # after a resume
+    assert train_view.seconds_per_step([(1, 0.0), (2, 2.0), (3, 92.0), (4, 94.0)]) == 2.0  # an eval
     for step, eta, text in [(0, None, "starting…"), (5, 90.0, "ETA 1 min 30 s"), (60, 0.0, "final evaluation…")]:
-        assert text in train_tab.progress_html(step, 60, eta, "running")
-    assert "cancelled" in train_tab.progress_html(6, 60, None, "cancelled")
-    assert train_tab.duration(75) == "1 min 15 s" and train_tab.duration(3720) == "1 h 2 min"
+        assert text in train_view.progress_html(step, 60, eta, "running")
+    assert "cancelled" in train_view.progress_html(6, 60, None, "cancelled")
+    assert train_view.duration(75) == "1 min 15 s" and train_view.duration(3720) == "1 h 2 min"
     # Y limits change only when the data leaves them (each change redraws the plot's axes).
-    assert train_tab.nice_limits(pd.Series([10.77, 10.83])) == [10.76, 10.84]
-    assert train_tab.nice_limits(pd.Series([0.48, 0.56])) == [0.47, 0.57]
-    assert train_tab.nice_limits(pd.Series([0.0, 2e-4, float("nan")])) == [0.0, 0.0003]
-    assert train_tab.nice_limits(pd.Series([float("nan")])) is None
+    assert train_view.nice_limits(pd.Series([10.77, 10.83])) == [10.76, 10.84]
+    assert train_view.nice_limits(pd.Series([0.48, 0.56])) == [0.47, 0.57]
+    assert train_view.nice_limits(pd.Series([0.0, 2e-4, float("nan")])) == [0.0, 0.0003]
+    assert train_view.nice_limits(pd.Series([float("nan")])) is None
     db, proj = project
     run = launch.create_run(db, proj.id, train_tab.make_spec("default", "sample:dates", "lora", {}, {}))
     (launch.run_folder(db, run) / launch.LOG_NAME).write_text("load 10%\rload 50%\rload 100%\nstep 1\n\n")
-    assert train_tab.clean_log(db, run) == "load 100%\nstep 1"
+    assert train_view.clean_log(db, run) == "load 100%\nstep 1"
 
 
 def test_second_start_is_refused_then_stop_save_and_resume(project):

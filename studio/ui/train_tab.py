@@ -13,33 +13,25 @@ so tests drive them directly against a real database and worker.
 
 from __future__ import annotations
 
-import html
-import math
 import shutil
-import statistics
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import gradio as gr
-import pandas as pd
 
 from studio import sysinfo
-from studio.db import Database, Run, RunStatus
+from studio.db import Database, RunStatus
 from studio.runspec import SCHEDULES, PRECISIONS, RunSpec, RunSpecError
 from studio.samples import SAMPLE_TASKS
 from studio.ui import labels, param_widgets
 from studio.worker import launch
+from studio.ui.train_view import LOG_LINES, nice_limits, render_run
 
 GIB = 2**30
-LOG_LINES = 12
 # The option widgets, in order, by the RunSpec field each one sets.
 OPTIONS = ("max_steps", "epochs", "batch_size", "grad_accum", "learning_rate", "lr_scheduler",
            "max_length", "packing", "grad_checkpointing", "precision", "seed", "eval_steps",
            "exact_match_limit")
-LOSS_SERIES = {"loss": "train loss", "eval_loss": "eval loss"}
-LR_SERIES = {"learning_rate": "learning rate"}
-SPEED_SERIES = {"tokens_per_s": "tokens/s"}
 DEFAULT_DATA = f"sample:{next(iter(SAMPLE_TASKS))}"  # a newcomer can press Start at once
 # Check-then-start must be atomic within this process: two quick clicks run in two threads.
 _start_lock = threading.Lock()
@@ -164,146 +156,6 @@ def resume_run(db: Database, run_id: int | None) -> str:
 
 
 # ---- rendering ----
-@dataclass
-class RunView:
-    run: Run | None
-    status: str
-    progress: str
-    loss: pd.DataFrame
-    lr: pd.DataFrame
-    speed: pd.DataFrame
-    log: str
-    summary: str
-    x_lim: list[float]  # the whole run's steps: the curve grows into a fixed axis
-    key: tuple  # (plots key, text key): the poll re-sends only the part that changed
-
-
-def frame(points: dict[str, list[tuple[int, float]]], series: dict[str, str]) -> pd.DataFrame:
-    """Long-format frame for a LinePlot, holding every series from the first frame on.
-
-    Gradio's plot fixes its colour domain and axis types when it first draws: a series that
-    appears later (eval loss) gets no colour, an int column becomes categories. So: floats always,
-    and a series without points yet is one NaN row (not drawn, but in the legend and the domain)."""
-    rows = [(float(step), value if math.isfinite(value) else math.nan, label)
-            for name, label in series.items() for step, value in points.get(name, [])]
-    first = rows[0][0] if rows else 0.0
-    rows += [(first, math.nan, label) for name, label in series.items() if not points.get(name)]
-    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype=float),
-                         "value": pd.Series([r[1] for r in rows], dtype=float),
-                         "series": pd.Series([r[2] for r in rows], dtype=str)})
-
-
-def nice_limits(values: pd.Series) -> list[float] | None:
-    """Y limits rounded outward to the data's order of magnitude. Gradio's plot lays out its axes
-    (label widths, titles) only when it is rebuilt, which a change of limits does, not new data:
-    with limits that change only when the labels would, the axes never end up clipped."""
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return None
-    lo, hi = min(finite), max(finite)
-    span = (hi - lo) or abs(hi) * 0.1 or 1.0
-    step = 10.0 ** math.floor(math.log10(span))
-    lo = math.floor(round((lo - span / 20) / step, 6)) * step  # 5 % margin; round(): 0.56 / 0.01
-    hi = math.ceil(round((hi + span / 20) / step, 6)) * step  # is 56.00000000000001
-    return [float(f"{lo if lo >= 0 or min(finite) < 0 else 0.0:.6g}"), float(f"{hi:.6g}")]
-
-
-def clean_log(db: Database, run: Run, lines: int = 12, width: int = 160) -> str:
-    """The log's last lines as a terminal shows them: a progress bar redraws its line after a
-    carriage return, so only the text after a line's last one is kept (``launch.log_tail``
-    splits at every carriage return, which would fill the box with progress-bar frames)."""
-    try:
-        with open(launch.run_folder(db, run) / launch.LOG_NAME, "rb") as fh:
-            fh.seek(max(0, fh.seek(0, 2) - 64_000))
-            raw = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    shown = [line.rsplit("\r", 1)[-1].rstrip()[:width] for line in raw.split("\n")]
-    return "\n".join([line for line in shown if line.strip()][-lines:])
-
-
-def total_steps(db: Database, run: Run) -> int | None:
-    """Max steps, or the steps of the epochs (unknown with packing, or before the sample is imported)."""
-    spec = RunSpec.from_dict(run.spec)
-    dataset = db.get_dataset(run.dataset_id) if run.dataset_id is not None else None
-    if spec.max_steps > 0 or dataset is None or not dataset.num_train or spec.packing:
-        return spec.max_steps if spec.max_steps > 0 else None
-    return math.ceil(spec.epochs * math.ceil(dataset.num_train / (spec.batch_size * spec.grad_accum)))
-
-
-def seconds_per_step(elapsed: list[tuple[int, float]]) -> float | None:
-    """Median over the last twenty steps: an evaluation between two steps (minutes on a CPU) or
-    the first step's warm-up would throw a mean off; a resume restarts the clock (skipped)."""
-    window = elapsed[-21:]
-    rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(window, window[1:]) if b[1] > a[1] and b[0] > a[0]]
-    return statistics.median(rates) if rates else None
-
-
-def duration(seconds: float) -> str:
-    s = max(0, int(round(seconds)))
-    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
-
-
-def progress_html(step: int, total: int | None, eta: float | None, status: str) -> str:
-    share = min(1.0, step / total) if total else 0.0
-    text = f"Step {step} / {total if total else '?'}" + (f" ({share:.0%})" if total else "")
-    right = status if status != RunStatus.RUNNING.value else (
-        "final evaluation…" if total and step >= total else "starting…" if step == 0
-        else f"ETA {duration(eta)}" if eta is not None else "estimating the time left…")
-    return (f'<div class="train-progress-text" style="display:flex;justify-content:space-between">'
-            f"<span>{text}</span><span>{html.escape(right)}</span></div>"
-            '<div style="background:var(--neutral-200,#e5e7eb);border-radius:6px;height:14px">'
-            f'<div style="width:{share * 100:.1f}%;height:14px;border-radius:6px;'
-            'background:var(--color-accent,#f97316)"></div></div>')
-
-
-RESULTS = (("loss", "final train loss", ".4f"), ("eval_loss", "eval loss", ".4f"),
-           ("eval_exact_match", "eval exact match", ".1%"))
-
-
-def summary_markdown(run: Run, points: dict[str, list[tuple[int, float]]], step: int, total: int | None) -> str:
-    rows = [(label, f"{points[name][-1][1]:{fmt}}" if points.get(name) else "—") for name, label, fmt in RESULTS]
-    rows.append(("steps", f"{step} / {total}" if total else str(step)))
-    if run.started_at and run.finished_at:
-        rows.append(("duration", duration((run.finished_at - run.started_at).total_seconds())))
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    text = f"### Run #{run.id} {run.status}\n| result | value |\n|---|---|\n{table}"
-    return text + (f"\n\n**What went wrong:**\n```\n{run.error.strip()}\n```" if run.error else "")
-
-
-def render_run(db: Database, run_id: int | None) -> RunView:
-    """Everything the tab shows for one run, read from the database and the run's log."""
-    run = db.get_run(run_id) if run_id is not None else None
-    if run is None:
-        return RunView(None, labels.TRAIN_NO_RUN, "", frame({}, LOSS_SERIES), frame({}, LR_SERIES),
-                       frame({}, SPEED_SERIES), "", "", [0.0, 1.0], (None, None))
-    points: dict[str, list[tuple[int, float]]] = {}
-    for metric in db.metrics_for(run.id):
-        points.setdefault(metric.name, []).append((metric.step, metric.value))
-    step = points["loss"][-1][0] if points.get("loss") else 0
-    total = total_steps(db, run)
-    per_step = seconds_per_step(points.get("elapsed_s", []))
-    eta = per_step * max(0, total - step) if per_step is not None and total else None
-    running = run.status == RunStatus.RUNNING.value
-    status = f"**#{run.id} {html.escape(run.name)}** — {run.status}"
-    if running:
-        status += f" (worker pid {run.pid})" + (" — stopping…" if run.cancel_request else "")
-        if not points:
-            status += f"  \n{labels.TRAIN_PREPARING}"
-        evals = [f"{label} {points[name][-1][1]:{fmt}} (step {points[name][-1][0]})"
-                 for name, label, fmt in RESULTS[1:] if points.get(name)]
-        if evals:  # one eval point draws no line yet: say it in words
-            status += "  \nLatest " + " · ".join(evals)
-    log = clean_log(db, run, LOG_LINES)
-    finished = run.status not in (RunStatus.RUNNING.value, RunStatus.QUEUED.value)
-    summary = summary_markdown(run, points, step, total) if finished else ""
-    plots_key = (run.id, sum(len(v) for v in points.values()))
-    key = (plots_key, (plots_key, status, run.status, log[-300:]))
-    return RunView(run, status, progress_html(step, total, eta, run.status),
-                   frame(points, LOSS_SERIES), frame(points, LR_SERIES), frame(points, SPEED_SERIES),
-                   log, summary, [0.0, float(max(total or 0, step, 1))], key)
-
-
 def find_method_settings(demo: gr.Blocks) -> dict[str, gr.components.Component]:
     """The Method tab's setting widgets (elem_id ``param-<name>``), so a run uses what was set there."""
     return {b.elem_id.removeprefix("param-"): b for b in demo.blocks.values()
