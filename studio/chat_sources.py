@@ -1,0 +1,119 @@
+"""Where Compare-tab adapters come from, what method each is, and whether a chat model fits.
+
+An adapter folder is either PEFT's (``adapter_config.json`` + ``adapter_model.safetensors``) or
+ours (``bottleneck_config.json``, see ``studio.adapters.bottleneck``). A run leaves one in
+``adapter/`` when it finishes and one per ``checkpoints/checkpoint-N``; a user may also point at
+any folder on disk. Nothing here imports torch: the UI lists adapters without loading anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from studio.adapters.bottleneck import CONFIG_NAME as BOTTLENECK_CONFIG
+from studio.db import Database, RunStatus
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+WHOLE_MODEL_METHODS = ("full", "last_n")
+
+# PEFT's peft_type -> our method name (LoRA variants are told apart by their config flags).
+_PEFT_TYPES = {"IA3": "ia3", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix", "LOHA": "loha",
+               "LOKR": "lokr", "VERA": "vera", "ADALORA": "adalora"}
+
+
+class AdapterSourceError(ValueError):
+    """A folder that cannot be attached as an adapter, with the folder and the reason."""
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    label: str  # what the picker shows, unique within a project
+    folder: Path
+    method: str
+    run_id: int | None = None
+    step: int | None = None  # None: the run's final adapter
+
+
+def detect_method(folder: str | Path) -> str:
+    """The studio method an adapter folder holds; raises AdapterSourceError if it holds none."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise AdapterSourceError(f"{folder}: not a folder")
+    if (folder / BOTTLENECK_CONFIG).is_file():
+        return "houlsby"
+    config_path = folder / PEFT_CONFIG
+    if not config_path.is_file():
+        if (folder / "config.json").is_file():
+            raise AdapterSourceError(f"{folder} holds a whole model, not an adapter: load it as the "
+                                     "base model instead")
+        raise AdapterSourceError(f"{folder} has no {PEFT_CONFIG} or {BOTTLENECK_CONFIG}: "
+                                 "not an adapter folder")
+    if not (folder / PEFT_WEIGHTS).is_file():
+        # Only safetensors: a pickled adapter_model.bin is never loaded.
+        raise AdapterSourceError(f"{folder} has no {PEFT_WEIGHTS} (pickled .bin adapters are not loaded)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterSourceError(f"{config_path}: unreadable ({exc})") from exc
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "LORA":
+        return "dora" if config.get("use_dora") else "rslora" if config.get("use_rslora") else "lora"
+    if peft_type in _PEFT_TYPES:
+        return _PEFT_TYPES[peft_type]
+    raise AdapterSourceError(f"{config_path}: peft_type {peft_type or '(none)'} is not one the studio serves")
+
+
+def batchable(folder: str | Path) -> bool:
+    """True where PEFT's mixed-batch ``adapter_names`` is implemented: plain LoRA-type adapters.
+
+    DoRA raises there, and IA3 (like every non-LoRA tuner) silently ignores it, so every other
+    adapter is answered on its own (see shared/notes/peft-facts.md)."""
+    folder = Path(folder)
+    if not (folder / PEFT_CONFIG).is_file():
+        return False
+    config = json.loads((folder / PEFT_CONFIG).read_text())
+    return str(config.get("peft_type", "")).upper() == "LORA" and not config.get("use_dora")
+
+
+def project_adapters(db: Database, project_id: int, folder_of) -> list[AdapterSource]:
+    """Every attachable adapter of a project: each finished run's final adapter, then its checkpoints.
+
+    ``folder_of(run)`` gives a run's folder (``studio.worker.launch.run_folder``), passed in so
+    that listing adapters does not import the worker package."""
+    sources: list[AdapterSource] = []
+    for run in db.list_runs(project_id):
+        if run.method in WHOLE_MODEL_METHODS or run.status == RunStatus.RUNNING.value or not run.folder:
+            continue
+        root = folder_of(run)
+        final = root / "adapter"
+        if run.status == RunStatus.COMPLETED.value and _is_adapter(final):
+            sources.append(AdapterSource(f"#{run.id} {run.name}", final, run.method, run.id))
+        for checkpoint in db.list_checkpoints(run.id):
+            path = Path(checkpoint.path)
+            if _is_adapter(path):
+                sources.append(AdapterSource(f"#{run.id} {run.name} @ step {checkpoint.step}", path,
+                                             run.method, run.id, checkpoint.step))
+    return sources
+
+
+def _is_adapter(folder: Path) -> bool:
+    return (folder / BOTTLENECK_CONFIG).is_file() or (folder / PEFT_WEIGHTS).is_file()
+
+
+def chat_fits_beside_training(chat_bytes: int, training_bytes: int, gpu_total_bytes: int) -> str | None:
+    """None when a chat model fits on a GPU next to a running training, else the reason.
+
+    Both figures come from the closed-form estimator (``estimate_chat`` / ``estimate_training``);
+    we keep 10 % of the card free for the allocator's fragmentation, as the Method tab's verdict
+    does with its 85 % "fits" line."""
+    from studio.estimate import gib
+
+    budget = int(gpu_total_bytes * 0.9)
+    if training_bytes + chat_bytes <= budget:
+        return None
+    return (f"not loaded: the chat model needs about {gib(chat_bytes)} and the running training "
+            f"about {gib(training_bytes)}, together more than 90 % of the GPU's {gib(gpu_total_bytes)}. "
+            "Wait for the training to finish, or load the chat model on the CPU.")
