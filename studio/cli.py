@@ -3,7 +3,8 @@
 Sub-commands so far: ``ui`` (the web app), ``setup`` (prepare the embedded model), ``info``
 (architecture facts of a model source), ``estimate`` (trainable count and memory), ``train``
 (a run from a runspec file, through the same worker the UI uses), ``export`` (merged or
-adapter-only files of a finished run, verified). Each sub-command's heavy imports stay in its handler.
+adapter-only files of a finished run, verified), ``bakeoff`` (several methods, one budget, one
+table; in ``studio/bakeoff/cli.py``). Each sub-command's heavy imports stay in its handler.
 """
 
 from __future__ import annotations
@@ -206,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     ex.add_argument("--no-verify", action="store_true", help="skip reloading and comparing")
     ex.set_defaults(handler=_cmd_export)
+
+    from studio.bakeoff.cli import add_parser as add_bakeoff
+
+    add_bakeoff(sub)
     return parser
 
 

@@ -246,6 +246,12 @@ def _add_color(conn) -> None:
     conn.exec_driver_sql("ALTER TABLE projects ADD COLUMN color VARCHAR DEFAULT 'blue'")
 
 
+# The migration machinery is tested with a synthetic step after the current schema, so these
+# tests stay valid as real steps are added (schema 2: tests/test_bakeoff_migration.py).
+CURRENT = db_engine.SCHEMA_VERSION
+NEXT = CURRENT + 1
+
+
 def _v1_file(path: Path) -> int:
     db = Database(path)
     project_id = db.create_project("old").id
@@ -255,18 +261,18 @@ def _v1_file(path: Path) -> int:
 
 def test_migration_step_applies(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project_id = _v1_file(db_path)
-    monkeypatch.setattr(db_engine, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(db_engine, "SCHEMA_VERSION", NEXT)
     monkeypatch.setattr(db_engine, "MIGRATIONS",
-                        [*db_engine.MIGRATIONS, (2, "project colour", _add_color)])
+                        [*db_engine.MIGRATIONS, (NEXT, "project colour", _add_color)])
     db = Database(db_path)
     try:
-        assert db.schema_version() == 2
+        assert db.schema_version() == NEXT
         assert db.get_project(project_id).name == "old"
     finally:
         db.close()
     assert ("color",) in [(r[1],) for r in raw(db_path, "PRAGMA table_info(projects)")]
     assert raw(db_path, "SELECT color FROM projects") == [("blue",)]
-    Database(db_path).close()  # opening again at version 2 runs nothing twice
+    Database(db_path).close()  # opening again at the new version runs nothing twice
 
 
 def test_failed_migration_leaves_previous_version(db_path: Path,
@@ -278,17 +284,17 @@ def test_failed_migration_leaves_previous_version(db_path: Path,
         conn.exec_driver_sql("DELETE FROM projects")
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(db_engine, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(db_engine, "MIGRATIONS", [*db_engine.MIGRATIONS, (2, "broken", half_done)])
+    monkeypatch.setattr(db_engine, "SCHEMA_VERSION", NEXT)
+    monkeypatch.setattr(db_engine, "MIGRATIONS", [*db_engine.MIGRATIONS, (NEXT, "broken", half_done)])
     with pytest.raises(MigrationError, match="disk on fire") as info:
         Database(db_path)
-    assert str(db_path) in str(info.value) and "schema 1" in str(info.value)
-    assert raw(db_path, "PRAGMA user_version") == [(1,)]
+    assert str(db_path) in str(info.value) and f"schema {CURRENT}" in str(info.value)
+    assert raw(db_path, "PRAGMA user_version") == [(CURRENT,)]
     assert "color" not in [r[1] for r in raw(db_path, "PRAGMA table_info(projects)")]
     monkeypatch.undo()
     db = Database(db_path)
     try:
-        assert db.get_project(project_id).name == "old" and db.schema_version() == 1
+        assert db.get_project(project_id).name == "old" and db.schema_version() == CURRENT
     finally:
         db.close()
 
@@ -296,10 +302,10 @@ def test_failed_migration_leaves_previous_version(db_path: Path,
 def test_missing_migration_step_is_refused(db_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     _v1_file(db_path)
-    monkeypatch.setattr(db_engine, "SCHEMA_VERSION", 2)
-    with pytest.raises(MigrationError, match="schema 2"):
+    monkeypatch.setattr(db_engine, "SCHEMA_VERSION", NEXT)
+    with pytest.raises(MigrationError, match=f"schema {NEXT}"):
         Database(db_path)
-    assert raw(db_path, "PRAGMA user_version") == [(1,)]
+    assert raw(db_path, "PRAGMA user_version") == [(CURRENT,)]
 
 
 def test_newer_schema_is_refused(db_path: Path) -> None:

@@ -8,7 +8,8 @@ through the ``update_*`` methods, not by assigning attributes.
 Schema versions live in SQLite's ``PRAGMA user_version``; see ``MIGRATIONS``.
 
 Layout: ``schema`` (the tables, RunStatus and limits), ``engine`` (opening the file, pragmas,
-transactions, schema versions and migrations, errors), ``store`` (the ``Database`` class).
+transactions, schema versions and migrations, errors), ``store`` (the ``Database`` class), with
+``queue`` (the dispatch queue's atomic claim) and ``bakeoffs`` (bake-off rows) mixed into it.
 This module only re-exports their public names.
 """
 
@@ -16,14 +17,14 @@ from __future__ import annotations
 
 from .engine import (MIGRATIONS, SCHEMA_VERSION, DatabaseError, Migration, MigrationError,
                      NewerSchemaError)
-from .schema import (CANCEL_MODES, FINISHED_STATUSES, NAME_MAX, RESERVED_FOLDERS, Base,
+from .schema import (CANCEL_MODES, FINISHED_STATUSES, NAME_MAX, RESERVED_FOLDERS, Bakeoff, Base,
                      Checkpoint, Dataset, Export, JSONText, Metric, MetricValue, Project, Run,
                      RunStatus, UTCDateTime, utcnow)
 from .store import Database
 
 __all__ = [
     "CANCEL_MODES", "FINISHED_STATUSES", "MIGRATIONS", "NAME_MAX", "RESERVED_FOLDERS",
-    "SCHEMA_VERSION", "Base", "Checkpoint", "Database", "DatabaseError", "Dataset", "Export",
+    "SCHEMA_VERSION", "Bakeoff", "Base", "Checkpoint", "Database", "DatabaseError", "Dataset", "Export",
     "JSONText", "Metric", "MetricValue", "Migration", "MigrationError", "NewerSchemaError",
     "Project", "Run", "RunStatus", "UTCDateTime", "utcnow",
 ]

@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL
 
 from .schema import Base
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class DatabaseError(RuntimeError):
@@ -42,7 +42,41 @@ class MigrationError(DatabaseError):
 # not commit. (Steps that rebuild a table need foreign_keys=OFF, which SQLite ignores inside a
 # transaction: do such a rebuild with the copy/rename procedure and check foreign_key_check.)
 Migration = tuple[int, str, Callable[[Connection], None]]
-MIGRATIONS: list[Migration] = []
+
+
+def _v2_bakeoffs_and_queue(conn: Connection) -> None:
+    """Schema 2 (issue 8): the ``bakeoffs`` table and ``runs.queued_at`` (the dispatch queue).
+
+    The DDL is written out, not taken from ``schema.Bakeoff``: a later change to the model must
+    not change what this step did (tests/test_bakeoff_migration.py checks that a migrated file
+    and a fresh one have the same tables, columns and indexes)."""
+    conn.exec_driver_sql("ALTER TABLE runs ADD COLUMN queued_at DATETIME")
+    conn.exec_driver_sql("""
+        CREATE TABLE bakeoffs (
+            id INTEGER NOT NULL,
+            project_id INTEGER NOT NULL,
+            dataset_id INTEGER,
+            name VARCHAR NOT NULL,
+            model VARCHAR NOT NULL,
+            sample_task VARCHAR,
+            methods JSON NOT NULL,
+            budget JSON NOT NULL,
+            run_ids JSON NOT NULL,
+            "table" JSON,
+            notes JSON,
+            created_at DATETIME NOT NULL,
+            updated_at DATETIME NOT NULL,
+            PRIMARY KEY (id),
+            FOREIGN KEY(project_id) REFERENCES projects (id) ON DELETE CASCADE,
+            FOREIGN KEY(dataset_id) REFERENCES datasets (id) ON DELETE SET NULL
+        )""")
+    conn.exec_driver_sql("CREATE INDEX ix_bakeoffs_project_id ON bakeoffs (project_id)")
+    conn.exec_driver_sql("CREATE INDEX ix_bakeoffs_dataset_id ON bakeoffs (dataset_id)")
+
+
+MIGRATIONS: list[Migration] = [
+    (2, "bake-offs and the run queue", _v2_bakeoffs_and_queue),
+]
 
 
 def _user_version(conn: Connection) -> int:

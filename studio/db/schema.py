@@ -132,6 +132,10 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     notes: Mapped[str] = mapped_column(Text, default="")
     folder: Mapped[str | None] = mapped_column(String)
+    # Set when the run joins the dispatch queue (``launch.enqueue``); a run that is only
+    # "queued" because it was created and not yet started is never picked by the dispatcher.
+    # Last, so that a file migrated with ALTER TABLE ADD COLUMN has the same column order.
+    queued_at: Mapped[datetime | None]
 
 
 class Metric(Base):
@@ -169,3 +173,27 @@ class Export(Base):
     status: Mapped[str] = mapped_column(String, default="pending")
     verification: Mapped[dict | None] = mapped_column(JSONText)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Bakeoff(Base):
+    """A method bake-off: one run per method under a shared budget, and its saved table.
+
+    ``run_ids`` follows ``methods`` (same order); ``table`` is the last table built from the
+    runs' metrics (``studio.bakeoff.table``), kept so the figures stay with the project even if
+    a run is deleted later; ``notes`` holds per-run messages (a measurement that failed)."""
+
+    __tablename__ = "bakeoffs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = _project_fk()
+    dataset_id: Mapped[int | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    name: Mapped[str] = mapped_column(String)
+    model: Mapped[str] = mapped_column(String)
+    sample_task: Mapped[str | None] = mapped_column(String)
+    methods: Mapped[list] = mapped_column(JSONText)
+    budget: Mapped[dict] = mapped_column(JSONText)
+    run_ids: Mapped[list] = mapped_column(JSONText)
+    table: Mapped[list | None] = mapped_column(JSONText)
+    notes: Mapped[dict | None] = mapped_column(JSONText)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

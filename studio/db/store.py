@@ -20,12 +20,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import config
+from .bakeoffs import BakeoffQueries
 from .engine import open_engine
+from .queue import QueueQueries
 from .schema import (CANCEL_MODES, NAME_MAX, RESERVED_FOLDERS, Base, Checkpoint, Dataset, Export,
                      Metric, Project, Run, RunStatus, utcnow)
 
 
-class Database:
+class Database(QueueQueries, BakeoffQueries):
     """The history file. ``Database()`` opens ``config.db_path()``, upgrading it if needed."""
 
     def __init__(self, path: Path | str | None = None) -> None:

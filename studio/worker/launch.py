@@ -10,6 +10,15 @@ or DeepSpeed go through the same door by adding their accelerate config to the e
 A worker that dies cannot record its own end, so ``reconcile`` (called on every UI poll and at
 start-up) marks a "running" run failed when its process is gone or its heartbeat is stale, with
 the tail of its log as the error.
+
+One training per machine. A plain ``start`` (the Train tab's Start, ``peft-studio train``) is
+refused with ``RunConflict`` while another run trains: the user asked for "now", and a silent
+wait behind a long run would surprise more than a clear no. Runs that may wait (a bake-off's)
+are put in the queue with ``enqueue``; ``dispatch`` starts the next waiting run when the device
+is free. The worker calls ``dispatch`` as it exits, so the queue advances with the UI closed;
+``reconcile`` calls it after marking a dead worker failed (a dead worker cannot), and the UI and
+the CLI call it when they poll. The claim of the device is one database transaction
+(``Database.claim_run``), so two dispatchers never start two runs.
 """
 
 from __future__ import annotations
@@ -85,29 +94,62 @@ def _cuda_device_count() -> int:
 
 
 def start(db: Database, run_id: int, resume: bool = False) -> Run:
-    """Start the worker for ``run_id``; refuses while another run trains on this machine."""
-    busy = active_run(db)
-    if busy is not None:  # the same run too: a second worker would write the same run folder
-        raise RunConflict(f"run {busy.id} ('{busy.name}', pid {busy.pid}) is training on this "
-                          "machine; two trainings would fight for the same device. Stop it or "
-                          "wait for it to finish.")
-    run = db.get_run(run_id)
-    folder = run_folder(db, run)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOG_NAME, "a", encoding="utf-8") as log:
-        proc = subprocess.Popen(_command(run_id, resume), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    """Start the worker for ``run_id`` now; refuses while another run trains on this machine."""
+    _mark_dead(db)
+    run, busy = _claim_and_spawn(db, run_id, resume)
+    if run is not None:
+        return run
+    # busy can be this very run: a second worker would write the same run folder
+    raise RunConflict(f"run {busy.id} ('{busy.name}', pid {busy.pid}) is training on this "
+                      "machine; two trainings would fight for the same device. Stop it or "
+                      "wait for it to finish.")
+
+
+def enqueue(db: Database, run_ids: list[int]) -> Run | None:
+    """Queue created runs (trained in this order, one at a time) and dispatch; returns the run
+    started now, if any."""
+    db.enqueue_runs(list(run_ids))
+    return dispatch(db)
+
+
+def dispatch(db: Database) -> Run | None:
+    """Start the next waiting run if no run is training; returns it (None: busy or nothing waits).
+
+    Safe to call from anywhere at any time: the claim is atomic, so a second caller finds the
+    device taken and does nothing."""
+    _mark_dead(db)
+    if not db.waiting_runs():  # a read: polls must not take the write lock for nothing
+        return None
+    return _claim_and_spawn(db, None, resume=False)[0]
+
+
+def _claim_and_spawn(db: Database, run_id: int | None, resume: bool) -> tuple[Run | None, Run | None]:
+    """(the run now started, None) or (None, the run that holds the device or None)."""
+    claimed, busy = db.claim_run(run_id, os.getpid())
+    if claimed is None:
+        return None, busy
+    folder = run_folder(db, claimed)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / LOG_NAME, "a", encoding="utf-8") as log:
+            proc = subprocess.Popen(_command(claimed.id, resume), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except OSError as exc:  # the claim must not outlive a worker that never started
+        db.update_run(claimed.id, status=RunStatus.FAILED.value, finished_at=utcnow(),
+                      error=f"could not start the worker: {exc}")
+        raise
     _children[proc.pid] = proc
-    # The worker sets "running" itself; setting it here too closes the gap before it starts, so
-    # a second Start in that window is refused and a dead-on-arrival worker is reconciled.
-    return db.update_run(run_id, status=RunStatus.RUNNING.value, pid=proc.pid, heartbeat_at=utcnow(),
-                         started_at=utcnow(), finished_at=None, error=None, exit_code=None,
-                         cancel_request=None)
+    # Only pid and heartbeat: the status was set by the claim, and a worker that already ended
+    # (in a few ms, with a bad spec) has written its own status, which must not be overwritten.
+    return db.update_run(claimed.id, pid=proc.pid, heartbeat_at=utcnow()), None
 
 
 def stop(db: Database, run_id: int, mode: str = "save") -> Run:
-    """Ask the worker to stop after its current step ("save": keep a checkpoint; "discard")."""
+    """Ask the worker to stop after its current step ("save": keep a checkpoint; "discard").
+    A run waiting in the queue has no worker yet: it is cancelled at once."""
+    if db.cancel_if_waiting(run_id):
+        return db.get_run(run_id)
     return db.request_cancel(run_id, mode)
 
 
@@ -145,7 +187,15 @@ def _exit_code(pid: int) -> int | None:
 
 
 def reconcile(db: Database) -> list[int]:
-    """Mark runs whose worker is gone (or silent too long) as failed; returns their ids."""
+    """Mark runs whose worker is gone (or silent too long) as failed; returns their ids.
+    After a failure the next waiting run is dispatched: the dead worker could not do it."""
+    failed = _mark_dead(db)
+    if failed:
+        dispatch(db)
+    return failed
+
+
+def _mark_dead(db: Database) -> list[int]:
     failed = []
     for run in db.runs_with_status(RunStatus.RUNNING.value):
         code = _exit_code(run.pid) if run.pid else -1

@@ -9,7 +9,9 @@ other error). A killed worker cannot write its own end: ``launch.reconcile`` mar
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import time
 import shutil
 import traceback
 from dataclasses import replace
@@ -135,7 +137,9 @@ def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool,
     if resume:
         latest = db.latest_checkpoint(run_id)
         checkpoint = latest.path if latest is not None and Path(latest.path).is_dir() else None
+    started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.perf_counter() - started
 
     if callback.cancel_mode is not None:
         if callback.cancel_mode == "discard":
@@ -145,16 +149,42 @@ def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool,
         return RunStatus.CANCELLED.value
 
     step = trainer.state.global_step
-    final = {}
+    from studio.bakeoff.measure import training_stats
+
+    final = training_stats(trainer, model, wall)  # before the evaluations below raise the peak
     if eval_set is not None:
         final.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
-    if scorer is not None:
+    bakeoff = db.bakeoff_for_run(run_id)
+    if scorer is not None and bakeoff is None:  # a bake-off scores the saved adapter instead
         final["eval_exact_match"] = scorer(model)
     trainer.save_model(str(folder / "adapter"))
-    if final:
-        db.log_metrics(run_id, step, final)
+    db.log_metrics(run_id, step, final)
+    if bakeoff is not None:
+        # Free the training model, optimizer and data before loading the saved adapter again.
+        del trainer, model, callback, optimizers, train_set, eval_set
+        gc.collect()
+        measure_for_bakeoff(db, run_id, bakeoff.id, spec, folder / "adapter", step)
     db.update_run(run_id, status=RunStatus.COMPLETED.value, finished_at=utcnow(), exit_code=0)
     return RunStatus.COMPLETED.value
+
+
+def measure_for_bakeoff(db: Database, run_id: int, bakeoff_id: int, spec: RunSpec, adapter: Path,
+                        step: int) -> None:
+    """The bake-off's post-training figures. A failure here is noted on the bake-off, and the
+    run still completes: its training and its saved adapter are sound."""
+    from studio.bakeoff.measure import measure_trained
+
+    db.heartbeat(run_id)
+    try:
+        values = measure_trained(spec, adapter, spec.exact_match_limit,
+                                 progress=lambda text: print(text, flush=True))
+        db.log_metrics(run_id, step, values)
+    except Exception:
+        trace = traceback.format_exc()
+        print(trace, flush=True)
+        db.add_bakeoff_note(bakeoff_id, run_id, "measurement after training failed: "
+                            + trace.strip().splitlines()[-1][:300])
+    db.heartbeat(run_id)
 
 
 def oom_advice(spec: RunSpec) -> str:
@@ -196,6 +226,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_id", type=int)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
-    status = train(Database(), args.run_id, resume=args.resume)
+    db = Database()
+    status = train(db, args.run_id, resume=args.resume)
     print(f"run {args.run_id}: {status}", flush=True)
+    dispatch_next(db)
     return 0 if status in (RunStatus.COMPLETED.value, RunStatus.CANCELLED.value) else 1
+
+
+def dispatch_next(db: Database) -> None:
+    """Start the next queued run, now that this one has let go of the device: this is what
+    advances a bake-off with the UI closed. Under torchrun only rank 0 dispatches."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    from studio.worker import launch
+
+    try:
+        started = launch.dispatch(db)
+    except Exception as exc:  # the next run waits for the next poll; this run's end stands
+        print(f"could not start the next queued run: {exc}", flush=True)
+        return
+    if started is not None:
+        print(f"started queued run {started.id} ({started.name}), pid {started.pid}", flush=True)

@@ -1,0 +1,122 @@
+"""The bake-off's measurements of a trained run, made in the worker process (imports torch).
+
+Two moments. ``training_stats`` right after ``Trainer.train``: trainable parameters counted on
+the built model, train time, training tokens/s and peak memory. ``measure_trained`` after the
+adapter is saved: the adapter's file size, then the model rebuilt from that saved folder (so the
+figures are those of the artefact a user keeps, not of the training process's model), merged
+where the method merges, scored by exact match on the eval split and timed generating a fixed
+number of tokens.
+
+Peak memory is two different things and is labelled so: on a GPU ``torch.cuda.max_memory_
+allocated`` (tensors only), on the CPU the process's peak resident set (``ru_maxrss``: weights,
+activations, optimizer, Python and its libraries; everything the machine had to hold).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+SPEED_NEW_TOKENS = 32  # per prompt, forced (min = max), so every method generates the same work
+SPEED_PROMPTS = 3
+
+
+def peak_memory() -> dict[str, float]:
+    """{"peak_cuda_allocated_bytes": ...} on a GPU, else {"peak_rss_bytes": ...}."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_cuda_allocated_bytes": float(torch.cuda.max_memory_allocated())}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return {"peak_rss_bytes": float(rss if sys.platform == "darwin" else rss * 1024)}
+
+
+def training_stats(trainer: Any, model: Any, wall_seconds: float) -> dict[str, float]:
+    """Figures of the training itself, from the live trainer (see ``StudioTrainer``)."""
+    from studio.methods.base import trainable_count
+
+    busy = max(trainer.train_seconds, 1e-9)
+    return {"trainable_params": float(trainable_count(model)),
+            "train_seconds": float(wall_seconds),  # the whole Trainer.train, evaluations included
+            "train_step_seconds": float(trainer.train_seconds),  # forward + backward + step only
+            "train_tokens_per_s": trainer.tokens_seen / busy,
+            **peak_memory()}
+
+
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the saved weights (the tokenizer copy beside them is not the adapter)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*")
+               if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def measure_trained(spec: Any, adapter: Path, em_limit: int, progress=print) -> dict[str, float]:
+    """adapter_bytes, inference_merged (1/0), eval_exact_match (when the data can be scored),
+    inference_tokens_per_s, for the run's saved adapter folder."""
+    import torch
+
+    from studio import models
+    from studio.export.load import load_trained
+    from studio.methods import get_method
+
+    method = get_method(spec.method)
+    out: dict[str, float] = {"adapter_bytes": float(weights_bytes(adapter))}
+    # QLoRA merges into the de-quantised base: the merged model a user would export.
+    model = load_trained(spec, adapter, dequantize=method.quantized and method.mergeable)
+    merged = False
+    if method.mergeable and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+        merged = True
+    if torch.cuda.is_available() and not method.quantized:
+        model.to("cuda")
+    model.eval()
+    model.config.use_cache = True
+    out["inference_merged"] = 1.0 if merged else 0.0
+    tokenizer = models.load_tokenizer(spec.model, spec.trust_remote_code)
+    prompts = eval_prompts(spec)
+    if em_limit > 0 and spec.sample_task:
+        from studio.evaluate import score_task
+
+        progress(f"bake-off: exact match on {em_limit} eval rows ({'merged' if merged else 'adapter'})")
+        out["eval_exact_match"] = score_task(model, tokenizer, spec.sample_task, limit=em_limit).exact_match
+    progress("bake-off: timing generation")
+    out["inference_tokens_per_s"] = generation_speed(model, tokenizer, prompts[:SPEED_PROMPTS])
+    return out
+
+
+def eval_prompts(spec: Any) -> list[str]:
+    """User messages to time generation with: the sample task's eval prompts, or fixed ones."""
+    if spec.sample_task:
+        from studio.samples import load_rows, prompt_text
+
+        return [prompt_text(r) for r in load_rows(spec.sample_task, "eval")]
+    return ["Write one sentence about the sea.", "List three colours.", "What is 12 plus 30?"]
+
+
+def generation_speed(model: Any, tokenizer: Any, user_messages: list[str],
+                     new_tokens: int = SPEED_NEW_TOKENS) -> float:
+    """Greedy tokens/s at batch 1, every prompt forced to exactly ``new_tokens`` new tokens
+    (a method that stops early must not look faster); one short warm-up first."""
+    import torch
+
+    from studio.evaluate import chat_prompts
+
+    texts = chat_prompts(tokenizer, user_messages)
+
+    def generate(text: str, count: int) -> None:
+        batch = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+
+    generate(texts[0], 4)
+    started = time.perf_counter()
+    for text in texts:
+        generate(text, new_tokens)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return new_tokens * len(texts) / (time.perf_counter() - started)
