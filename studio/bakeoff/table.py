@@ -88,12 +88,17 @@ def build_rows(db: Database, row: Bakeoff) -> list[dict[str, Any]]:
             for method, run_id in zip(row.methods, row.run_ids)]
 
 
-def refresh(db: Database, bakeoff_id: int) -> list[dict[str, Any]]:
-    """Rebuild the table from the history and save it with the bake-off. A run deleted since
-    keeps the figures saved before (the history no longer has them)."""
-    row = db.get_bakeoff(bakeoff_id)
+def current_rows(db: Database, row: Bakeoff) -> list[dict[str, Any]]:
+    """The table as of now. A run deleted since keeps the figures saved before (the history
+    no longer has them)."""
     saved = {r.get("run_id"): r for r in (row.table or [])}
-    rows = [saved.get(r["run_id"], r) if r["status"] == "deleted" else r for r in build_rows(db, row)]
+    return [saved.get(r["run_id"], r) if r["status"] == "deleted" else r for r in build_rows(db, row)]
+
+
+def refresh(db: Database, bakeoff_id: int) -> list[dict[str, Any]]:
+    """Rebuild the table from the history and save it with the bake-off."""
+    row = db.get_bakeoff(bakeoff_id)
+    rows = current_rows(db, row)
     if rows != (row.table or []):
         db.update_bakeoff(bakeoff_id, table=rows)
     return rows

@@ -1,0 +1,210 @@
+"""The Bake-off section (inside the History tab): choose data, methods and one shared budget,
+queue one run per method, and watch the table fill in as they finish; a scatter plot of quality
+against trainable parameters; the table as CSV and Markdown downloads.
+
+The UI only queues runs (``studio.bakeoff.start_bakeoff``) and reads the history: the workers
+train and measure, and each finished worker starts the next run, so closing the app does not
+stop a bake-off. The poll also calls ``launch.dispatch``, which restarts the queue after a
+crash. Handlers are module functions on plain values, so tests drive them without a browser.
+The user-visible strings are in ``TXT`` (this section's part of ``labels``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from studio import bakeoff
+from studio.bakeoff import table as bt
+from studio.db import Database
+from studio.methods import all_methods
+from studio.ui.train_tab import data_choices
+from studio.worker import launch
+
+TXT = {
+    "intro": ("**Bake-off:** the same data and budget for several methods, one table. One run per method "
+              "is queued and trained in turn by the background worker (it continues with the app closed); "
+              "after training each adapter is reloaded, merged where the method merges, scored by exact "
+              "match on the eval split and timed generating."),
+    "data": "Data",
+    "methods": "Methods",
+    "steps": "Steps (each method)",
+    "batch": "Batch size",
+    "max_length": "Max length (tokens)",
+    "eval_rows": "Eval rows scored by exact match",
+    "lr": "Learning rate for all (0: each method's usual rate)",
+    "queue": "Queue bake-off",
+    "bakeoff": "Bake-off",
+    "cancel": "Cancel the rest",
+    "refresh": "Refresh",
+    "csv": "Download CSV",
+    "markdown": "Download Markdown",
+    "plot": "Quality against trainable parameters",
+    "no_project": "**Pick or create a project first.**",
+    "refused": "**Not queued:** {reason}",
+    "queued": ("**Bake-off #{id} queued:** {n} runs ({methods}). {state}"),
+    "started": "Run #{run} is training now.",
+    "waiting": "Another run is training; the bake-off starts after it.",
+    "none": "No bake-off in this project yet: choose methods and press **Queue bake-off**.",
+    "cancelled": "**Cancelled {n} run(s)** of bake-off #{id}.",
+}
+POLL_SECONDS = 3.0
+
+
+# ---- handlers ----
+def bakeoff_choices(db: Database, project_id: int | None) -> list[tuple[str, int]]:
+    rows = db.list_bakeoffs(project_id) if project_id is not None else []
+    return [(f"#{r.id} {r.name}", r.id) for r in rows]
+
+
+def queue_bakeoff(db: Database, project_id: int | None, data: str, methods: list[str], steps: Any,
+                  batch: Any, max_length: Any, eval_rows: Any, lr: Any) -> tuple[str, int | None]:
+    """Queue a bake-off; (message, its id, or None when refused: then nothing was created)."""
+    if project_id is None or db.get_project(project_id) is None:
+        return TXT["no_project"], None
+    kind, _, value = (data or "").partition(":")
+    try:
+        budget = bakeoff.Budget(max_steps=int(steps), batch_size=int(batch), max_length=int(max_length),
+                                eval_rows=int(eval_rows), learning_rate=float(lr) if lr else None)
+        row = bakeoff.start_bakeoff(db, project_id, list(methods or []), budget,
+                                    sample_task=value if kind == "sample" else None,
+                                    dataset_id=int(value) if kind == "dataset" else None)
+    except (ValueError, TypeError, LookupError) as exc:
+        return TXT["refused"].format(reason=exc), None
+    running = [r for r in row.run_ids if db.get_run(r).status == "running"]
+    state = TXT["started"].format(run=running[0]) if running else TXT["waiting"]
+    return TXT["queued"].format(id=row.id, n=len(row.run_ids), methods=", ".join(row.methods), state=state), row.id
+
+
+def status_text(db: Database, row: Any) -> str:
+    counts = bakeoff.progress(db, row)
+    done = sum(n for s, n in counts.items() if s not in ("queued", "running"))
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    budget = bakeoff.Budget.from_dict(row.budget)
+    data = f"sample task '{row.sample_task}'" if row.sample_task else f"dataset #{row.dataset_id}"
+    return (f"**{row.name}** — {done} of {len(row.run_ids)} done ({parts}). Model `{row.model}`, {data}; "
+            f"budget {budget.max_steps} steps × batch {budget.batch_size} × max {budget.max_length} tokens, "
+            f"exact match on {budget.eval_rows} eval rows.")
+
+
+def table_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame([{header: r.get(key) for key, header in bt.COLUMNS} for r in rows],
+                         columns=[header for _, header in bt.COLUMNS])
+    return frame.astype(object).where(frame.notna(), "—")
+
+
+def scatter_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    label = bt.quality_label(rows)
+    points = [{"method": p["method"], "trainable parameters (log10)": p["log10 trainable parameters"],
+               "quality": p[label]} for p in bt.scatter_points(rows)]
+    return pd.DataFrame(points, columns=["method", "trainable parameters (log10)", "quality"])
+
+
+def export_files(bakeoff_id: int, rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """The table as CSV and Markdown files in a temp folder (Gradio serves files from there)."""
+    folder = Path(tempfile.gettempdir()) / "peft-studio-bakeoffs"
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = folder / f"bakeoff-{bakeoff_id}.csv", folder / f"bakeoff-{bakeoff_id}.md"
+    csv_path.write_text(bt.to_csv(rows), encoding="utf-8")
+    md_path.write_text(bt.to_markdown(rows), encoding="utf-8")
+    return str(csv_path), str(md_path)
+
+
+def render(db: Database, bakeoff_id: int | None) -> tuple[str, pd.DataFrame, pd.DataFrame, str | None, str | None]:
+    """(status, table, scatter points, csv path, markdown path) of a bake-off; refreshes its
+    saved table from the history on the way."""
+    row = db.get_bakeoff(bakeoff_id) if bakeoff_id is not None else None
+    if row is None:
+        return TXT["none"], table_frame([]), scatter_frame([]), None, None
+    rows = bt.refresh(db, row.id)
+    csv_path, md_path = export_files(row.id, rows)
+    return status_text(db, db.get_bakeoff(row.id)), table_frame(rows), scatter_frame(rows), csv_path, md_path
+
+
+def changed(db: Database, bakeoff_id: int | None) -> bool:
+    """Whether the table built now differs from the one saved (and so shown) last time."""
+    row = db.get_bakeoff(bakeoff_id) if bakeoff_id is not None else None
+    return row is not None and bt.current_rows(db, row) != (row.table or [])
+
+
+def cancel(db: Database, bakeoff_id: int | None) -> str:
+    if bakeoff_id is None or db.get_bakeoff(bakeoff_id) is None:
+        return ""
+    return TXT["cancelled"].format(n=bakeoff.cancel_bakeoff(db, bakeoff_id), id=bakeoff_id)
+
+
+# ---- the section ----
+def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
+    budget = bakeoff.Budget()
+    gr.Markdown(TXT["intro"])
+    with gr.Row():
+        with gr.Column(scale=2):
+            data = gr.Dropdown(data_choices(db, None), value="sample:dates", label=TXT["data"],
+                               elem_id="bakeoff-data")
+            methods = gr.CheckboxGroup([(m.title, m.name) for m in all_methods()], value=bakeoff.DEFAULT_METHODS,
+                                       label=TXT["methods"], elem_id="bakeoff-methods")
+            with gr.Row():
+                steps = gr.Number(budget.max_steps, label=TXT["steps"], minimum=1, precision=0,
+                                  elem_id="bakeoff-steps")
+                batch = gr.Number(budget.batch_size, label=TXT["batch"], minimum=1, precision=0,
+                                  elem_id="bakeoff-batch")
+            with gr.Row():
+                max_length = gr.Number(budget.max_length, label=TXT["max_length"], minimum=16, precision=0,
+                                       elem_id="bakeoff-max-length")
+                eval_rows = gr.Number(budget.eval_rows, label=TXT["eval_rows"], minimum=0, precision=0,
+                                      elem_id="bakeoff-eval-rows")
+            lr = gr.Number(0, label=TXT["lr"], minimum=0, elem_id="bakeoff-lr")
+            go = gr.Button(TXT["queue"], variant="primary", elem_id="bakeoff-queue")
+            message = gr.Markdown(elem_id="bakeoff-message")
+        with gr.Column(scale=4):
+            with gr.Row():
+                chosen = gr.Dropdown([], label=TXT["bakeoff"], elem_id="bakeoff-choice", scale=4)
+                refresh_btn = gr.Button(TXT["refresh"], size="sm", scale=0, elem_id="bakeoff-refresh")
+                cancel_btn = gr.Button(TXT["cancel"], size="sm", variant="stop", scale=0, elem_id="bakeoff-cancel")
+            status = gr.Markdown(elem_id="bakeoff-status")
+            table = gr.Dataframe(interactive=False, wrap=True, elem_id="bakeoff-table")
+            plot = gr.ScatterPlot(x="trainable parameters (log10)", y="quality", color="method",
+                                  label=TXT["plot"], y_title="eval exact match (or minus eval loss)",
+                                  elem_id="bakeoff-plot")
+            with gr.Row():
+                csv_file = gr.DownloadButton(TXT["csv"], elem_id="bakeoff-csv")
+                md_file = gr.DownloadButton(TXT["markdown"], elem_id="bakeoff-md")
+        timer = gr.Timer(POLL_SECONDS)
+
+    shown = [status, table, plot, csv_file, md_file]
+
+    def show(bakeoff_id):
+        text, frame, points, csv_path, md_path = render(db, bakeoff_id)
+        return text, frame, points, gr.update(value=csv_path), gr.update(value=md_path)
+
+    def on_project(project_id):
+        choices = bakeoff_choices(db, project_id)
+        value = choices[0][1] if choices else None
+        data_list = data_choices(db, project_id)
+        return (gr.update(choices=choices, value=value), gr.update(choices=data_list), *show(value))
+
+    def on_queue(project_id, *values):
+        text, new_id = queue_bakeoff(db, project_id, *values)
+        choices = bakeoff_choices(db, project_id)
+        selected = new_id if new_id is not None else (choices[0][1] if choices else None)
+        return (text, gr.update(choices=choices, value=selected), *show(selected))
+
+    def on_tick(bakeoff_id):
+        launch.dispatch(db)  # after a crash nothing else advances the queue
+        if not changed(db, bakeoff_id):
+            return tuple(gr.skip() for _ in shown)  # no redraw, no new download files
+        return show(bakeoff_id)
+
+    picker.change(on_project, [picker], [chosen, data, *shown], api_name=False)
+    demo.load(on_project, [picker], [chosen, data, *shown], api_name=False)
+    go.click(on_queue, [picker, data, methods, steps, batch, max_length, eval_rows, lr],
+             [message, chosen, *shown], api_name=False)
+    chosen.change(show, [chosen], shown, api_name=False)
+    refresh_btn.click(show, [chosen], shown, api_name=False)
+    cancel_btn.click(lambda b: cancel(db, b), [chosen], [message], api_name=False).then(
+        show, [chosen], shown, api_name=False)
+    timer.tick(on_tick, [chosen], shown, api_name=False)
