@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
-from studio.chat_generate import (ColumnAnswer, GenerationSettings, Messages, generate_rows, render)
+from studio.adapters import bottleneck
+from studio.chat_generate import generate_rows, render
+from studio.chat_settings import ColumnAnswer, GenerationSettings, Messages
 from studio.chat_sources import AdapterSourceError, batchable, detect_method
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch, and our base column's name
@@ -101,16 +104,12 @@ class ChatEngine:
         key = f"column_{self._keys}"
         try:
             if detected == "houlsby":
-                from studio.adapters import bottleneck
-
                 attached = Attached(name, key, method, folder, "switched",
                                     bottleneck.load_bottleneck(share_base(self.base), folder).eval())
             elif detected in ("lora", "rslora", "dora"):
                 attached = Attached(name, key, method, folder, "batched" if batchable(folder) else "switched",
                                     self._load_into_lora_view(key, folder))
             else:
-                from peft import PeftModel
-
                 view = PeftModel.from_pretrained(share_base(self.base), str(folder), adapter_name=key)
                 attached = Attached(name, key, method, folder, "switched", view.eval())
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -120,8 +119,6 @@ class ChatEngine:
         return attached
 
     def _load_into_lora_view(self, key: str, folder: Path) -> Any:
-        from peft import PeftModel
-
         if self._lora_view is None:
             self._lora_view = PeftModel.from_pretrained(share_base(self.base), str(folder), adapter_name=key).eval()
         else:
@@ -168,6 +165,7 @@ class ChatEngine:
         is called as tokens arrive."""
         if not isinstance(settings, dict):
             settings = {column: settings for column in conversations}
+        settings = {column: s.validated() for column, s in settings.items()}  # all, before any generate
         unknown = [c for c in conversations if c != BASE and c not in self.adapters]
         if unknown:
             raise KeyError(f"no adapter named {unknown[0]!r} is attached")
@@ -175,7 +173,7 @@ class ChatEngine:
             self._stop.clear()
             answers: dict[str, ColumnAnswer] = {}
             for group, model, extra, path in self._plan(conversations, settings):
-                answers.update(self._run(group, model, conversations, settings[group[0]].validated(),
+                answers.update(self._run(group, model, conversations, settings[group[0]],
                                          system_prompt, on_partial, path, extra))
                 if self._stop.is_set():
                     break

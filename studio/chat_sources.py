@@ -117,3 +117,31 @@ def chat_fits_beside_training(chat_bytes: int, training_bytes: int, gpu_total_by
     return (f"not loaded: the chat model needs about {gib(chat_bytes)} and the running training "
             f"about {gib(training_bytes)}, together more than 90 % of the GPU's {gib(gpu_total_bytes)}. "
             "Wait for the training to finish, or load the chat model on the CPU.")
+
+
+def chat_memory_refusal(db: Database, source: str, context: int = 2048, columns: int = 7) -> str | None:
+    """Why a chat model for ``source`` must not be loaded on the GPU now, or None.
+
+    Only a GPU is shared with a training run: on a CPU-only machine the chat model goes to RAM
+    and the OS arbitrates. The training figure is the estimator's for the running run's own
+    spec; the chat figure covers weights + KV cache for every column in one batch."""
+    from studio.estimate import TrainSetup, estimate_chat
+    from studio.planner import arch_for, plan
+    from studio.runspec import RunSpec
+    from studio.sysinfo import probe_accelerators
+    from studio.worker.launch import active_run
+
+    gpus = probe_accelerators().get("gpus") or []
+    if not gpus:
+        return None
+    total = int(gpus[0]["total_bytes"])
+    chat = estimate_chat(arch_for(source), TrainSetup(dtype="bf16", device="cuda"), context, columns).total_bytes
+    run = active_run(db)
+    training = 0
+    if run is not None:
+        spec = RunSpec.from_dict(run.spec)
+        dtype = spec.precision if spec.precision != "auto" else "bf16"
+        setup = TrainSetup(batch_size=spec.batch_size, seq_len=spec.max_length, dtype=dtype, device="cuda",
+                           grad_checkpointing=spec.grad_checkpointing, optimizer=spec.optimizer)
+        training = plan(arch_for(spec.model), spec.method, spec.method_settings, setup)["total_bytes"]
+    return chat_fits_beside_training(chat, training, total)

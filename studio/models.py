@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,20 @@ CACHE_MARKER = "studio-source.json"  # written last: a cache folder without it i
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Progress = Callable[[float, str], None]  # (fraction 0..1, message)
+
+
+IMPORT_LOCK = threading.RLock()  # hold it to import anything that imports transformers in a UI thread
+
+
+def _from_transformers(*names: str) -> list[Any]:
+    """Names from transformers, imported under one lock.
+
+    transformers resolves its names lazily on first use, and that is not thread-safe: two UI
+    handlers loading a tokenizer and a model at once got "cannot import name 'AutoTokenizer'"."""
+    with IMPORT_LOCK:
+        import transformers
+
+        return [getattr(transformers, name) for name in names]
 
 
 class ModelSourceError(Exception):
@@ -129,7 +144,7 @@ def convert_gguf(gguf: Path, dest: Path, progress: Progress | None = None) -> Pa
     interrupted conversion never leaves a folder that looks complete.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM, AutoTokenizer = _from_transformers("AutoModelForCausalLM", "AutoTokenizer")
 
     report = progress or _print_progress
     tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
@@ -226,7 +241,7 @@ def load_config(source: ModelSource | str, trust_remote_code: bool = False):
     A bare ``config.json`` path is accepted too. An unconverted GGUF source is read from the
     GGUF header (metadata only).
     """
-    from transformers import AutoConfig
+    (AutoConfig,) = _from_transformers("AutoConfig")
 
     if isinstance(source, str) and source.endswith(".json") and Path(source).is_file():
         return config_from_json(Path(source), trust_remote_code)
@@ -241,7 +256,7 @@ def load_config(source: ModelSource | str, trust_remote_code: bool = False):
 
 
 def config_from_json(path: Path, trust_remote_code: bool = False):
-    from transformers import AutoConfig
+    (AutoConfig,) = _from_transformers("AutoConfig")
 
     try:
         data = json.loads(Path(path).read_text())
@@ -274,7 +289,7 @@ def tokenizer_folder(source: ModelSource | str) -> Path:
         return model_dir
     folder = model_dir.with_name(model_dir.name + "-tokenizer")
     if not (folder / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+        (AutoTokenizer,) = _from_transformers("AutoTokenizer")
 
         tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -285,7 +300,7 @@ def tokenizer_folder(source: ModelSource | str) -> Path:
 
 
 def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    (AutoTokenizer,) = _from_transformers("AutoTokenizer")
 
     tokenizer = AutoTokenizer.from_pretrained(
         str(tokenizer_folder(source)), trust_remote_code=trust_remote_code
@@ -304,7 +319,7 @@ def load_model(
 ):
     """Load weights for real (safetensors only). ``kwargs`` go to ``from_pretrained``."""
     import torch
-    from transformers import AutoModelForCausalLM
+    (AutoModelForCausalLM,) = _from_transformers("AutoModelForCausalLM")
 
     folder = resolve_source(source)
     model = AutoModelForCausalLM.from_pretrained(

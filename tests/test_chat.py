@@ -8,7 +8,7 @@ import torch
 
 from chat_helpers import save_bottleneck_adapter, save_peft_adapter
 from studio.chat import BASE, ChatEngine, share_base
-from studio.chat_generate import GenerationSettings
+from studio.chat_settings import GenerationSettings
 from studio.chat_sources import AdapterSourceError, detect_method
 from studio.evaluate import generate_answers
 from studio.models import load_model, load_tokenizer

@@ -11,7 +11,7 @@ import gradio as gr
 from studio import projects
 from studio.db import Database
 from studio.worker import launch
-from studio.ui import (data_tab, export_tab, labels, method_tab, placeholders, projects_panel,
+from studio.ui import (compare_tab, data_tab, export_tab, labels, method_tab, placeholders, projects_panel,
                        system_panel, train_tab)
 
 
@@ -43,6 +43,9 @@ def build_app(db: Database | None = None) -> gr.Blocks:
                                 continue
                             if name == "Data":
                                 data_tab.build(demo, db, picker)
+                                continue
+                            if name == "Compare":
+                                compare_tab.build(demo, db, picker)
                                 continue
                             if name == "Export":
                                 export_tab.build(demo, db, picker)

@@ -1,0 +1,192 @@
+"""The Compare tab: the base model and up to six adapters answering the same message side by side.
+
+The widgets only; the models live in ``studio.chat`` (one ``ChatEngine`` per app process, loaded
+when the user asks, so the UI process imports torch only once this tab is used). Each browser
+session keeps its own conversations in a ``gr.State``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from studio.chat_sources import chat_memory_refusal, project_adapters
+from studio.db import Database
+from studio.samples import SAMPLE_TASKS
+from studio.ui import compare_view as view
+from studio.ui.compare_view import BASE_LABEL, SLOTS
+
+_engine: dict[str, Any] = {}  # "engine": the ChatEngine of this app process
+
+
+def engine():
+    return _engine.get("engine")
+
+
+def _adapter_sources(db: Database, project_id: int | None):
+    from studio.worker.launch import run_folder
+
+    if project_id is None:
+        return []
+    return project_adapters(db, project_id, lambda run: run_folder(db, run))
+
+
+def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
+    gr.Markdown("Ask the base model and your adapters the same thing, side by side, over one copy of "
+                "the base weights. LoRA columns are answered together in one batched generate; other "
+                "methods are answered one after another. Each column keeps its own conversation.")
+    with gr.Row():
+        source = gr.Textbox(label="Base model", scale=3, elem_id="compare-model",
+                            info="the project's model, or any model folder / hub id")
+        load = gr.Button("Load base model", scale=1, elem_id="compare-load")
+    status = gr.Markdown("No model loaded yet.", elem_id="compare-status")
+    with gr.Row():
+        picked = gr.Dropdown(label="Adapters from this project's runs and checkpoints", multiselect=True,
+                             choices=[], scale=3, elem_id="compare-adapters")
+        folder = gr.Textbox(label="…or an adapter folder on disk", scale=2, elem_id="compare-folder")
+        attach = gr.Button("Attach", scale=1, elem_id="compare-attach")
+    shown = gr.CheckboxGroup(label="Columns (untick to hide a column; hidden columns are not asked)",
+                             choices=[], elem_id="compare-columns")
+    system = gr.Textbox(label="System prompt (optional)", elem_id="compare-system")
+    with gr.Accordion("Generation settings", open=False):
+        with gr.Row():
+            mode = gr.Radio(["greedy", "sampling"], value="greedy", label="Decoding", elem_id="compare-mode")
+            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+            max_new = gr.Number(64, precision=0, minimum=1, maximum=4096, label="Max new tokens",
+                                elem_id="compare-max-new")
+            seed = gr.Number(0, precision=0, label="Seed")
+        per_column = gr.Checkbox(False, label="Different settings per column (edit the table)")
+        table = gr.Dataframe(headers=view.SETTING_COLUMNS, visible=False, interactive=True,
+                             elem_id="compare-per-column")
+    slots, stats = [], []
+    for row_start in (0, 4):
+        with gr.Row():
+            for i in range(row_start, min(row_start + 4, SLOTS)):
+                with gr.Column(visible=i == 0, min_width=240) as col:
+                    chat = gr.Chatbot(label=BASE_LABEL if i == 0 else f"Column {i}", height=320,
+                                      elem_id=f"compare-chat-{i}")
+                    stat = gr.Markdown(elem_id=f"compare-stats-{i}")
+                slots.append((col, chat))
+                stats.append(stat)
+    with gr.Row():
+        message = gr.Textbox(label="Message", placeholder="Type once; every shown column answers",
+                             scale=4, elem_id="compare-message")
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="compare-send")
+        stop = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
+        clear = gr.Button("Clear conversations", scale=1, elem_id="compare-clear")
+    with gr.Accordion("Compare on a sample task's eval set (exact match)", open=False):
+        with gr.Row():
+            task = gr.Dropdown([(t.title, t.name) for t in SAMPLE_TASKS.values()], value=next(iter(SAMPLE_TASKS)),
+                               label="Sample task", elem_id="compare-task")
+            limit = gr.Number(20, precision=0, minimum=1, maximum=400, label="Eval rows")
+            score = gr.Button("Compare on eval set", elem_id="compare-eval")
+        scores = gr.Dataframe(interactive=False, elem_id="compare-eval-table")
+    state = gr.State(view.empty_state())
+    chats = [c for _, c in slots]
+    columns = [c for c, _ in slots]
+
+    def layout(st, visible):
+        return [*view.slot_updates(st, visible, engine()), gr.update(choices=view.column_choices(st), value=visible)]
+
+    def on_project(project_id):
+        project = db.get_project(project_id) if project_id is not None else None
+        if project is None:  # page load can run before the picker has its value: keep what is shown
+            return gr.update(), gr.update()
+        choices = [s.label for s in _adapter_sources(db, project_id)]
+        return project.model_source, gr.update(choices=choices, value=[])
+
+    def on_load(project_id, source_v, progress=gr.Progress()):
+        from studio.models import IMPORT_LOCK
+
+        with IMPORT_LOCK:  # transformers' lazy imports race with other tabs' handler threads
+            from studio.chat import ChatEngine
+
+        source_v = (source_v or "default").strip()
+        refusal = chat_memory_refusal(db, source_v)
+        if refusal:
+            return (f"**{refusal}**", view.empty_state(), *layout(view.empty_state(), [BASE_LABEL]))
+        progress(0.1, desc=f"loading {source_v}")
+        _engine.pop("engine", None)  # free the previous model before loading the next
+        try:
+            _engine["engine"] = ChatEngine.load(source_v)
+        except Exception as exc:  # a bad source must not break the tab
+            return (f"**Could not load {source_v}:** {exc}", view.empty_state(),
+                    *layout(view.empty_state(), [BASE_LABEL]))
+        st = view.empty_state()
+        return view.status_text(engine()), st, *layout(st, [BASE_LABEL])
+
+    def on_attach(project_id, labels_v, folder_v, st, visible):
+        if engine() is None:
+            return "**Load the base model first.**", st, *layout(st, visible)
+        sources = {s.label: s for s in _adapter_sources(db, project_id)}
+        wanted = [(label, sources[label].folder, sources[label].method) for label in labels_v or [] if label in sources]
+        if (folder_v or "").strip():
+            wanted.append(view.disk_column(folder_v.strip(), st))
+        problems = []
+        for label, path, method in wanted:
+            if label in st["columns"]:
+                continue
+            try:
+                engine().add_adapter(label, path, method)
+            except Exception as exc:  # shown beside the others; one bad folder must not stop the rest
+                problems.append(f"{label}: {exc}")
+                continue
+            st = view.with_column(st, label)
+            visible = [*visible, label]
+        text = view.status_text(engine()) + "".join(f"\n\n**Not attached:** {p}" for p in problems)
+        return text, st, *layout(st, visible)
+
+    def on_send(message_v, system_v, visible, st, mode_v, temp_v, top_p_v, max_new_v, seed_v, per_col, table_v):
+        if engine() is None or not (message_v or "").strip():
+            yield (gr.update(), st, *view.chat_frames(st), *[gr.update()] * SLOTS)
+            return
+        try:
+            shared = view.settings_from(mode_v, temp_v, top_p_v, max_new_v, seed_v)
+            settings = view.per_column_settings(visible, shared, table_v if per_col else None)
+        except ValueError as exc:
+            yield (gr.update(), st, *view.chat_frames(st), gr.update(value=f"**{exc}**"), *[gr.update()] * (SLOTS - 1))
+            return
+        st, conversations = view.with_user_message(st, visible, message_v.strip())
+        try:
+            for partial, answers in engine().stream(conversations, settings, (system_v or "").strip() or None):
+                frames = view.chat_frames(st, partial)
+                if answers is None:
+                    yield ("", st, *frames, *[gr.update()] * SLOTS)
+                else:
+                    st = view.with_answers(st, answers)
+                    yield ("", st, *view.chat_frames(st), *view.stats_texts(st, answers))
+        except Exception as exc:  # a failed generate is shown in the base slot, the UI stays up
+            yield ("", st, *view.chat_frames(st), gr.update(value=f"**Generation failed:** {exc}"),
+                   *[gr.update()] * (SLOTS - 1))
+
+    def on_score(visible, st, task_v, limit_v, progress=gr.Progress()):
+        if engine() is None:
+            return pd.DataFrame({"note": ["Load the base model first."]})
+        progress(0.05, desc="generating answers for every column")
+        results = engine().score(view.engine_columns(st, visible), task_v, int(limit_v or 20))
+        return view.score_table(engine(), results)
+
+    def on_clear(st, visible):
+        st = view.cleared(st)
+        return (st, *view.chat_frames(st), *[""] * SLOTS)
+
+    slot_outputs = [*columns, *chats, shown]
+    picker.change(on_project, [picker], [source, picked], api_name=False)
+    demo.load(on_project, [picker], [source, picked], api_name=False)
+    # Loading, attaching, answering and scoring use the one engine: they queue behind each other
+    # (an Attach clicked while the model loads waits for it instead of finding no model).
+    serial = dict(api_name=False, concurrency_id="compare-engine", concurrency_limit=1)
+    load.click(on_load, [picker, source], [status, state, *slot_outputs], **serial)
+    attach.click(on_attach, [picker, picked, folder, state, shown], [status, state, *slot_outputs], **serial)
+    shown.input(lambda st, v: view.slot_updates(st, v, engine()), [state, shown], [*columns, *chats], api_name=False)
+    per_column.change(lambda on, v, *s: gr.update(visible=on, value=view.settings_table(v, view.settings_from(*s))),
+                      [per_column, shown, mode, temperature, top_p, max_new, seed], [table], api_name=False)
+    inputs = [message, system, shown, state, mode, temperature, top_p, max_new, seed, per_column, table]
+    send.click(on_send, inputs, [message, state, *chats, *stats], **serial)
+    message.submit(on_send, inputs, [message, state, *chats, *stats], **serial)
+    stop.click(lambda: engine() and engine().request_stop(), None, None, api_name=False)
+    clear.click(on_clear, [state, shown], [state, *chats, *stats], api_name=False)
+    score.click(on_score, [shown, state, task, limit], [scores], **serial)
