@@ -11,7 +11,7 @@ from studio.chat import BASE, ChatEngine, share_base
 from studio.chat_settings import GenerationSettings
 from studio.chat_sources import AdapterSourceError, detect_method
 from studio.evaluate import generate_answers
-from studio.models import load_model, load_tokenizer
+from studio.models import load_config, load_model, load_tokenizer
 
 GREEDY = GenerationSettings(max_new_tokens=10)
 MESSAGE = "Name three colours."
@@ -171,3 +171,40 @@ def test_sampling_is_reproducible_with_a_seed(tiny_chat_model):
     with pytest.raises(ValueError, match="temperature"):
         engine.answer(conversation, GenerationSettings(sample=True, temperature=0))
     torch.manual_seed(0)
+
+
+def test_eval_set_scores_each_column_with_its_own_adapter(tiny_chat_model, adapter_dirs):
+    from peft import PeftModel
+
+    from studio.evaluate import score_task
+
+    engine = ChatEngine.load(str(tiny_chat_model))
+    engine.add_adapter("lora1", adapter_dirs["lora1"])
+    engine.add_adapter("ia3", adapter_dirs["ia3"])
+    results = engine.score([BASE, "lora1", "ia3"], "sentiment", limit=4)
+    assert set(results) == {BASE, "lora1", "ia3"} and all(r.examples == 4 for r in results.values())
+    single = PeftModel.from_pretrained(load_model(str(tiny_chat_model)), str(adapter_dirs["ia3"])).eval()
+    assert results["ia3"].predictions == score_task(single, engine.tokenizer, "sentiment", limit=4).predictions
+    assert results["lora1"].predictions != results[BASE].predictions
+
+
+def test_chat_is_refused_when_it_would_not_fit_beside_a_training_run():
+    from conftest import CONFIGS
+    from studio.arch import ArchInfo
+    from studio.chat_sources import chat_fits_beside_training
+    from studio.estimate import TrainSetup, estimate_chat, estimate_training
+    from studio.methods import get_method
+
+    arch = ArchInfo.from_config(load_config(str(CONFIGS / "llama3-8b.json")))
+    setup = TrainSetup(batch_size=4, seq_len=1024, dtype="bf16", device="cuda")
+    lora = get_method("lora")
+    params = lora.params({})
+    training = estimate_training(arch, "lora", params, lora.count(arch, params).trainable, setup).total_bytes
+    chat = estimate_chat(arch, setup, context=2048, batch=7).total_bytes
+    gib = 2**30
+    assert chat_fits_beside_training(chat, 0, 24 * gib) is None  # an 8B chat alone fits a 24 GiB card
+    reason = chat_fits_beside_training(chat, training, 24 * gib)
+    assert reason is not None and "running training" in reason and "GiB" in reason
+    enough = int((chat + training) / 0.9) + 1
+    assert chat_fits_beside_training(chat, training, enough) is None
+    assert chat_fits_beside_training(chat, training, enough - 2**20) is not None
