@@ -175,6 +175,10 @@ def status_text(engine: Any) -> str:
         lines.append(f"Batched in one generate with the base: {', '.join(batched)}.")
     if switched:
         lines.append(f"Answered one by one (PEFT cannot mix them in a batch): {', '.join(switched)}.")
+    quantized = [n for n, a in engine.adapters.items() if a.method == "qlora"]
+    if quantized:
+        lines.append(f"{', '.join(quantized)}: trained over the 4-bit base, answered here over the loaded "
+                     "base at its own precision (answers can differ slightly from the 4-bit model).")
     return "  \n".join(lines)
 
 
