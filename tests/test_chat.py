@@ -181,8 +181,9 @@ def test_eval_set_scores_each_column_with_its_own_adapter(tiny_chat_model, adapt
     engine = ChatEngine.load(str(tiny_chat_model))
     engine.add_adapter("lora1", adapter_dirs["lora1"])
     engine.add_adapter("ia3", adapter_dirs["ia3"])
-    results = engine.score([BASE, "lora1", "ia3"], "sentiment", limit=4)
-    assert set(results) == {BASE, "lora1", "ia3"} and all(r.examples == 4 for r in results.values())
+    engine.add_adapter("prefix", adapter_dirs["prefix"])  # left-padded batches through a prompt-learning view
+    results = engine.score([BASE, "lora1", "ia3", "prefix"], "sentiment", limit=4)
+    assert set(results) == {BASE, "lora1", "ia3", "prefix"} and all(r.examples == 4 for r in results.values())
     single = PeftModel.from_pretrained(load_model(str(tiny_chat_model)), str(adapter_dirs["ia3"])).eval()
     assert results["ia3"].predictions == score_task(single, engine.tokenizer, "sentiment", limit=4).predictions
     assert results["lora1"].predictions != results[BASE].predictions
