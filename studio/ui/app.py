@@ -11,8 +11,8 @@ import gradio as gr
 from studio import projects
 from studio.db import Database
 from studio.worker import launch
-from studio.ui import (compare_tab, data_tab, export_tab, labels, method_tab, placeholders, projects_panel,
-                       system_panel, train_tab)
+from studio.ui import (compare_tab, data_tab, export_tab, history_tab, labels, method_tab, placeholders,
+                       projects_panel, system_panel, train_tab)
 
 
 CSS = """
@@ -31,7 +31,7 @@ def build_app(db: Database | None = None) -> gr.Blocks:
             with gr.Column(scale=4):
                 picker, load_projects = projects_panel.build(db)
                 method_choice, attach_train_timer = None, None
-                with gr.Tabs(elem_id="main-tabs"):
+                with gr.Tabs(elem_id="main-tabs") as main_tabs:
                     for name in labels.TABS:
                         with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}") as tab:
                             if name == "Method":
@@ -43,6 +43,10 @@ def build_app(db: Database | None = None) -> gr.Blocks:
                                 continue
                             if name == "Data":
                                 data_tab.build(demo, db, picker)
+                                continue
+                            if name == "History":
+                                # More sub-sections (the bake-off): history_tab.build(..., sections=[(title, fn)])
+                                history_tab.build(demo, db, picker, main_tabs, tab)
                                 continue
                             if name == "Compare":
                                 compare_tab.build(demo, db, picker)

@@ -96,7 +96,7 @@ def run_detail(db: Database, run_id: int | None) -> RunDetail:
     facts = [(title, cell(field, getattr(row, field))) for field, title in RUN_COLUMNS[2:-1]]
     facts += [("run folder", f"`{run.folder or EMPTY}`")]
     table = "\n".join(f"| {k} | {v} |" for k, v in facts)
-    text = f"### #{run.id} {run.name}\n| | |\n|---|---|\n{table}"
+    text = f"### #{run.id} {run.name}\n| field | value |\n|---|---|\n{table}"
     if run.error:
         text += f"\n\n**What went wrong:**\n```\n{run.error.strip()}\n```"
     return RunDetail(text, view.loss, view.lr, view.x_lim, json.dumps(run.spec, indent=2),

@@ -108,3 +108,48 @@ TRAIN_MSG = {
     "not_resumed": "**Not resumed:** {reason}",
     "resumed": "**Resumed run #{id}** from its latest checkpoint.",
 }
+
+# ---- History tab ----
+HISTORY = {
+    "runs": "Runs",
+    "compare": "Run comparison",  # no main tab name inside a sub-tab name: tests find tabs by name
+    "project": "Project overview",
+    "search": "Search",
+    "search_hint": "name, note, method, setting or #id",
+    "status": "Status",
+    "method": "Method",
+    "sort": "Sort by",
+    "descending": "Largest / newest first",
+    "runs_table": "Runs of this project (click a row to open it)",
+    "open": "Open run",
+    "open_help": "Its curves, runspec and log; rename, note, delete or clone it below.",
+    "name": "Name",
+    "rename": "Rename",
+    "notes": "Note",
+    "save_note": "Save note",
+    "clone": "Clone into Train tab",
+    "delete": "Delete run…",
+    "delete_warning": ("**Delete run #{id} '{name}'?** Its metrics, checkpoints and folder `{folder}` "
+                       "(adapter, log, runspec) are removed from disk and from the history. Exports made "
+                       "from it are kept. This cannot be undone."),
+    "runspec": "Runspec (runspec.json)",
+    "log": "Worker log (last lines)",
+    "cloned": ("**Cloned run #{id} ('{name}') into the Train tab.** Change what you want there and press "
+               "**Start training**."),
+    "clone_no_data": "Its dataset is no longer in this project: choose what to train on.",
+    "clone_skipped": "Not settable in the Train tab, so the new run uses the defaults for: {fields}.",
+    "clone_model": "It trained on '{model}'; a new run uses this project's model '{project_model}'.",
+    "compare_label": "Runs to compare",
+    "compare_help": "Tick 2 to 8 runs: their loss curves are overlaid and their configurations diffed.",
+    "compare_pick": "Tick at least two runs to compare them.",
+    "compare_too_many": "Tick at most {n} runs: more lines than that cannot be told apart.",
+    "compare_same": "**The selected runs have the same configuration.**",
+    "compare_diff": "**{n} configuration field(s) differ** (listed below the curves).",
+    "compare_train": "Train loss",
+    "compare_eval": "Eval loss",
+    "compare_results": "Results",
+    "compare_diff_label": "Configuration fields that differ",
+    "projects": "All projects",
+    "datasets": "Datasets of this project",
+    "exports": "Exports of this project",
+}

@@ -120,8 +120,10 @@ def build(demo: gr.Blocks) -> gr.Dropdown:
 
     outputs = [count, formula, bar, total]
 
-    def on_method(meth):
-        return [method_card(meth), *param_widgets.show_method(get_method(meth), names)]
+    def on_method(meth, request: gr.Request = None):
+        # A cloned run's settings (see param_widgets.offer_settings) win over the defaults.
+        values = param_widgets.take_settings(getattr(request, "session_hash", None), meth)
+        return [method_card(meth), *param_widgets.show_method(get_method(meth), names, values)]
 
     method.change(on_method, [method], [card, *widgets.values()], api_name=False).then(
         refresh, inputs, outputs, api_name=False)

@@ -61,16 +61,20 @@ def build() -> dict[str, gr.components.Component]:
     return widgets
 
 
-def show_method(spec: MethodSpec, names: list[str]) -> list[Any]:
-    """Updates for the widgets ``names``: visible with defaults for ``spec``'s settings."""
+def show_method(spec: MethodSpec, names: list[str], values: dict[str, Any] | None = None) -> list[Any]:
+    """Updates for the widgets ``names``: visible with ``spec``'s settings, at ``values`` where
+    given (a cloned run's settings) and at the defaults otherwise."""
     own = {f.name: f for f in spec.fields()}
+    values = values or {}
     updates = []
     for name in names:
         f = own.get(name)
         if f is None:
             updates.append(gr.update(visible=False))
             continue
-        update: dict[str, Any] = dict(visible=True, value=_display(_default(f)), info=f.metadata["help"])
+        value = values[name] if name in values else _default(f)
+        update: dict[str, Any] = dict(visible=True, value=_display(tuple(value) if isinstance(value, list) else value),
+                                      info=f.metadata["help"])
         if f.metadata.get("min") is not None or f.metadata.get("max") is not None:
             update.update(minimum=f.metadata.get("min"), maximum=f.metadata.get("max"))
         updates.append(gr.update(**update))
@@ -81,3 +85,19 @@ def read_settings(method: str, names: list[str], values: list[Any]) -> dict[str,
     """The current method's settings from the widget values (others are ignored)."""
     own = {f.name for f in get_method(method).fields()}
     return {name: value for name, value in zip(names, values) if name in own and value is not None}
+
+
+# Settings waiting for a browser session's next change of method. The Method tab shows a method's
+# defaults whenever the method changes; when History's "clone into Train tab" changes the method,
+# that change event would undo the cloned settings, so the clone leaves them here and the Method
+# tab takes them instead of the defaults (once, and only for the method they belong to).
+_pending: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def offer_settings(session: str, method: str, settings: dict[str, Any]) -> None:
+    _pending[session] = (method, dict(settings))
+
+
+def take_settings(session: str | None, method: str) -> dict[str, Any] | None:
+    entry = _pending.pop(session, None) if session else None
+    return entry[1] if entry is not None and entry[0] == method else None

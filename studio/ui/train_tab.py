@@ -162,6 +162,20 @@ def find_method_settings(demo: gr.Blocks) -> dict[str, gr.components.Component]:
             if isinstance(getattr(b, "elem_id", None), str) and b.elem_id.startswith("param-")}
 
 
+def option_elem_id(name: str) -> str:
+    """The elem_id of the widget for RunSpec field ``name`` (History's clone fills them in)."""
+    return "train-steps" if name == "max_steps" else f"train-{name.replace('_', '-')}"
+
+
+def find_widgets(demo: gr.Blocks) -> dict[str, gr.components.Component]:
+    """The tab's data and method choices (keys "data", "method") and its option widgets (by
+    RunSpec field), found by elem_id in a built app."""
+    by_id = {b.elem_id: b for b in demo.blocks.values() if isinstance(getattr(b, "elem_id", None), str)}
+    found = {"data": by_id.get("train-data"), "method": by_id.get("train-method")}
+    found.update({name: by_id.get(option_elem_id(name)) for name in OPTIONS})
+    return {k: v for k, v in found.items() if v is not None}
+
+
 # ---- the tab ----
 CHOICES = {"lr_scheduler": list(SCHEDULES[:3]), "precision": list(PRECISIONS)}
 MINIMUM = {"batch_size": 1, "grad_accum": 1, "max_length": 16, "seed": None}
@@ -195,12 +209,13 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, method_dropdown: g
                                info=help_["data"], elem_id="train-data")
             method = gr.Dropdown([(m.title, m.name) for m in all_methods()], value="lora",
                                  label=labels.TRAIN_METHOD, info=help_["method"], elem_id="train-method")
-            widgets = {"max_steps": _option("max_steps", elem_id="train-steps")}
+            widgets = {"max_steps": _option("max_steps", elem_id=option_elem_id("max_steps"))}
             with gr.Accordion(labels.TRAIN_ADVANCED, open=False, elem_id="train-advanced"):
                 advanced = OPTIONS[1:]  # two a row: the column is narrow (checkbox labels wrap at three)
                 for row in range(0, len(advanced), 2):
                     with gr.Row():
-                        widgets.update({name: _option(name) for name in advanced[row:row + 2]})
+                        widgets.update({name: _option(name, elem_id=option_elem_id(name))
+                                        for name in advanced[row:row + 2]})
             estimate_md = gr.Markdown(elem_id="train-estimate")
             start = gr.Button(labels.TRAIN_START, variant="primary", size="lg", elem_id="train-start")
             message = gr.Markdown(elem_id="train-message")

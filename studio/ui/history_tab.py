@@ -1,0 +1,297 @@
+"""The History tab: a project's runs (filter, sort, open one for its curves, runspec and log;
+rename, note, delete with confirmation, clone into the Train tab), a comparison of 2-8 runs
+(loss curves overlaid, the configuration fields that differ), and the project's datasets and
+exports.
+
+Sub-sections are tabs inside the tab; ``build(sections=...)`` adds more after the built-in ones
+(the bake-off plugs in there). The handlers are module functions taking plain values (no
+components), so tests call them against a real database; ``build`` only wires them to widgets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gradio as gr
+
+from studio import history
+from studio.db import Database, RunStatus
+from studio.methods import get_method
+from studio.ui import history_view as view
+from studio.ui import labels, param_widgets, train_tab
+from studio.ui.train_view import nice_limits
+
+TXT = labels.HISTORY
+
+
+# ---- handlers (plain values in, plain values / updates out) ----
+def runs_listing(db: Database, project_id: int | None, text: str = "", statuses: Sequence[str] = (),
+                 methods: Sequence[str] = (), sort: str = "created_at", descending: bool = True):
+    """(table, run choices, method choices): the filtered, sorted runs of the project."""
+    every = history.run_summaries(db, project_id)
+    rows = history.sort_runs(history.filter_runs(every, text, statuses, methods), sort or "created_at",
+                             bool(descending))
+    return view.runs_table(rows), view.run_choices(rows), sorted({r.method for r in every})
+
+
+def delete_question(db: Database, run_id: int | None) -> str:
+    run = db.get_run(run_id) if run_id is not None else None
+    if run is None:
+        return ""
+    return TXT["delete_warning"].format(id=run.id, name=run.name, folder=run.folder or "—")
+
+
+def clone_values(db: Database, project_id: int | None, run_id: int | None) -> dict[str, Any]:
+    """What "clone into Train tab" puts in the Train tab: {"data", "data_choices", "method",
+    "settings", "options" (by RunSpec field), "message"}; raises HistoryError when it cannot."""
+    spec = history.clone_spec(db, run_id)
+    run, project = db.get_run(run_id), db.get_project(project_id) if project_id is not None else None
+    if project is None or run.project_id != project.id:
+        raise history.HistoryError("pick the run's project first")
+    choices = train_tab.data_choices(db, project.id)
+    data = f"sample:{spec.sample_task}" if spec.sample_task else f"dataset:{spec.dataset_id}"
+    notes = []
+    if data not in [value for _, value in choices]:
+        notes.append(TXT["clone_no_data"])
+        data = None
+    options, skipped = {}, {}
+    for name in train_tab.OPTIONS:
+        value = getattr(spec, name)
+        if name in train_tab.CHOICES and value not in train_tab.CHOICES[name]:
+            skipped[name] = value
+        else:
+            options[name] = value
+    skipped.update(history.hidden_changes(spec, train_tab.OPTIONS))
+    if skipped:
+        notes.append(TXT["clone_skipped"].format(fields=", ".join(f"{k} = {v!r}" for k, v in skipped.items())))
+    if spec.model != project.model_source:
+        notes.append(TXT["clone_model"].format(model=spec.model, project_model=project.model_source))
+    return {"data": data, "data_choices": choices, "method": spec.method, "settings": dict(spec.method_settings),
+            "options": options,
+            "message": TXT["cloned"].format(id=run.id, name=run.name) + "".join(f"  \n{n}" for n in notes)}
+
+
+def compare_message(run_ids: Sequence[int] | None, comparison: view.Comparison | None = None) -> str:
+    """What the Compare sub-tab says above its curves, for the runs ticked."""
+    n = len(run_ids or [])
+    if n < 2:
+        return TXT["compare_pick"]
+    if n > view.MAX_COMPARE:
+        return TXT["compare_too_many"].format(n=view.MAX_COMPARE)
+    if comparison is None or comparison.diff.empty:
+        return TXT["compare_same"]
+    return TXT["compare_diff"].format(n=len(comparison.diff))
+
+
+# ---- the tab ----
+def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs | None = None,
+          tab: gr.Tab | None = None, sections: Sequence[tuple[str, Callable[[], None]]] = ()) -> None:
+    """Render the tab. ``sections``: (title, build function) pairs, each built in its own sub-tab
+    after Runs, Compare and Project (e.g. ``[("Bake-off", lambda: bakeoff_tab.build(...))]``)."""
+    with gr.Tabs(elem_id="history-sections"):
+        with gr.Tab(TXT["runs"], id="runs", elem_id="history-tab-runs"):
+            runs = _build_runs(demo, db, picker, main_tabs, tab)
+        with gr.Tab(TXT["compare"], id="compare", elem_id="history-tab-compare") as compare_sub:
+            pick = _build_compare(db)
+        with gr.Tab(TXT["project"], id="project", elem_id="history-tab-project") as project_sub:
+            with gr.Row():
+                refresh_project = gr.Button(labels.REFRESH, size="sm", scale=0, elem_id="history-project-refresh")
+            projects_df = gr.Dataframe(label=TXT["projects"], interactive=False, elem_id="history-projects")
+            datasets_df = gr.Dataframe(label=TXT["datasets"], interactive=False, elem_id="history-datasets")
+            exports_df = gr.Dataframe(label=TXT["exports"], interactive=False, wrap=True, elem_id="history-exports")
+        for title, build_section in sections:
+            slug = title.lower().replace(" ", "-")
+            with gr.Tab(title, id=slug, elem_id=f"history-tab-{slug}"):
+                build_section()
+
+    def on_project(project_id):
+        return view.projects_table(db), view.datasets_table(db, project_id), view.exports_table(db, project_id)
+
+    def on_compare_choices(project_id, chosen):
+        choices = view.run_choices(history.run_summaries(db, project_id))
+        ids = [c[1] for c in choices]
+        return gr.update(choices=choices, value=[i for i in (chosen or []) if i in ids])
+
+    project_outputs = [projects_df, datasets_df, exports_df]
+    # Each sub-tab refreshes when it is opened (what happened meanwhile shows at once).
+    for trigger in [picker.change, refresh_project.click, project_sub.select]:
+        trigger(on_project, [picker], project_outputs, api_name=False)
+    for trigger in [picker.change, runs["refresh"].click, runs["changed"].change, compare_sub.select]:
+        trigger(on_compare_choices, [picker, pick], [pick], api_name=False)
+
+
+def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs | None,
+                tab: gr.Tab | None) -> dict[str, Any]:
+    with gr.Row(equal_height=True):
+        text = gr.Textbox(label=TXT["search"], placeholder=TXT["search_hint"], scale=3, elem_id="history-search")
+        statuses = gr.Dropdown([s.value for s in RunStatus], value=[], multiselect=True, label=TXT["status"],
+                               scale=2, elem_id="history-status")
+        methods = gr.Dropdown([], value=[], multiselect=True, label=TXT["method"], scale=2, elem_id="history-method")
+        sort = gr.Dropdown(view.SORT_CHOICES, value="created_at", label=TXT["sort"], scale=2, elem_id="history-sort")
+        descending = gr.Checkbox(True, label=TXT["descending"], scale=1, elem_id="history-desc")
+        refresh = gr.Button(labels.REFRESH, size="sm", scale=0, min_width=90, elem_id="history-refresh")
+    table = gr.Dataframe(view.runs_table([]), label=TXT["runs_table"], interactive=False, wrap=True,
+                         max_height=420, elem_id="history-runs")
+    run = gr.Dropdown([], value=None, label=TXT["open"], info=TXT["open_help"], elem_id="history-run")
+    with gr.Row():
+        with gr.Column(scale=2):
+            summary = gr.Markdown(elem_id="history-run-summary")
+            with gr.Row():
+                name = gr.Textbox(label=TXT["name"], scale=3, elem_id="history-name")
+                rename = gr.Button(TXT["rename"], size="sm", scale=1, elem_id="history-rename")
+            notes = gr.Textbox(label=TXT["notes"], lines=2, elem_id="history-notes")
+            save_note = gr.Button(TXT["save_note"], size="sm", elem_id="history-save-note")
+            with gr.Row():
+                clone = gr.Button(TXT["clone"], variant="primary", elem_id="history-clone")
+                delete = gr.Button(TXT["delete"], variant="stop", elem_id="history-delete")
+            with gr.Group(visible=False, elem_id="history-delete-confirm") as confirm_box:
+                warning = gr.Markdown()
+                with gr.Row():
+                    confirm = gr.Button(labels.DELETE_CONFIRM, variant="stop", elem_id="history-delete-yes")
+                    cancel = gr.Button(labels.CANCEL, elem_id="history-delete-no")
+            message = gr.Markdown(elem_id="history-message")
+        with gr.Column(scale=3):
+            # Built afresh for each run opened (see _build_compare): a one-off update of data and
+            # limits together sometimes drew the previous run's data or nothing (Gradio 6.31).
+            @gr.render(inputs=[run], triggers=[run.change, refresh.click])
+            def curves(run_id):
+                d = view.run_detail(db, run_id)
+                common = dict(x="step", y="value", color="series", x_title="step", color_title="", x_lim=d.x_lim)
+                gr.LinePlot(d.loss, label="Loss", y_title="loss", y_lim=nice_limits(d.loss["value"]),
+                            color_map={"train loss": "#2563eb", "eval loss": "#f97316"}, elem_id="history-run-loss",
+                            **common)
+                gr.LinePlot(d.lr, label="Learning rate", y_title="learning rate", y_axis_format="~e", height=220,
+                            y_lim=nice_limits(d.lr["value"]), colors_in_legend=[], elem_id="history-run-lr", **common)
+    with gr.Accordion(TXT["runspec"], open=False, elem_id="history-runspec-box"):
+        runspec = gr.Code(language="json", interactive=False, elem_id="history-runspec")
+    log = gr.Textbox(label=TXT["log"], lines=12, max_lines=view.DETAIL_LOG_LINES, interactive=False,
+                     autoscroll=True, elem_id="history-log")
+    # Bumped after a rename, note or delete: the Compare sub-tab refreshes its run list on it.
+    changed = gr.Number(0, visible=False)
+
+    filters = [picker, text, statuses, methods, sort, descending]
+
+    def on_list(project_id, text_v, statuses_v, methods_v, sort_v, desc_v, current):
+        frame, choices, method_names = runs_listing(db, project_id, text_v, statuses_v, methods_v, sort_v, desc_v)
+        ids = [c[1] for c in choices]
+        value = current if current in ids else (ids[0] if ids else None)
+        return (frame, gr.update(choices=choices, value=value),
+                gr.update(choices=method_names, value=[m for m in methods_v or [] if m in method_names]))
+
+    def on_open(run_id):
+        d = view.run_detail(db, run_id)
+        return [d.summary, d.runspec, d.log, d.name, d.notes, gr.update(visible=False)]
+
+    def on_row(evt: gr.SelectData):
+        try:
+            return int(str(evt.row_value[0]))
+        except (TypeError, ValueError, IndexError):
+            return gr.update()
+
+    def act(fn, run_id, *args):
+        try:
+            return f"**Done:** {fn(db, run_id, *args)}"
+        except history.HistoryError as exc:
+            return f"**Could not do that:** {exc}"
+
+    def on_rename(run_id, new_name, n):
+        return act(lambda d, r, v: f"renamed to '{history.rename_run(d, r, v).name}'.", run_id, new_name), n + 1
+
+    def on_note(run_id, note, n):
+        return act(lambda d, r, v: (history.set_note(d, r, v), "note saved.")[1], run_id, note), n + 1
+
+    def on_delete(run_id, n):
+        def go(d, r):
+            gone = history.delete_run(d, r)
+            return f"deleted run #{r}" + (f" and its folder `{gone[0]}`." if gone else ".")
+        return act(go, run_id), gr.update(visible=False), n + 1
+
+    detail_outputs = [summary, runspec, log, name, notes, confirm_box]
+    list_outputs = [table, run, methods]
+    # Opening the tab refreshes too: runs finish and get renamed elsewhere, and a tab not yet opened
+    # does not receive the updates sent at page load.
+    for trigger in [picker.change, refresh.click, text.submit, statuses.change, methods.input, sort.change,
+                    descending.change, changed.change] + ([tab.select] if tab is not None else []):
+        trigger(on_list, [*filters, run], list_outputs, api_name=False).then(
+            on_open, [run], detail_outputs, api_name=False, show_progress="hidden")
+    run.input(on_open, [run], detail_outputs, api_name=False)
+    table.select(on_row, None, [run], api_name=False).then(on_open, [run], detail_outputs, api_name=False)
+    rename.click(on_rename, [run, name, changed], [message, changed], api_name=False)
+    save_note.click(on_note, [run, notes, changed], [message, changed], api_name=False)
+    delete.click(lambda rid: (gr.update(visible=rid is not None), delete_question(db, rid)), [run],
+                 [confirm_box, warning], api_name=False)
+    cancel.click(lambda: gr.update(visible=False), None, [confirm_box], api_name=False)
+    confirm.click(on_delete, [run, changed], [message, confirm_box, changed], api_name=False)
+    # A named endpoint: the restart test reads the table through gradio_client, as a user would see it.
+    def history_runs(project_id: int) -> list[list[str]]:
+        """The runs table as shown (header row first)."""
+        frame = runs_listing(db, project_id)[0]
+        return [list(frame.columns), *frame.values.tolist()]
+
+    gr.api(history_runs, api_name="history_runs")
+    _wire_clone(demo, db, picker, main_tabs, run, clone, message)
+    return {"refresh": refresh, "changed": changed}
+
+
+def _build_compare(db: Database) -> gr.CheckboxGroup:
+    pick = gr.CheckboxGroup([], value=[], label=TXT["compare_label"], info=TXT["compare_help"],
+                            elem_id="history-compare-pick")
+
+    # Built afresh for every choice of runs (gr.render), not updated in place: Gradio's plot
+    # recomputes its colours and legend only when it is built, and an update that changes the
+    # series set, the colour map and the data together draws with a stale colour domain
+    # (measured on 6.31: lines left transparent).
+    @gr.render(inputs=[pick], triggers=[pick.change])
+    def show(run_ids):
+        ids = list(run_ids or [])
+        if not 2 <= len(ids) <= view.MAX_COMPARE:
+            gr.Markdown(compare_message(ids), elem_id="history-compare-message")
+            return
+        c = view.comparison(db, ids)
+        gr.Markdown(compare_message(ids, c), elem_id="history-compare-message")
+        common = dict(x="step", y="value", color="series", x_title="step", y_title="loss", color_title="",
+                      color_map=c.color_map, x_lim=c.x_lim)
+        with gr.Row():
+            for title, frame, elem_id in ((TXT["compare_train"], c.train, "history-compare-train"),
+                                          (TXT["compare_eval"], c.eval, "history-compare-eval")):
+                gr.LinePlot(frame, label=title, y_lim=nice_limits(frame["value"]), elem_id=elem_id, **common)
+        gr.Dataframe(c.results, label=TXT["compare_results"], interactive=False, wrap=True,
+                     elem_id="history-compare-results")
+        gr.Dataframe(c.diff, label=TXT["compare_diff_label"], interactive=False, wrap=True,
+                     elem_id="history-compare-diff")
+
+    return pick
+
+
+def _wire_clone(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs | None,
+                run: gr.Dropdown, clone: gr.Button, message: gr.Markdown) -> None:
+    """"Clone into Train tab": fill the Train tab (and the Method tab's settings, which the Train
+    tab trains with) from the run's RunSpec, then switch to the Train tab."""
+    train = train_tab.find_widgets(demo)
+    settings = train_tab.find_method_settings(demo)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if isinstance(getattr(b, "elem_id", None), str)}
+    method_choice = by_id.get("method-choice")  # the Method tab's method
+    options = [name for name in train_tab.OPTIONS if name in train]
+    names = list(settings)
+    extra = [w for w in (method_choice, main_tabs) if w is not None]
+    outputs = [message, train["data"], train["method"], *(train[n] for n in options), *settings.values(), *extra]
+
+    def on_clone(project_id, run_id, current_method, request: gr.Request = None):
+        keep = [gr.update()] * (len(outputs) - 1)
+        try:
+            plan = clone_values(db, project_id, run_id)
+        except (history.HistoryError, ValueError) as exc:
+            return [f"**Could not clone:** {exc}", *keep]
+        method, chosen = plan["method"], plan["settings"]
+        if method_choice is not None and current_method != method and request is not None:
+            # The Method tab resets settings to defaults when its method changes: leave ours for it.
+            param_widgets.offer_settings(request.session_hash, method, chosen)
+        data = gr.update(choices=plan["data_choices"], value=plan["data"]) if plan["data"] else gr.update()
+        tail = ([gr.update(value=method)] if method_choice is not None else []) + \
+            ([gr.Tabs(selected="train")] if main_tabs is not None else [])
+        return [plan["message"], data, gr.update(value=method), *(plan["options"].get(n, gr.update()) for n in options),
+                *param_widgets.show_method(get_method(method), names, chosen), *tail]
+
+    clone.click(on_clone, [picker, run, method_choice or train["method"]], outputs, api_name=False)
+

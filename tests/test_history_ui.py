@@ -1,0 +1,167 @@
+"""The History tab's handlers without a browser, against a real database: the runs listing, the
+comparison (overlaid frames, colours, the config diff), clone into the Train tab (through the
+built app's own event functions), and the runs table read through two real app processes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import free_port, wait_for_http
+from studio import projects
+from studio.db import Database, utcnow
+from studio.runspec import RunSpec
+from studio.ui import history_tab, history_view, param_widgets, train_tab
+from studio.worker import launch
+
+
+def make_run(db, project_id, name, losses, evals=(), score=None, **spec_fields):
+    run = launch.create_run(db, project_id, RunSpec(sample_task="dates", **spec_fields), name=name)
+    for step, value in enumerate(losses, start=1):
+        db.log_metrics(run.id, step, {"loss": value, "peak_memory_bytes": 1e9 + step})
+    for step, value in evals:
+        db.log_metrics(run.id, step, {"eval_loss": value})
+    if score is not None:
+        db.log_metrics(run.id, len(losses), {"eval_exact_match": score})
+    started = utcnow() - timedelta(minutes=10)
+    return db.update_run(run.id, status="completed", started_at=started, finished_at=started + timedelta(seconds=75))
+
+
+@pytest.fixture
+def setup():
+    db = Database()
+    project = projects.create_project(db, "UI")
+    a = make_run(db, project.id, "lora small lr", [2.0, 1.5, 1.2], [(2, 1.6), (3, 1.4)], 0.5, learning_rate=1e-4)
+    b = make_run(db, project.id, "dora", [2.1, 1.4, 1.0], [(3, 1.1)], method="dora", method_settings={"r": 8})
+    yield db, project, a, b
+    db.close()
+
+
+def test_runs_listing_filters_sorts_and_lists_methods(setup):
+    db, project, a, b = setup
+    table, choices, methods = history_tab.runs_listing(db, project.id)
+    assert list(table["#"]) == [str(b.id), str(a.id)] and methods == ["dora", "lora"]
+    assert [c[1] for c in choices] == [b.id, a.id] and "completed" in choices[0][0]
+    row = table[table["#"] == str(a.id)].iloc[0]
+    assert (row["train loss"], row["eval loss"], row["eval exact match"], row["steps"]) == ("1.2000", "1.4000",
+                                                                                         "50.0%", "3")
+    assert row["duration"] == "1 min 15 s" and row["peak memory"] == "954 MiB"
+    table, _, _ = history_tab.runs_listing(db, project.id, sort="train_loss", descending=False)
+    assert list(table["#"]) == [str(b.id), str(a.id)]
+    table, choices, _ = history_tab.runs_listing(db, project.id, methods=["lora"])
+    assert list(table["#"]) == [str(a.id)] and [c[1] for c in choices] == [a.id]
+    assert history_tab.runs_listing(db, None)[0].empty
+
+
+def test_comparison_overlays_both_runs_in_both_plots_and_diffs_the_config(setup):
+    db, project, a, b = setup
+    c = history_view.comparison(db, [a.id, b.id])
+    labels = [f"#{a.id} lora small lr", f"#{b.id} dora"]
+    assert c.labels == labels and c.x_lim == [0.0, 3.0]
+    assert c.color_map == {labels[0]: history_view.PALETTE[0], labels[1]: history_view.PALETTE[1]}
+    for frame in (c.train, c.eval):
+        assert set(frame["series"]) == set(labels)  # every run in every frame (Gradio fixes colours once)
+        assert frame["step"].dtype == float and frame["value"].dtype == float
+    assert list(c.train[c.train["series"] == labels[1]]["value"]) == [2.1, 1.4, 1.0]
+    assert list(c.eval[c.eval["series"] == labels[0]].dropna()["step"]) == [2.0, 3.0]
+    assert list(c.diff.columns) == ["field", *labels]
+    # Exactly the differing fields of the effective runspecs: the method, DoRA's switch and rank
+    # (LoRA's default 16 against 8), and the learning rate.
+    assert [list(r) for r in c.diff.values] == [["method", "lora", "dora"],
+                                               ["method_settings.r", "16", "8"],
+                                               ["method_settings.use_dora", "false", "true"],
+                                               ["learning_rate", "0.0001", "0.0002"]]
+    assert "4 configuration field(s) differ" in history_tab.compare_message([a.id, b.id], c)
+    assert list(c.results["run"]) == labels and list(c.results["eval exact match"]) == ["50.0%", "—"]
+
+    same = make_run(db, project.id, "copy", [1.0], learning_rate=1e-4)
+    assert "same configuration" in history_tab.compare_message([a.id, same.id],
+                                                               history_view.comparison(db, [a.id, same.id]))
+    assert "at least two" in history_tab.compare_message([a.id])
+    assert "at most 8" in history_tab.compare_message(list(range(1, 10)))
+
+
+def find_fn(demo, name):
+    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name)
+
+
+def test_clone_fills_the_train_tab_and_the_method_settings_then_switches_tab(setup):
+    from studio.ui.app import build_app
+
+    db, project, a, b = setup
+    values = history_tab.clone_values(db, project.id, b.id)
+    assert values["data"] == "sample:dates" and values["method"] == "dora" and values["settings"] == {"r": 8}
+    # What the Train tab would start from those values is the cloned run's spec.
+    spec = train_tab.make_spec("default", values["data"], values["method"], values["settings"], values["options"])
+    assert spec.to_dict() == db.get_run(b.id).spec
+
+    tuned = make_run(db, project.id, "tuned", [1.0], weight_decay=0.1, lr_scheduler="constant_with_warmup")
+    message = history_tab.clone_values(db, project.id, tuned.id)["message"]
+    assert "weight_decay = 0.1" in message and "lr_scheduler = 'constant_with_warmup'" in message
+    other = projects.create_project(db, "Other")
+    with pytest.raises(ValueError):
+        history_tab.clone_values(db, other.id, b.id)
+
+    demo = build_app(db)
+    on_clone, on_method = find_fn(demo, "on_clone"), find_fn(demo, "on_method")
+    request = SimpleNamespace(session_hash="browser-1")
+    out = on_clone(project.id, b.id, "lora", request)
+    assert "Cloned run" in out[0]
+    assert out[1]["value"] == "sample:dates" and out[2]["value"] == "dora"
+    assert out[-1].selected == "train" and out[-2]["value"] == "dora"  # Method tab's method, then the tab switch
+    shown = [u.get("value") for u in out[3 + len(train_tab.OPTIONS):-2] if u.get("visible")]
+    assert 8 in shown and True in shown  # rank 8 and use_dora, among the visible DoRA settings
+    # The Method tab's own change event (fired by that method change) keeps the cloned settings...
+    card, *updates = on_method("dora", request)
+    assert 8 in [u.get("value") for u in updates if u.get("visible")]
+    # ...once: a later change of method shows the defaults again.
+    card, *updates = on_method("dora", request)
+    assert 8 not in [u.get("value") for u in updates if u.get("visible")]
+    assert param_widgets.take_settings("browser-1", "dora") is None
+    assert "Could not clone" in on_clone(project.id, None, "lora", request)[0]
+    demo.close()
+
+
+def start_app(log_path):
+    port = free_port()
+    log = open(log_path, "a")
+    proc = subprocess.Popen([sys.executable, "-m", "studio", "ui", "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    wait_for_http(url, proc)
+    return proc, url, log
+
+
+def stop_app(proc, log):
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_the_runs_table_is_the_same_after_a_real_app_restart(setup, tmp_path, studio_home):
+    from gradio_client import Client
+
+    db, project, a, b = setup
+    export = db.add_export(project.id, "merged", studio_home / "m", run_id=a.id, dtype="bfloat16")
+    db.update_export(export.id, status="verified", size_bytes=3 * 2**30)
+    expected = history_tab.runs_listing(db, project.id)[0]
+    tables = []
+    for _ in range(2):  # two app processes, one after the other, on the same file
+        proc, url, log = start_app(tmp_path / "app.log")
+        try:
+            tables.append(Client(url, verbose=False).predict(project.id, api_name="/history_runs"))
+        finally:
+            stop_app(proc, log)
+    assert tables[0] == tables[1]
+    header, *rows = tables[0]
+    assert header == list(expected.columns) and rows == expected.values.tolist()
+    assert history_view.exports_table(Database(), project.id).iloc[0]["size"] == "3.00 GiB"
