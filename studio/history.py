@@ -97,13 +97,18 @@ def _last(metrics: MetricSummary, name: str) -> float | None:
     return point[1] if point is not None else None
 
 
+# High-water marks: the training callback's, and the bake-off's (measured on the same device
+# after training, on the saved adapter). The largest is the run's peak.
+PEAK_METRICS = ("peak_memory_bytes", "peak_cuda_allocated_bytes", "peak_rss_bytes")
+
+
 def _peak_memory(metrics: MetricSummary) -> float | None:
     """The recorded high-water mark; runs from before it was recorded fall back to the largest
     sampled use (a lower bound of the peak)."""
-    for name in ("peak_memory_bytes", "memory_bytes"):
-        value = metrics.peak.get(name)
-        if value is not None and math.isfinite(value):
-            return value
+    for names in (PEAK_METRICS, ("memory_bytes",)):
+        values = [v for v in (metrics.peak.get(n) for n in names) if v is not None and math.isfinite(v)]
+        if values:
+            return max(values)
     return None
 
 

@@ -68,8 +68,11 @@ def test_summaries_and_tables_survive_a_reopen_with_the_same_numbers(db, project
     assert ra.duration_s == 180.0 and ra.notes == "best so far" and ra.status == "completed"
     assert "lr 0.0001" in ra.settings and "r 16" in ra.settings and "lora_alpha 32" in ra.settings
     assert rb.peak_memory_bytes == 7e8  # recorded before peaks were: the largest sample
+    db.log_metrics(b.id, 2, {"peak_rss_bytes": 8e8})  # a bake-off's measurement after training
+    assert history.run_summaries(db, project.id)[0].peak_memory_bytes == 8e8
     assert rb.eval_loss is None and rb.eval_score is None and rb.train_loss != rb.train_loss  # NaN kept
     assert "batch 8×2" in rb.settings
+    rows = history.run_summaries(db, project.id)
     table = history_view.runs_table(rows)
     assert list(table.iloc[1][["train loss", "eval loss", "eval exact match", "duration", "peak memory"]]) == \
         ["1.5000", "1.9000", "25.0%", "3 min 0 s", "477 MiB"]
