@@ -120,3 +120,28 @@ def test_start_refuses_bad_input_and_creates_nothing():
         with pytest.raises(ValueError, match=message):
             start_bakeoff(db, project.id, methods, Budget(), **kwargs)
     assert db.list_runs(project.id) == [] and db.list_bakeoffs(project.id) == []
+
+
+def test_cli_queues_without_waiting_and_refuses_bad_methods(capsys):
+    """``peft-studio bakeoff --no-wait`` while another run holds the device: queued, not started."""
+    import os
+
+    from studio import cli
+
+    db = Database()
+    project = projects.create_project(db, "cli bake-off")
+    holder = db.create_run(project.id, "holder", "lora", RunSpec(sample_task="dates").to_dict())
+    db.enqueue_runs([holder.id])
+    db.claim_run(None, os.getpid())
+    try:
+        code = cli.main(["bakeoff", "--task", "dates", "--methods", "lora,ia3", "--steps", "3",
+                         "--project", "cli bake-off", "--no-wait"])
+        assert code == 0 and "queued in project 'cli bake-off'" in capsys.readouterr().out
+        (row,) = db.list_bakeoffs(project.id)
+        assert row.methods == ["lora", "ia3"] and row.budget["max_steps"] == 3
+        assert [r.id for r in db.waiting_runs()] == row.run_ids
+        assert cli.main(["bakeoff", "--task", "dates", "--methods", "lora,nope", "--project", "cli bake-off"]) == 2
+        assert "unknown method 'nope'" in capsys.readouterr().err
+    finally:
+        for run_id in [holder.id, *db.list_bakeoffs(project.id)[0].run_ids]:
+            db.update_run(run_id, status="cancelled")

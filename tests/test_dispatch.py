@@ -105,23 +105,19 @@ def test_concurrent_claims_from_many_processes_start_exactly_one(db, tmp_path):
 
 
 def test_the_worker_starts_the_next_run_itself(db, tiny_chat_model):
-    """Nothing polls here (no reconcile, no dispatch from the test): as in a closed UI, each
+    """Nothing polls here (no reconcile, no dispatch from the test): as in a closed UI, the
     finishing worker starts the next waiting run."""
-    first, second, third = new_runs(db, [tiny_spec(tiny_chat_model) for _ in range(3)])
-    started = launch.enqueue(db, [first, second, third])
-    assert started.id == first
-    assert status_of(db, second) == status_of(db, third) == "queued"
+    first, second = new_runs(db, [tiny_spec(tiny_chat_model) for _ in range(2)])
+    started = launch.enqueue(db, [first, second])
+    assert started.id == first and status_of(db, second) == "queued"
 
-    def all_done():
-        return all(status_of(db, r) not in ("queued", "running") for r in (first, second, third))
-    wait_for(all_done, 240, what="the queue to drain")
-    for run_id in (first, second, third):
+    wait_for(lambda: all(status_of(db, r) not in ("queued", "running") for r in (first, second)), 180,
+             what="the queue to drain")
+    for run_id in (first, second):
         assert status_of(db, run_id) == "completed", explain(db, run_id)
-    runs = [db.get_run(r) for r in (first, second, third)]
-    assert runs[0].finished_at <= runs[1].started_at and runs[1].finished_at <= runs[2].started_at
-    assert len({r.pid for r in runs}) == 3
+    runs = [db.get_run(r) for r in (first, second)]
+    assert runs[0].finished_at <= runs[1].started_at and runs[0].pid != runs[1].pid
     assert f"started queued run {second}" in launch.log_tail(db, runs[0])
-    assert f"started queued run {third}" in launch.log_tail(db, runs[1])
 
 
 def test_a_plain_start_is_refused_while_a_queued_run_trains(db, tiny_chat_model):
@@ -133,24 +129,21 @@ def test_a_plain_start_is_refused_while_a_queued_run_trains(db, tiny_chat_model)
     assert running.pid and running.pid != os.getpid()
 
 
-def test_after_a_crash_reconcile_starts_the_next_run(db, tiny_chat_model):
-    first, second = new_runs(db, [tiny_spec(tiny_chat_model, max_steps=400), tiny_spec(tiny_chat_model)])
-    running = launch.enqueue(db, [first, second])
+def test_the_queue_goes_on_after_a_crash_and_after_a_stop(db, tiny_chat_model):
+    """Run 1 is killed -9: the reconcile that notices starts run 2. Run 2 is stopped: its worker
+    ends it as cancelled and starts run 3, which completes."""
+    long = tiny_spec(tiny_chat_model, max_steps=400)
+    first, second, third = new_runs(db, [long, long, tiny_spec(tiny_chat_model)])
+    running = launch.enqueue(db, [first, second, third])
     wait_for(lambda: db.last_step(first), 120, what="the first training step")
     os.killpg(running.pid, signal.SIGKILL)
     wait_for(lambda: launch.reconcile(db) or status_of(db, first) == "failed", 30,
              what="reconcile to notice the dead worker")
     assert status_of(db, first) == "failed" and "pid" in db.get_run(first).error
-    assert status_of(db, second) in ("running", "completed")  # dispatched by that reconcile
-    wait_for(lambda: status_of(db, second) not in ("queued", "running"), 120, what="the second run")
-    assert status_of(db, second) == "completed", explain(db, second)
+    assert status_of(db, second) == "running"  # dispatched by that reconcile
 
-
-def test_stopping_the_running_run_lets_the_queue_go_on(db, tiny_chat_model):
-    first, second = new_runs(db, [tiny_spec(tiny_chat_model, max_steps=400), tiny_spec(tiny_chat_model)])
-    launch.enqueue(db, [first, second])
-    wait_for(lambda: db.last_step(first), 120, what="the first training step")
-    launch.stop(db, first, "discard")
-    wait_for(lambda: status_of(db, second) not in ("queued", "running"), 150, what="the second run")
-    assert status_of(db, first) == RunStatus.CANCELLED.value
-    assert status_of(db, second) == "completed", explain(db, second)
+    wait_for(lambda: db.last_step(second), 120, what="the second run's first step")
+    launch.stop(db, second, "discard")
+    wait_for(lambda: status_of(db, third) not in ("queued", "running"), 150, what="the third run")
+    assert status_of(db, second) == RunStatus.CANCELLED.value
+    assert status_of(db, third) == "completed", explain(db, third)

@@ -85,6 +85,8 @@ def _cuda_device_count() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip()])
+    if "torch" in sys.modules:  # a worker starting its successor: ask directly, not via a probe child
+        return sys.modules["torch"].cuda.device_count()
     try:
         from studio.sysinfo import probe_accelerators
 

@@ -121,7 +121,10 @@ def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool,
     train_set, eval_set, collator = prepare.build_data(db, spec, dataset_id, tokenizer)
     quantised = getattr(model, "is_loaded_in_4bit", False)
     scorer = exact_match_scorer(spec, tokenizer)
-    callback = StudioCallback(db, run_id, None if quantised else scorer)
+    # A bake-off scores the saved adapter after training (measure_for_bakeoff); scoring the
+    # training model too, at the final evaluation, would only cost time.
+    bakeoff = db.bakeoff_for_run(run_id)
+    callback = StudioCallback(db, run_id, None if quantised or bakeoff is not None else scorer)
     optimizers = (None, None)
     if getattr(params, "loraplus_lr_ratio", 1.0) != 1.0:
         from studio.methods.lora import loraplus_optimizer
@@ -154,8 +157,9 @@ def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool,
     final = training_stats(trainer, model, wall)  # before the evaluations below raise the peak
     if eval_set is not None:
         final.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
-    bakeoff = db.bakeoff_for_run(run_id)
-    if scorer is not None and bakeoff is None:  # a bake-off scores the saved adapter instead
+    # The final evaluate() above already ran the callback's exact match, unless the callback
+    # has no scorer (QLoRA) or there was no eval split to evaluate.
+    if scorer is not None and bakeoff is None and (callback.evaluate_exact_match is None or eval_set is None):
         final["eval_exact_match"] = scorer(model)
     trainer.save_model(str(folder / "adapter"))
     db.log_metrics(run_id, step, final)
