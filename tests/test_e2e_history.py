@@ -122,3 +122,24 @@ def test_history_lists_opens_compares_and_clones_runs(running_app, tmp_path, stu
                                timeout=30_000)
         assert page.locator("#method-choice input").first.input_value() == title
         shot(page, tmp_path, "history-cloned")
+
+        # Back in History: a note on the recorded run, then delete it after confirming. Its row
+        # and folder go; the trained run and its folder stay.
+        page.get_by_role("tab", name="History").click()
+        page.get_by_role("tab", name="Runs", exact=True).click()
+        page.locator("#history-run-summary").get_by_text(f"#{other.id} recorded dora").wait_for()
+        page.locator("#history-notes textarea").fill("lr too high")
+        page.locator("#history-save-note").click()
+        page.locator("#history-message").get_by_text("note saved").wait_for()
+        assert db.get_run(other.id).notes == "lr too high"
+        folder = launch.run_folder(db, other)
+        page.locator("#history-delete").click()
+        page.locator("#history-delete-confirm").get_by_text(f"Delete run #{other.id}").wait_for()
+        page.locator("#history-delete-yes").click()
+        page.locator("#history-message").get_by_text(f"deleted run #{other.id}").wait_for()
+        page.wait_for_function(
+            "id => ![...document.querySelectorAll('#history-runs .virtual-row [role=gridcell]:first-child')]"
+            ".some(c => c.textContent.trim() === id)", arg=str(other.id))
+        assert db.get_run(other.id) is None and not folder.exists()
+        assert launch.run_folder(db, db.get_run(real.id)).is_dir()
+        shot(page, tmp_path, "history-deleted")

@@ -11,6 +11,7 @@ components), so tests call them against a real database; ``build`` only wires th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -123,7 +124,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs
 
 def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs | None,
                 tab: gr.Tab | None) -> dict[str, Any]:
-    with gr.Row(equal_height=True):
+    with gr.Row():
         text = gr.Textbox(label=TXT["search"], placeholder=TXT["search_hint"], scale=3, elem_id="history-search")
         statuses = gr.Dropdown([s.value for s in RunStatus], value=[], multiselect=True, label=TXT["status"],
                                scale=2, elem_id="history-status")
@@ -204,7 +205,7 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
     def on_delete(run_id, n):
         def go(d, r):
             gone = history.delete_run(d, r)
-            return f"deleted run #{r}" + (f" and its folder `{gone[0]}`." if gone else ".")
+            return f"deleted run #{r}" + (f" and its folder `{Path(gone[0]).name}`." if gone else ".")
         return act(go, run_id), gr.update(visible=False), n + 1
 
     detail_outputs = [summary, runspec, log, name, notes, confirm_box]
