@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from studio.bakeoff.measure import peak_rss_bytes, weights_bytes
+from studio.bakeoff.measure import weights_bytes
+from studio.sysinfo import peak_rss_bytes
 
 MB = 2**20
 
@@ -17,7 +18,7 @@ def test_peak_rss_is_the_process_own_not_inherited_from_its_parent():
         big[i] = 1
     assert peak_rss_bytes() > 600 * MB
     del big
-    code = ("import resource; from studio.bakeoff.measure import peak_rss_bytes; "
+    code = ("import resource; from studio.sysinfo import peak_rss_bytes; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_rss_bytes())")
     inherited, own = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                              check=True).stdout.split())

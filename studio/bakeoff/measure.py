@@ -8,14 +8,13 @@ where the method merges, scored by exact match on the eval split and timed gener
 number of tokens.
 
 Peak memory is two different things and is labelled so: on a GPU ``torch.cuda.max_memory_
-allocated`` (tensors only), on the CPU the process's peak resident set (VmHWM: weights,
-activations, optimizer, Python and its libraries; everything the machine had to hold).
+allocated`` (tensors only), on the CPU the process's own peak resident set
+(``sysinfo.peak_rss_bytes``: weights, activations, optimizer, Python and its libraries;
+everything the machine had to hold).
 """
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,25 +30,9 @@ def peak_memory() -> dict[str, float]:
 
     if torch.cuda.is_available():
         return {"peak_cuda_allocated_bytes": float(torch.cuda.max_memory_allocated())}
+    from studio.sysinfo import peak_rss_bytes
+
     return {"peak_rss_bytes": float(peak_rss_bytes())}
-
-
-def peak_rss_bytes() -> int:
-    """This process's own peak resident set.
-
-    Not ``getrusage(...).ru_maxrss`` on Linux: the kernel carries ru_maxrss across fork and
-    exec, so a worker started by another worker (the queue) reported its parent's peak when
-    that was higher (measured: three bake-off runs in a row showed the same figure). VmHWM in
-    /proc/self/status belongs to the memory map that exec created, so it is this program's."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, others kB
 
 
 def training_stats(trainer: Any, model: Any, wall_seconds: float) -> dict[str, float]:

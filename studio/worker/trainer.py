@@ -10,7 +10,6 @@ exact-match evaluation and turns a cancel request from the UI into a clean stop.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from studio.adapters import bottleneck
 from studio.db import Database
+from studio.sysinfo import peak_rss_bytes
 
 
 class CancelRequested(Exception):
@@ -106,14 +106,8 @@ class StudioCallback(TrainerCallback):
         use at each log misses the short peak inside a step (activations, optimizer update)."""
         if torch.cuda.is_available():
             return float(torch.cuda.max_memory_allocated())
-        try:
-            import resource  # not on Windows
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return float(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB
-        except ImportError:
-            info = self._process.memory_info()
-            return float(getattr(info, "peak_wset", info.rss))
+        # Not ru_maxrss: it carries the starting process's peak across fork + exec (see there).
+        return float(peak_rss_bytes())
 
     def on_step_end(self, args, state, control, **kwargs):
         request = self.db.heartbeat(self.run_id)
