@@ -1,7 +1,7 @@
 """Compare tab: one batched generate for the base + 3 LoRA adapters vs 4 generations one after another,
 and the memory of 1 vs 6 adapters attached over one copy of the base weights.
 
-    python bench/compare.py [--model default] [--tokens 64] [--repeats 3]
+    python bench/compare.py [--model default] [--tokens 64] [--repeats 3] [--threads N]
 
 Both paths run on the same ChatEngine, interleaved, each repeat timing batched then sequential, so
 a busy machine slows both alike; the ratio (batched / sequential, goal <= 0.6) is the figure.
@@ -50,7 +50,10 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     folder = models.resolve_source(args.model)
     workdir = Path(tempfile.mkdtemp(prefix="bench-compare-"))
