@@ -66,7 +66,7 @@ def test_render_shows_the_table_plot_and_downloads_then_cancel(busy):
     status, frame, points, csv_path, md_path = ui.render(db, new)
     assert "1 of 2 done" in status and "5 steps × batch 2 × max 64 tokens" in status
     assert list(frame.columns) == [h for _, h in COLUMNS]
-    assert frame.iloc[0]["trainable parameters"] == 11_520 and frame.iloc[1]["final eval loss"] == "—"
+    assert frame.iloc[0]["trainable parameters"] == "11,520" and frame.iloc[1]["final eval loss"] == "—"
     assert points.to_dict("records") == [{"method": "Prompt tuning", "trainable parameters (log10)":
                                           pytest.approx(4.0614, abs=1e-3), "quality": 0.25}]
     rows = current_rows(db, db.get_bakeoff(new))

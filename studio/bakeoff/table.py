@@ -63,13 +63,13 @@ def run_row(db: Database, method: str, run_id: int, note: str | None = None) -> 
         "trainable_params": int(v["trainable_params"]) if "trainable_params" in v else None,
         "adapter_mb": _round(v.get("adapter_bytes"), 1e6, 3),
         "peak_memory_mb": _round(peak, 1e6, 0),
-        "peak_memory_kind": None if peak is None else ("GPU allocated" if cuda is not None else "process RSS (CPU)"),
+        "peak_memory_kind": None if peak is None else ("GPU allocated" if cuda is not None else "RSS (CPU)"),
         "train_s": _round(v.get("train_seconds"), 1, 1),
         "train_tokens_per_s": _round(v.get("train_tokens_per_s"), 1, 1),
         "eval_loss": _round(v.get("eval_loss"), 1, 4),
         "exact_match": _round(v.get("eval_exact_match"), 1, 4),
         "infer_tokens_per_s": _round(v.get("inference_tokens_per_s"), 1, 1),
-        "inference": None if merged is None else ("merged" if merged else "adapter (unmerged)"),
+        "inference": None if merged is None else ("merged" if merged else "adapter"),
         "mergeable": "yes" if spec.mergeable else "no",
         "note": note or "",
     }
@@ -104,7 +104,8 @@ def refresh(db: Database, bakeoff_id: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """One value as the Markdown table and the UI show it."""
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -129,7 +130,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
              "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(k)).replace("|", "\\|") for k, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(r.get(k)).replace("|", "\\|") for k, _ in COLUMNS) + " |")
     notes = [f"- {r['method']}: {r['note']}" for r in rows if r.get("note")]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 

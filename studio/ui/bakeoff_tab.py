@@ -92,9 +92,9 @@ def status_text(db: Database, row: Any) -> str:
 
 
 def table_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame([{header: r.get(key) for key, header in bt.COLUMNS} for r in rows],
-                         columns=[header for _, header in bt.COLUMNS])
-    return frame.astype(object).where(frame.notna(), "—")
+    """The table as shown: numbers formatted as in the Markdown export ("—": not measured)."""
+    return pd.DataFrame([{header: bt.cell(r.get(key)) for key, header in bt.COLUMNS} for r in rows],
+                        columns=[header for _, header in bt.COLUMNS])
 
 
 def scatter_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -142,11 +142,12 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
     budget = bakeoff.Budget()
     gr.Markdown(TXT["intro"])
     with gr.Row():
-        with gr.Column(scale=2):
+        with gr.Column(scale=3):
             data = gr.Dropdown(data_choices(db, None), value="sample:dates", label=TXT["data"],
                                elem_id="bakeoff-data")
             methods = gr.CheckboxGroup([(m.title, m.name) for m in all_methods()], value=bakeoff.DEFAULT_METHODS,
                                        label=TXT["methods"], elem_id="bakeoff-methods")
+        with gr.Column(scale=2):
             with gr.Row():
                 steps = gr.Number(budget.max_steps, label=TXT["steps"], minimum=1, precision=0,
                                   elem_id="bakeoff-steps")
@@ -160,20 +161,21 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
             lr = gr.Number(0, label=TXT["lr"], minimum=0, elem_id="bakeoff-lr")
             go = gr.Button(TXT["queue"], variant="primary", elem_id="bakeoff-queue")
             message = gr.Markdown(elem_id="bakeoff-message")
-        with gr.Column(scale=4):
-            with gr.Row():
-                chosen = gr.Dropdown([], label=TXT["bakeoff"], elem_id="bakeoff-choice", scale=4)
-                refresh_btn = gr.Button(TXT["refresh"], size="sm", scale=0, elem_id="bakeoff-refresh")
-                cancel_btn = gr.Button(TXT["cancel"], size="sm", variant="stop", scale=0, elem_id="bakeoff-cancel")
-            status = gr.Markdown(elem_id="bakeoff-status")
-            table = gr.Dataframe(interactive=False, wrap=True, elem_id="bakeoff-table")
-            plot = gr.ScatterPlot(x="trainable parameters (log10)", y="quality", color="method",
-                                  label=TXT["plot"], y_title="eval exact match (or minus eval loss)",
-                                  elem_id="bakeoff-plot")
-            with gr.Row():
-                csv_file = gr.DownloadButton(TXT["csv"], elem_id="bakeoff-csv")
-                md_file = gr.DownloadButton(TXT["markdown"], elem_id="bakeoff-md")
-        timer = gr.Timer(POLL_SECONDS)
+    with gr.Row():
+        chosen = gr.Dropdown([], label=TXT["bakeoff"], elem_id="bakeoff-choice", scale=4)
+        refresh_btn = gr.Button(TXT["refresh"], size="sm", scale=1, elem_id="bakeoff-refresh")
+        cancel_btn = gr.Button(TXT["cancel"], size="sm", variant="stop", scale=1, elem_id="bakeoff-cancel")
+    status = gr.Markdown(elem_id="bakeoff-status")
+    # Full width: thirteen columns are unreadable beside the form.
+    table = gr.Dataframe(interactive=False, wrap=True, elem_id="bakeoff-table")
+    with gr.Row():
+        plot = gr.ScatterPlot(x="trainable parameters (log10)", y="quality", color="method",
+                              label=TXT["plot"], y_title="eval exact match (or minus eval loss)",
+                              elem_id="bakeoff-plot", scale=3)
+        with gr.Column(scale=1):
+            csv_file = gr.DownloadButton(TXT["csv"], elem_id="bakeoff-csv")
+            md_file = gr.DownloadButton(TXT["markdown"], elem_id="bakeoff-md")
+    timer = gr.Timer(POLL_SECONDS)
 
     shown = [status, table, plot, csv_file, md_file]
 
