@@ -11,8 +11,8 @@ import gradio as gr
 from studio import projects
 from studio.db import Database
 from studio.worker import launch
-from studio.ui import (compare_tab, data_tab, export_tab, history_tab, labels, method_tab, placeholders,
-                       projects_panel, system_panel, train_tab)
+from studio.ui import (bakeoff_tab, compare_tab, data_tab, export_tab, history_tab, labels, method_tab,
+                       placeholders, projects_panel, system_panel, train_tab)
 
 
 CSS = """
@@ -45,8 +45,8 @@ def build_app(db: Database | None = None) -> gr.Blocks:
                                 data_tab.build(demo, db, picker)
                                 continue
                             if name == "History":
-                                # More sub-sections (the bake-off): history_tab.build(..., sections=[(title, fn)])
-                                history_tab.build(demo, db, picker, main_tabs, tab)
+                                history_tab.build(demo, db, picker, main_tabs, tab, sections=[
+                                    ("Bake-off", lambda: bakeoff_tab.build(demo, db, picker))])
                                 continue
                             if name == "Compare":
                                 compare_tab.build(demo, db, picker)
