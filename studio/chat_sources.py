@@ -12,9 +12,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.adapters.bottleneck import CONFIG_NAME as BOTTLENECK_CONFIG
 from studio.db import Database, RunStatus
 
+# studio.adapters.bottleneck.CONFIG_NAME, spelled out: that module imports torch, and the UI lists
+# adapters at start-up without it (tests/test_chat.py checks the two agree).
+BOTTLENECK_CONFIG = "bottleneck_config.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 WHOLE_MODEL_METHODS = ("full", "last_n")

@@ -138,6 +138,10 @@ def test_removed_and_bad_adapters(tiny_chat_model, adapter_dirs, tmp_path):
 
 
 def test_detect_method_names_each_kind(adapter_dirs):
+    from studio.adapters import bottleneck
+    from studio.chat_sources import BOTTLENECK_CONFIG
+
+    assert BOTTLENECK_CONFIG == bottleneck.CONFIG_NAME
     assert [detect_method(adapter_dirs[n]) for n in ("lora1", "dora", "ia3", "prompt", "prefix", "bottleneck")] \
         == ["lora", "dora", "ia3", "prompt", "prefix", "houlsby"]
 
