@@ -1,4 +1,8 @@
-"""``peft-studio train runspec.json``: the headless door to the same worker the UI uses."""
+"""``peft-studio train runspec.json``: the headless door to the same worker the UI uses.
+
+The CLI starts a real worker process; the run it must reproduce is trained in this process with
+the worker's own ``train`` (the same code, without a second ~7 s process start-up).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import pytest
 
 from studio.db import Database
 from studio.worker import launch
-from test_worker import explain, metrics, reap_workers, run_through_worker, tiny_spec  # noqa: F401
+from worker_helpers import explain, metrics, reap_workers, tiny_spec, train_here  # noqa: F401
 
 
 def cli_train(path, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -22,15 +26,15 @@ def cli_train(path, *extra: str, timeout: float = 180) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=timeout, env={**os.environ})
 
 
-def test_cli_train_reproduces_a_run_started_through_the_launch_api(tiny_chat_model, tmp_path):
+def test_cli_train_reproduces_a_run_from_its_saved_runspec(tiny_chat_model, tmp_path):
     db = Database()
     spec = tiny_spec(tiny_chat_model, max_steps=3, save_steps=3, learning_rate=1e-2)
-    api_run = run_through_worker(db, spec)
-    assert api_run.status == "completed", explain(db, api_run)
+    reference = train_here(db, spec)
+    assert reference.status == "completed", explain(db, reference)
 
     # The run's own runspec.json, as the Train tab saves it, is what the CLI takes.
     path = tmp_path / "runspec.json"
-    path.write_text((launch.run_folder(db, api_run) / "runspec.json").read_text())
+    path.write_text((launch.run_folder(db, reference) / "runspec.json").read_text())
     try:
         done = cli_train(path, "--project", "cli")
     finally:  # a CLI that timed out must not leave its worker (our grandchild) training
@@ -42,16 +46,16 @@ def test_cli_train_reproduces_a_run_started_through_the_launch_api(tiny_chat_mod
     project = db.get_project_by_name("cli")
     [cli_run] = db.list_runs(project.id)
     assert cli_run.status == "completed", explain(db, cli_run)
-    assert cli_run.spec == api_run.spec
+    assert cli_run.spec == reference.spec
     assert f"run {cli_run.id} started in project 'cli'" in done.stdout
     assert "{'loss'" in done.stdout  # the worker's log, streamed
     assert f"run {cli_run.id}: completed" in done.stdout
 
-    api_loss, cli_loss = metrics(db, api_run.id)["loss"], metrics(db, cli_run.id)["loss"]
+    ref_loss, cli_loss = metrics(db, reference.id)["loss"], metrics(db, cli_run.id)["loss"]
     assert sorted(cli_loss) == [1, 2, 3]
-    assert cli_loss[1] == pytest.approx(api_loss[1], abs=1e-6)
+    assert cli_loss[1] == pytest.approx(ref_loss[1], abs=1e-6)
     for step in (2, 3):  # same seed: the LoRA init, dropout and data order repeat too
-        assert cli_loss[step] == pytest.approx(api_loss[step], abs=1e-5), (step, api_loss, cli_loss)
+        assert cli_loss[step] == pytest.approx(ref_loss[step], abs=1e-5), (step, ref_loss, cli_loss)
 
 
 @pytest.mark.parametrize("change,field", [

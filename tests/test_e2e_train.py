@@ -1,9 +1,9 @@
 """Browser test of the Train tab: from a fresh start to a running training in at most 5 clicks
 and no typing, watch the loss curve grow, stop it (keeping a checkpoint) and see it cancelled.
 
-The project's model is "default", the real SmolLM2-135M: the worker converts it from GGUF on
-first use (~20 s) and trains at one to a few seconds per step on a small CPU, hence the long
-waits below.
+The project's model is "default", the real SmolLM2-135M, already converted from GGUF (conftest's
+``default_model_cached``: the conversion is test_models.py's business); it trains at one to a
+few seconds per step on a small CPU, hence the long waits below.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def loss_path(page) -> str:
     return page.locator("#train-loss-plot g.mark-line path").first.get_attribute("d") or ""
 
 
-def test_sample_task_training_in_two_clicks_live_curve_then_stop(running_app, tmp_path, studio_home):
+def test_sample_task_training_in_two_clicks_live_curve_then_stop(default_model_cached, running_app, tmp_path,
+                                                                 studio_home):
     from studio.db import Database
 
     with browser_page() as page:
@@ -66,7 +67,7 @@ def test_sample_task_training_in_two_clicks_live_curve_then_stop(running_app, tm
         assert click.count <= MAX_CLICKS
         page.locator("#train-status").get_by_text("running").wait_for(timeout=30_000)
 
-        # The first steps take a while (model conversion and loading); then the curve grows.
+        # The first steps take a while (the worker loads the model); then the curve grows.
         wait_for_step(page, 2, 240_000)
         page.locator("#train-loss-plot g.mark-line path").first.wait_for(timeout=30_000)
         first_path, first_step = loss_path(page), progress_step(page)

@@ -1,8 +1,15 @@
 """Exports of trained runs: merged (plain transformers reloads it, logits match), adapter-only
-(PEFT or our loader reloads it), atomic on failure, recorded in the history."""
+(PEFT or our loader reloads it), atomic on failure, recorded in the history.
+
+Each method is trained once for the whole module (in this process, with the worker's own
+``train``) and exported several ways: a training costs seconds, an export's verification a child
+process, and no test here changes a trained run. The module therefore shares one studio home
+(and history); the test that simulates a full disk uses its own.
+"""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -15,6 +22,7 @@ from studio.runspec import RunSpec
 from studio.worker import launch
 from studio.worker.train import train
 
+SETTINGS = {"adalora": {"total_step": 3}, "houlsby": {"r": 8}, "qlora": {"bnb_4bit_compute_dtype": "float32"}}
 MERGEABLE = ["lora", "rslora", "loraplus", "dora", "ia3", "loha", "lokr", "vera", "adalora"]
 
 
@@ -25,14 +33,39 @@ def trained_run(db: Database, model_dir, method: str, **settings) -> int:
                    save_steps=0, exact_match_limit=0)
     run = launch.create_run(db, project.id, spec)
     assert train(db, run.id) == "completed", db.get_run(run.id).error
+    gc.collect()  # the Trainer and model hold reference cycles; free them now
     return run.id
 
 
+@pytest.fixture(scope="module", autouse=True)
+def studio_home(tmp_path_factory):
+    """One studio home for the module (replaces conftest's per-test home): the shared trained
+    runs live in its history."""
+    home = tmp_path_factory.mktemp("export-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PEFT_STUDIO_HOME", str(home))
+        patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield home
+
+
+@pytest.fixture(scope="module")
+def trained(studio_home, tiny_chat_model):
+    """``trained(method)``: the id of a completed run of ``method`` on the tiny model, trained
+    on first use and shared by every later test."""
+    runs: dict[str, int] = {}
+
+    def get(method: str) -> int:
+        if method not in runs:
+            runs[method] = trained_run(Database(), tiny_chat_model, method, **SETTINGS.get(method, {}))
+        return runs[method]
+    return get
+
+
 @pytest.mark.parametrize("method", MERGEABLE)
-def test_merged_export_reloads_with_plain_transformers_and_matches(method, tiny_chat_model):
+def test_merged_export_reloads_with_plain_transformers_and_matches(method, trained):
     db = Database()
-    settings = {"total_step": 3} if method == "adalora" else {}
-    export = export_run(db, trained_run(db, tiny_chat_model, method, **settings), "merged", "float32")
+    export = export_run(db, trained(method), "merged", "float32")
     result = export.verification
     assert export.status == "verified", result
     assert result["loader"] == "transformers" and result["studio_imported_by_loader"] == []
@@ -46,36 +79,35 @@ PEFT_METHODS = ["lora", "rslora", "loraplus", "dora", "ia3", "loha", "lokr", "ve
 
 
 @pytest.mark.parametrize("method", PEFT_METHODS)
-def test_adapter_export_is_a_peft_folder_that_reloads_and_matches(method, tiny_chat_model):
+def test_adapter_export_is_a_peft_folder_that_reloads_and_matches(method, trained):
     db = Database()
-    settings = {"total_step": 3} if method == "adalora" else {}
-    export = export_run(db, trained_run(db, tiny_chat_model, method, **settings), "adapter", "float32")
+    export = export_run(db, trained(method), "adapter", "float32")
     assert export.status == "verified", export.verification
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(export.path))
     assert export.verification["loader"] == "transformers + peft"
 
 
-def test_bottleneck_adapter_export_reloads_with_our_loader(tiny_chat_model):
+def test_bottleneck_adapter_export_reloads_with_our_loader(trained, tiny_chat_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from studio.adapters.bottleneck import load_bottleneck
     from studio.export.load import load_trained
 
     db = Database()
-    run_id = trained_run(db, tiny_chat_model, "houlsby", r=8)
+    run_id = trained("houlsby")
     with pytest.raises(ExportError, match="cannot be merged"):
         export_run(db, run_id, "merged")
     export = export_run(db, run_id, "adapter")
     reloaded = load_bottleneck(AutoModelForCausalLM.from_pretrained(tiny_chat_model), export.path).eval()
-    trained = load_trained(RunSpec.from_dict(db.get_run(run_id).spec), launch.run_folder(db, db.get_run(run_id)) / "adapter")
+    model = load_trained(RunSpec.from_dict(db.get_run(run_id).spec), launch.run_folder(db, db.get_run(run_id)) / "adapter")
     ids = AutoTokenizer.from_pretrained(tiny_chat_model)("2021-03-05", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        assert torch.equal(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_no_overwrite_without_confirmation_and_bf16_export(tiny_chat_model):
+def test_no_overwrite_without_confirmation_and_bf16_export(trained):
     db = Database()
-    run_id = trained_run(db, tiny_chat_model, "lora")
+    run_id = trained("lora")
     first = export_run(db, run_id, "merged", "bfloat16")
     assert first.status == "verified" and first.verification["greedy_agreement"] >= 0.75
     with pytest.raises(ExportError, match="already exists"):
@@ -88,9 +120,9 @@ def _failed_rows(db, run_id, path):
     return [e for e in db.list_exports(db.get_run(run_id).project_id) if e.path == str(path)]
 
 
-def test_unusable_destination_leaves_nothing_marked_good(tiny_chat_model, tmp_path):
+def test_unusable_destination_leaves_nothing_marked_good(trained, tmp_path):
     db = Database()
-    run_id = trained_run(db, tiny_chat_model, "lora")
+    run_id = trained("lora")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(OSError):
@@ -100,12 +132,15 @@ def test_unusable_destination_leaves_nothing_marked_good(tiny_chat_model, tmp_pa
     assert row.status == "failed" and row.verification["error"]
 
 
-def test_disk_full_mid_write_leaves_no_half_written_folder(tiny_chat_model, tmp_path):
+def test_disk_full_mid_write_leaves_no_half_written_folder(tiny_chat_model, tmp_path, monkeypatch):
     """RLIMIT_FSIZE makes any write past 2 MB fail with EFBIG, like a full disk, while the
-    model's safetensors shard (~25 MB) is being written."""
+    model's safetensors shard (~25 MB) is being written. In a fresh home of its own: the limit
+    applies to every file this process writes, the history's SQLite files included, and the
+    module's shared history may well be past 2 MB by now."""
     import resource
     import signal
 
+    monkeypatch.setenv("PEFT_STUDIO_HOME", str(tmp_path / "own-home"))
     db = Database()
     run_id = trained_run(db, tiny_chat_model, "lora")
     dest = tmp_path / "exports" / "merged"
@@ -124,10 +159,10 @@ def test_disk_full_mid_write_leaves_no_half_written_folder(tiny_chat_model, tmp_
     assert row.status == "failed"
 
 
-def test_qlora_merges_into_the_dequantised_base(tiny_chat_model):
+def test_qlora_merges_into_the_dequantised_base(trained):
     pytest.importorskip("bitsandbytes")
     db = Database()
-    run_id = trained_run(db, tiny_chat_model, "qlora", bnb_4bit_compute_dtype="float32")
+    run_id = trained("qlora")
     export = export_run(db, run_id, "merged", "float32")
     result = export.verification
     # Compared with the 4-bit model as trained: the merged weights are its de-quantised weights
@@ -148,9 +183,9 @@ def test_lora_on_the_real_model_exports_and_verifies(smollm2_dir):
 
 
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
-def test_gguf_export_reloads_with_transformers_and_agrees(outtype, tiny_chat_model):
+def test_gguf_export_reloads_with_transformers_and_agrees(outtype, trained):
     db = Database()
-    export = export_run(db, trained_run(db, tiny_chat_model, "lora"), "gguf", outtype)
+    export = export_run(db, trained("lora"), "gguf", outtype)
     assert export.status == "verified", export.verification
     files = set(os.listdir(export.path))
     assert f"model-{outtype}.gguf" in files and "README.md" in files and ".merged-fp32" not in files

@@ -1,7 +1,7 @@
 """Workers that die: kill -9 mid-run (reconciled, database intact, resumed from the last
 checkpoint, five times over), a worker that cannot start, and two runs asking for one device.
 
-Real worker processes on the tiny chat model; see test_worker.py for the helpers.
+Real worker processes on the tiny chat model; the helpers are in worker_helpers.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 
 from studio.db import Database, utcnow
 from studio.worker import launch
-from test_worker import (explain, metrics, new_run, reap_workers, tiny_spec,  # noqa: F401
-                         wait_finished, wait_for)
+from worker_helpers import (explain, metrics, new_run, reap_workers, tiny_spec,  # noqa: F401
+                            wait_finished, wait_for)
 
 KILLS = 5
 
