@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import psutil
@@ -18,6 +17,7 @@ from studio import projects
 from studio.db import Database, RunStatus
 from studio.runspec import RunSpec
 from studio.worker import launch
+from worker_helpers import wait_for  # noqa: F401  (the queue tests import it from here)
 
 FAST = dict(method="lora", sample_task="dates", max_steps=2, batch_size=2, max_length=64,
             eval_steps=0, save_steps=0, exact_match_limit=0, learning_rate=1e-2, warmup_ratio=0.0)
@@ -35,16 +35,6 @@ def project_id(db: Database, name: str = "queue tests") -> int:
 def new_runs(db: Database, specs: list[RunSpec]) -> list[int]:
     pid = project_id(db)
     return [launch.create_run(db, pid, spec).id for spec in specs]
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def status_of(db: Database, run_id: int) -> str:
