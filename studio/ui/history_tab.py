@@ -170,6 +170,10 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
                      autoscroll=True, elem_id="history-log")
     # Bumped after a rename, note or delete: the Compare sub-tab refreshes its run list on it.
     changed = gr.Number(0, visible=False)
+    # The run whose deletion is being asked about. Refreshes re-open the selected run (a rename or
+    # note bumps ``changed``, which re-lists and re-opens); they must not close a question the user
+    # is about to answer, so the box closes only when another run is opened.
+    asking = gr.State(None)
 
     filters = [picker, text, statuses, methods, sort, descending]
 
@@ -180,9 +184,10 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
         return (frame, gr.update(choices=choices, value=value),
                 gr.update(choices=method_names, value=[m for m in methods_v or [] if m in method_names]))
 
-    def on_open(run_id):
+    def on_open(run_id, asking_about):
         d = view.run_detail(db, run_id)
-        return [d.summary, d.runspec, d.log, d.name, d.notes, gr.update(visible=False)]
+        still_asking = run_id is not None and run_id == asking_about
+        return [d.summary, d.runspec, d.log, d.name, d.notes, gr.update() if still_asking else gr.update(visible=False)]
 
     def on_row(evt: gr.SelectData):
         try:
@@ -206,7 +211,7 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
         def go(d, r):
             gone = history.delete_run(d, r)
             return f"deleted run #{r}" + (f" and its folder `{Path(gone[0]).name}`." if gone else ".")
-        return act(go, run_id), gr.update(visible=False), n + 1
+        return act(go, run_id), gr.update(visible=False), None, n + 1
 
     detail_outputs = [summary, runspec, log, name, notes, confirm_box]
     list_outputs = [table, run, methods]
@@ -215,15 +220,15 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
     for trigger in [picker.change, refresh.click, text.submit, statuses.change, methods.input, sort.change,
                     descending.change, changed.change] + ([tab.select] if tab is not None else []):
         trigger(on_list, [*filters, run], list_outputs, api_name=False).then(
-            on_open, [run], detail_outputs, api_name=False, show_progress="hidden")
-    run.input(on_open, [run], detail_outputs, api_name=False)
-    table.select(on_row, None, [run], api_name=False).then(on_open, [run], detail_outputs, api_name=False)
+            on_open, [run, asking], detail_outputs, api_name=False, show_progress="hidden")
+    run.input(on_open, [run, asking], detail_outputs, api_name=False)
+    table.select(on_row, None, [run], api_name=False).then(on_open, [run, asking], detail_outputs, api_name=False)
     rename.click(on_rename, [run, name, changed], [message, changed], api_name=False)
     save_note.click(on_note, [run, notes, changed], [message, changed], api_name=False)
-    delete.click(lambda rid: (gr.update(visible=rid is not None), delete_question(db, rid)), [run],
-                 [confirm_box, warning], api_name=False)
-    cancel.click(lambda: gr.update(visible=False), None, [confirm_box], api_name=False)
-    confirm.click(on_delete, [run, changed], [message, confirm_box, changed], api_name=False)
+    delete.click(lambda rid: (gr.update(visible=rid is not None), delete_question(db, rid), rid), [run],
+                 [confirm_box, warning, asking], api_name=False)
+    cancel.click(lambda: (gr.update(visible=False), None), None, [confirm_box, asking], api_name=False)
+    confirm.click(on_delete, [run, changed], [message, confirm_box, asking, changed], api_name=False)
     # A named endpoint: the restart test reads the table through gradio_client, as a user would see it.
     def history_runs(project_id: int) -> list[list[str]]:
         """The runs table as shown (header row first)."""
