@@ -13,14 +13,35 @@ CONFIGS = ASSETS / "configs"
 
 
 @pytest.fixture(autouse=True)
-def studio_home(tmp_path, monkeypatch) -> Path:
+def studio_home(tmp_path, monkeypatch):
     """Every test works in its own PEFT_STUDIO_HOME: nothing touches the real projects/."""
     home = tmp_path / "studio-home"
     home.mkdir()
     monkeypatch.setenv("PEFT_STUDIO_HOME", str(home))
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return home
+    yield home
+    _reap_workers(home)
+
+
+def _reap_workers(home: Path) -> None:
+    """Kill worker processes still running for this test's home. A test that fails or times out
+    mid-training would otherwise leave its worker (its own session, see launch.start) training
+    for minutes beside the tests that follow, slowing them all down."""
+    import os
+    import signal
+
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "studio.worker" not in " ".join(proc.info["cmdline"] or []):
+                continue
+            group = os.getpgid(proc.pid)
+            if proc.environ().get("PEFT_STUDIO_HOME") == str(home) and group != os.getpgrp():
+                os.killpg(group, signal.SIGKILL)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue  # gone meanwhile, or not ours to inspect
 
 
 @pytest.fixture(scope="session")
