@@ -90,6 +90,10 @@ def test_history_lists_opens_compares_and_clones_runs(running_app, tmp_path, stu
             "() => (document.querySelector('#history-log textarea') || {}).value?.includes('completed')")
         shot(page, tmp_path, "history-run")
 
+        # A run that changes elsewhere (a worker logging a step) shows without any click.
+        db.log_metrics(other.id, 5, {"loss": 9.8765})
+        table.get_by_text("9.8765").wait_for(timeout=15_000)
+
         page.get_by_role("tab", name=labels.HISTORY["compare"]).click()
         pick = page.locator("#history-compare-pick")
         pick.get_by_text(f"#{real.id} real lora").click()

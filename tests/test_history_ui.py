@@ -59,6 +59,19 @@ def test_runs_listing_filters_sorts_and_lists_methods(setup):
     assert history_tab.runs_listing(db, None)[0].empty
 
 
+def test_live_listing_sends_the_table_only_when_a_run_changed(setup):
+    db, project, a, b = setup
+    shown, listing = history_tab.live_listing(db, project.id, None)
+    assert list(listing[0]["#"]) == [str(b.id), str(a.id)]
+    assert history_tab.live_listing(db, project.id, shown) == (shown, None)  # nothing changed: nothing sent
+    db.log_metrics(a.id, 4, {"loss": 0.9})  # as a worker would, in another process
+    changed, listing = history_tab.live_listing(db, project.id, shown)
+    assert changed != shown and listing[0].set_index("#").loc[str(a.id), "train loss"] == "0.9000"
+    # The filters apply as in the listing the user asked for.
+    _, only_dora = history_tab.live_listing(db, project.id, changed, "", (), ["dora"])
+    assert list(only_dora[0]["#"]) == [str(b.id)]
+
+
 def test_comparison_overlays_both_runs_in_both_plots_and_diffs_the_config(setup):
     db, project, a, b = setup
     c = history_view.comparison(db, [a.id, b.id])

@@ -24,6 +24,7 @@ from studio.ui import labels, param_widgets, train_tab
 from studio.ui.train_view import nice_limits
 
 TXT = labels.HISTORY
+LIVE_SECONDS = 3.0  # how often the runs table checks for runs that changed elsewhere
 
 
 # ---- handlers (plain values in, plain values / updates out) ----
@@ -34,6 +35,16 @@ def runs_listing(db: Database, project_id: int | None, text: str = "", statuses:
     rows = history.sort_runs(history.filter_runs(every, text, statuses, methods), sort or "created_at",
                              bool(descending))
     return view.runs_table(rows), view.run_choices(rows), sorted({r.method for r in every})
+
+
+def live_listing(db: Database, project_id: int | None, shown: str | None, *filters: Any):
+    """What the runs table's poll sends: (fingerprint, ``runs_listing``) when the table differs from
+    the one last shown (``shown`` is its fingerprint), else (shown, None). Runs change state in
+    worker processes; a table re-sent on every tick would reset the user's scroll, so it is sent
+    only when a cell changed."""
+    listing = runs_listing(db, project_id, *filters)
+    fingerprint = listing[0].to_json()
+    return (shown, None) if fingerprint == shown else (fingerprint, listing)
 
 
 def delete_question(db: Database, run_id: int | None) -> str:
@@ -174,6 +185,9 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
     # note bumps ``changed``, which re-lists and re-opens); they must not close a question the user
     # is about to answer, so the box closes only when another run is opened.
     asking = gr.State(None)
+    # Runs finish in worker processes: the poll refreshes the table (and the open run's summary and
+    # log) when something changed. Not name or notes: that would overwrite what the user is typing.
+    poll, shown = gr.Timer(LIVE_SECONDS), gr.State(None)
 
     filters = [picker, text, statuses, methods, sort, descending]
 
@@ -182,7 +196,8 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
         ids = [c[1] for c in choices]
         value = current if current in ids else (ids[0] if ids else None)
         return (frame, gr.update(choices=choices, value=value),
-                gr.update(choices=method_names, value=[m for m in methods_v or [] if m in method_names]))
+                gr.update(choices=method_names, value=[m for m in methods_v or [] if m in method_names]),
+                frame.to_json())
 
     def on_open(run_id, asking_about):
         d = view.run_detail(db, run_id)
@@ -214,13 +229,24 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
         return act(go, run_id), gr.update(visible=False), None, n + 1
 
     detail_outputs = [summary, runspec, log, name, notes, confirm_box]
-    list_outputs = [table, run, methods]
+    list_outputs = [table, run, methods, shown]
     # Opening the tab refreshes too: runs finish and get renamed elsewhere, and a tab not yet opened
     # does not receive the updates sent at page load.
     for trigger in [picker.change, refresh.click, text.submit, statuses.change, methods.input, sort.change,
                     descending.change, changed.change] + ([tab.select] if tab is not None else []):
         trigger(on_list, [*filters, run], list_outputs, api_name=False).then(
             on_open, [run, asking], detail_outputs, api_name=False, show_progress="hidden")
+
+    def on_poll(project_id, last, run_id, *filter_values):
+        fingerprint, listing = live_listing(db, project_id, last, *filter_values)
+        if listing is None:
+            return last, gr.update(), gr.update(), gr.update(), gr.update()
+        frame, choices, _ = listing
+        d = view.run_detail(db, run_id)
+        return fingerprint, frame, gr.update(choices=choices), d.summary, d.log
+
+    poll.tick(on_poll, [picker, shown, run, *filters[1:]], [shown, table, run, summary, log], api_name=False,
+              show_progress="hidden")
     run.input(on_open, [run, asking], detail_outputs, api_name=False)
     table.select(on_row, None, [run], api_name=False).then(on_open, [run, asking], detail_outputs, api_name=False)
     rename.click(on_rename, [run, name, changed], [message, changed], api_name=False)
