@@ -94,3 +94,12 @@ def test_the_section_builds_alone_and_inside_the_app():
     app = build_app(db)
     ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
     assert {"history-tab-bake-off", "bakeoff-queue", "bakeoff-methods"} <= ids
+
+
+def test_download_files_of_two_studio_homes_never_collide(tmp_path):
+    rows_a, rows_b = [{"method": "LoRA"}], [{"method": "IA3"}]
+    a, b = Database(tmp_path / "a" / "studio.db"), Database(tmp_path / "b" / "studio.db")
+    paths_a, paths_b = ui.export_files(a, 1, rows_a), ui.export_files(b, 1, rows_b)
+    assert set(paths_a).isdisjoint(paths_b)  # the same bake-off id in two homes
+    assert Path(paths_a[0]).read_text() == to_csv(rows_a) and Path(paths_b[0]).read_text() == to_csv(rows_b)
+    a.close(), b.close()

@@ -11,6 +11,7 @@ The user-visible strings are in ``TXT`` (this section's part of ``labels``).
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,12 @@ def scatter_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(points, columns=["method", "trainable parameters (log10)", "quality"])
 
 
-def export_files(bakeoff_id: int, rows: list[dict[str, Any]]) -> tuple[str, str]:
-    """The table as CSV and Markdown files in a temp folder (Gradio serves files from there)."""
-    folder = Path(tempfile.gettempdir()) / "peft-studio-bakeoffs"
+def export_files(db: Database, bakeoff_id: int, rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """The table as CSV and Markdown files in a temp folder (Gradio serves files from there),
+    one folder per studio database: bake-off ids restart in every home, and two studios on one
+    machine must not hand out each other's tables."""
+    home_key = hashlib.sha256(str(db.path.resolve()).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "peft-studio-bakeoffs" / home_key
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = folder / f"bakeoff-{bakeoff_id}.csv", folder / f"bakeoff-{bakeoff_id}.md"
     csv_path.write_text(bt.to_csv(rows), encoding="utf-8")
@@ -121,7 +125,7 @@ def render(db: Database, bakeoff_id: int | None) -> tuple[str, pd.DataFrame, pd.
     if row is None:
         return TXT["none"], table_frame([]), scatter_frame([]), None, None
     rows = bt.refresh(db, row.id)
-    csv_path, md_path = export_files(row.id, rows)
+    csv_path, md_path = export_files(db, row.id, rows)
     return status_text(db, db.get_bakeoff(row.id)), table_frame(rows), scatter_frame(rows), csv_path, md_path
 
 
