@@ -87,7 +87,7 @@ def test_the_section_builds_alone_and_inside_the_app():
         picker = gr.Dropdown(choices=[], value=None)
         ui.build(demo, db, picker)
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
-    assert {"bakeoff-queue", "bakeoff-table", "bakeoff-plot", "bakeoff-csv", "bakeoff-md"} <= ids
+    assert {"bakeoff-queue", "bakeoff-table", "bakeoff-plot-box", "bakeoff-csv", "bakeoff-md"} <= ids
 
     from studio.ui.app import build_app
 
@@ -103,3 +103,17 @@ def test_download_files_of_two_studio_homes_never_collide(tmp_path):
     assert set(paths_a).isdisjoint(paths_b)  # the same bake-off id in two homes
     assert Path(paths_a[0]).read_text() == to_csv(rows_a) and Path(paths_b[0]).read_text() == to_csv(rows_b)
     a.close(), b.close()
+
+
+def test_plot_limits_frame_the_points():
+    import pandas as pd
+
+    one = pd.DataFrame([["LoRA", 4.06, 0.25]], columns=ui.SCATTER_COLUMNS)
+    limits = ui.plot_limits(one)
+    assert limits["y_lim"] == [0.0, 1.0]  # exact match: its whole scale
+    assert limits["x_lim"] == [3.0, 5.0]  # whole decades of parameters around the point
+    losses = pd.DataFrame([["LoRA", 6.7, -1.25], ["IA3", 4.1, -2.5]], columns=ui.SCATTER_COLUMNS)
+    assert ui.plot_limits(losses)["x_lim"] == [3.0, 7.0]
+    low, high = ui.plot_limits(losses)["y_lim"]
+    assert low <= -2.5 and -1.25 <= high <= 0
+    assert ui.plot_limits(pd.DataFrame(columns=ui.SCATTER_COLUMNS)) == {"x_lim": None, "y_lim": None}

@@ -12,6 +12,7 @@ The user-visible strings are in ``TXT`` (this section's part of ``labels``).
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from studio.bakeoff import table as bt
 from studio.db import Database
 from studio.methods import all_methods
 from studio.ui.train_tab import data_choices
+from studio.ui.train_view import nice_limits
 from studio.worker import launch
 
 TXT = {
@@ -54,6 +56,7 @@ TXT = {
     "cancelled": "**Cancelled {n} run(s)** of bake-off #{id}.",
 }
 POLL_SECONDS = 3.0
+SCATTER_COLUMNS = ["method", "trainable parameters (log10)", "quality"]
 
 
 # ---- handlers ----
@@ -102,7 +105,19 @@ def scatter_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     label = bt.quality_label(rows)
     points = [{"method": p["method"], "trainable parameters (log10)": p["log10 trainable parameters"],
                "quality": p[label]} for p in bt.scatter_points(rows)]
-    return pd.DataFrame(points, columns=["method", "trainable parameters (log10)", "quality"])
+    return pd.DataFrame(points, columns=SCATTER_COLUMNS)
+
+
+def plot_limits(points: pd.DataFrame) -> dict[str, list[float] | None]:
+    """Axis limits around the points: parameter counts on whole decades (log10), exact match on
+    its whole 0-1 scale, so methods can be read against each other; minus eval loss around the
+    data."""
+    quality, decades = points["quality"], points[SCATTER_COLUMNS[1]]
+    if points.empty:
+        return {"x_lim": None, "y_lim": None}
+    exact_match = bool(((quality >= 0) & (quality <= 1)).all())
+    return {"x_lim": [float(math.floor(decades.min() - 0.25)), float(math.ceil(decades.max() + 0.25))],
+            "y_lim": [0.0, 1.0] if exact_match else nice_limits(quality)}
 
 
 def export_files(db: Database, bakeoff_id: int, rows: list[dict[str, Any]]) -> tuple[str, str]:
@@ -173,19 +188,26 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
     # Full width: thirteen columns are unreadable beside the form.
     table = gr.Dataframe(interactive=False, wrap=True, elem_id="bakeoff-table")
     with gr.Row():
-        plot = gr.ScatterPlot(x="trainable parameters (log10)", y="quality", color="method",
-                              label=TXT["plot"], y_title="eval exact match (or minus eval loss)",
-                              elem_id="bakeoff-plot", scale=3)
+        # Built afresh when its points change: Gradio 6 draws a one-off update of data and limits
+        # together with the previous data, and without limits its axes collapse onto one point.
+        points = gr.State(None)
+        with gr.Column(scale=3, elem_id="bakeoff-plot-box"):
+            @gr.render(inputs=[points], triggers=[points.change])
+            def _plot(records):
+                frame = pd.DataFrame(records or [], columns=SCATTER_COLUMNS)
+                gr.ScatterPlot(frame, x=SCATTER_COLUMNS[1], y="quality", color="method", label=TXT["plot"],
+                               y_title="eval exact match (or minus eval loss)", elem_id="bakeoff-plot",
+                               **plot_limits(frame))
         with gr.Column(scale=1):
             csv_file = gr.DownloadButton(TXT["csv"], elem_id="bakeoff-csv")
             md_file = gr.DownloadButton(TXT["markdown"], elem_id="bakeoff-md")
     timer = gr.Timer(POLL_SECONDS)
 
-    shown = [status, table, plot, csv_file, md_file]
+    shown = [status, table, points, csv_file, md_file]
 
     def show(bakeoff_id):
-        text, frame, points, csv_path, md_path = render(db, bakeoff_id)
-        return text, frame, points, gr.update(value=csv_path), gr.update(value=md_path)
+        text, frame, scatter, csv_path, md_path = render(db, bakeoff_id)
+        return text, frame, scatter.to_dict("records"), gr.update(value=csv_path), gr.update(value=md_path)
 
     def on_project(project_id):
         choices = bakeoff_choices(db, project_id)
