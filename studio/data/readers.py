@@ -11,7 +11,8 @@ drop rather than an unhelpful parser crash.
   Arrow schema would reject for the whole file; validation decodes them batch by batch.
 * CSV/TSV are read with Python's ``csv`` module, every field as text: type guessing would turn
   "007" into 7 and an empty field into NaN, both wrong for training text.
-* Parquet, a ``save_to_disk`` folder and hub datasets go through ``datasets`` itself.
+* Parquet, a ``save_to_disk`` folder and hub datasets go through ``datasets`` itself
+  (``hf_readers``).
 """
 
 from __future__ import annotations
@@ -23,66 +24,22 @@ import re
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 from datasets.arrow_writer import ArrowWriter
 
-from .. import config
-from .errors import DataError, EmptyFileError, FormatError, IssueLog, UnreadableFileError
+from .errors import DataError, EmptyFileError, FormatError, IssueLog
+from .hf_readers import read_folder, read_hub, read_parquet
 from .jsonfile import iter_json_records, json_problem, type_name
+from .source import INTERNAL, JSON_COL, ROW, Source
 from .sniff import bad_utf8_message, check_text_head, file_kind, read_head, scan_utf8, source_kind
 
-ROW = "__studio_row"
-JSON_COL = "__studio_json"
-INTERNAL = (ROW, JSON_COL)
 TEXT_MODES = ("line", "block")
 BATCH_ROWS = 10_000
 BATCH_CHARS = 4 << 20  # flush earlier when rows are long, so a batch stays a few MB
 BOM = b"\xef\xbb\xbf"
 UNITS = {"jsonl": "line", "text": "line", "json": "record"}
-
-
-@dataclass
-class Source:
-    """A source read into Arrow: ``dataset`` is memory-mapped; rows that could not be read at
-    all (bad JSON, bad bytes, wrong field count) are in ``issues`` with their row numbers."""
-
-    dataset: datasets.Dataset
-    file: str
-    kind: str  # jsonl, json, csv, tsv, parquet, text, folder, hub
-    unit: str = "row"  # how row numbers are counted: line, record or row
-    issues: IssueLog = field(default_factory=IssueLog)
-    note: str = ""  # why the content overrode the extension, if it did
-    columns: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        """Every row the file holds, including the ones that could not be read."""
-        return len(self.dataset) + self.issues.count
-
-    def iter_batches(self, size: int = 1000) -> Iterator[tuple[list[int], list[dict]]]:
-        """(row numbers, rows as dicts) a batch at a time: only ``size`` rows in memory."""
-        offset = 0
-        for batch in self.dataset.iter(batch_size=size):
-            n = len(next(iter(batch.values()))) if batch else 0
-            numbers = batch[ROW] if ROW in batch else list(range(offset + 1, offset + n + 1))
-            if JSON_COL in batch:
-                rows = [json.loads(text) for text in batch[JSON_COL]]
-            else:
-                names = [c for c in batch if c not in INTERNAL]
-                rows = [dict(zip(names, values)) for values in zip(*(batch[c] for c in names))]
-            offset += n
-            yield numbers, rows
-
-    def head(self, n: int = 20) -> list[dict]:
-        out: list[dict] = []
-        for _, rows in self.iter_batches(min(max(n, 1), 1000)):
-            out.extend(rows)
-            if len(out) >= n:
-                break
-        return out[:n]
 
 
 def read_source(source: str | os.PathLike, work_dir: Path, *, text_mode: str = "line",
@@ -94,17 +51,17 @@ def read_source(source: str | os.PathLike, work_dir: Path, *, text_mode: str = "
     where, path = source_kind(source)
     work_dir.mkdir(parents=True, exist_ok=True)
     if where == "hub":
-        return _read_hub(str(source), work_dir)
+        return read_hub(str(source), work_dir)
     assert path is not None
     if where == "folder":
-        return _read_folder(path)
+        return read_folder(path)
     display = path.name
     head = read_head(path, display)
     kind, note = file_kind(path, head, display)
     if kind == "parquet":
         if not head:
             raise EmptyFileError("the file is empty (0 bytes)", file=display, code="empty")
-        return _read_parquet(path, display, work_dir)
+        return read_parquet(path, display, work_dir)
     check_text_head(head, display)
     issues = IssueLog()
     if kind == "jsonl":
@@ -336,59 +293,6 @@ def _read_text(path: Path, display: str, sink: ArrowSink, issues: IssueLog, mode
     flush()
 
 
-def _read_parquet(path: Path, display: str, work_dir: Path) -> Source:
-    try:
-        dataset = datasets.Dataset.from_parquet(str(path), cache_dir=str(work_dir / "hf"))
-    except Exception as exc:  # pyarrow raises many types for a corrupt file
-        raise UnreadableFileError(f"not a readable Parquet file ({_short(exc)})", file=display,
-                                  code="unreadable") from None
-    if len(dataset) == 0:
-        raise EmptyFileError("the Parquet file holds no rows", file=display, code="empty")
-    return Source(dataset, display, "parquet", columns=list(dataset.column_names))
-
-
-def _read_folder(path: Path) -> Source:
-    display = path.name
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as exc:  # FileNotFoundError, ArrowInvalid, JSON errors in the metadata
-        raise UnreadableFileError("this folder is not a dataset saved with datasets' "
-                                  f"save_to_disk ({_short(exc)})", file=display,
-                                  code="unreadable") from None
-    note = ""
-    if isinstance(loaded, datasets.DatasetDict):
-        split = "train" if "train" in loaded else next(iter(loaded), None)
-        if split is None:
-            raise EmptyFileError("the saved dataset has no splits", file=display, code="empty")
-        note = f"the folder holds splits {', '.join(loaded)}; the {split!r} split is used"
-        loaded = loaded[split]
-    if len(loaded) == 0:
-        raise EmptyFileError("the saved dataset holds no rows", file=display, code="empty")
-    return Source(loaded, display, "folder", note=note, columns=list(loaded.column_names))
-
-
-def hub_offline() -> bool:
-    flags = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(value.strip().upper() in {"1", "ON", "YES", "TRUE"} for value in flags)
-
-
-def _read_hub(repo_id: str, work_dir: Path) -> Source:
-    repo_id = repo_id.removeprefix("hf://datasets/")
-    if hub_offline():
-        raise UnreadableFileError(
-            "this is not a file or folder here, and as a Hugging Face Hub dataset id it can't "
-            "be reached: the studio is offline (HF_HUB_OFFLINE is set). Check the path, or "
-            "download the dataset on a connected machine (datasets.load_dataset(...)."
-            "save_to_disk(folder)) and import that folder", file=repo_id, code="offline")
-    cache = config.projects_dir() / ".cache" / "hub-datasets"  # kept: re-imports reuse it
-    try:
-        loaded = datasets.load_dataset(repo_id, split="train", cache_dir=str(cache))
-    except Exception as exc:  # not found, gated, no train split, network down...
-        raise UnreadableFileError(f"could not load this dataset from the Hugging Face Hub "
-                                  f"({_short(exc)})", file=repo_id, code="hub") from None
-    return Source(loaded, repo_id, "hub", columns=list(loaded.column_names))
-
-
 def _columns(src: Source) -> list[str]:
     """Column names; for JSON rows, the keys seen in the first 1,000 rows, in first-seen order."""
     if JSON_COL not in src.dataset.column_names:
@@ -397,8 +301,3 @@ def _columns(src: Source) -> list[str]:
     for row in src.head(1000):
         seen.update(dict.fromkeys(row))
     return list(seen)
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
