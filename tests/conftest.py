@@ -24,6 +24,20 @@ def studio_home(tmp_path, monkeypatch):
     _reap_workers(home)
 
 
+@pytest.fixture
+def db(studio_home):
+    """This test's history (a real SQLite file in its home). Runs it queued or started are
+    stopped at the end (``queue_helpers.stop_everything``), then it is closed. Modules that
+    need another setup define their own ``db``."""
+    from queue_helpers import stop_everything
+    from studio.db import Database
+
+    database = Database()
+    yield database
+    stop_everything(database)
+    database.close()
+
+
 def _reap_workers(home: Path) -> None:
     """Kill worker processes still running for this test's home. A test that fails or times out
     mid-training would otherwise leave its worker (its own session, see launch.start) training
@@ -142,30 +156,45 @@ def wait_for_http(url: str, proc, timeout: float = 90.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-@pytest.fixture
-def running_app(studio_home, tmp_path):
-    """``peft-studio ui`` as a real child process on a free loopback port; yields its URL."""
+def start_app(log_path: Path):
+    """``peft-studio ui`` as a real child process on a free loopback port, its output appended
+    to ``log_path``: (process, URL, log file) once it answers."""
     import os
     import subprocess
     import sys
 
     port = free_port()
-    log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "studio", "ui", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True,
-    )
+    log = open(log_path, "a")
+    proc = subprocess.Popen([sys.executable, "-m", "studio", "ui", "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for_http(url, proc)
+    except BaseException:
+        stop_app(proc, log)
+        raise
+    return proc, url, log
+
+
+def stop_app(proc, log) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def running_app(studio_home, tmp_path):
+    """The app as a real child process (``start_app``); yields its URL."""
+    proc, url, log = start_app(tmp_path / "app.log")
+    try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_app(proc, log)
 
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -10,24 +10,13 @@ from __future__ import annotations
 import csv
 import io
 
-import pytest
-
-from queue_helpers import explain, stop_everything, wait_for
+from queue_helpers import explain, wait_for
 from studio.bakeoff import (MEASURED, Budget, build_rows, is_finished, refresh, start_bakeoff,
                             to_csv, to_markdown)
 from studio.bakeoff.measure import weights_bytes
-from studio.db import Database
 from studio.worker import launch
 
 METHODS = ["lora", "houlsby", "prompt"]  # merged PEFT, our own adapter, a prompt-learning method
-
-
-@pytest.fixture
-def db():
-    database = Database()
-    yield database
-    stop_everything(database)
-    database.close()
 
 
 def test_three_method_bakeoff_fills_every_column_from_measurements(db, tiny_chat_model):

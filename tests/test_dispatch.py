@@ -15,21 +15,13 @@ import textwrap
 
 import pytest
 
-from queue_helpers import (explain, new_runs, project_id, status_of, stop_everything, tiny_spec,
+from queue_helpers import (explain, new_runs, project_id, status_of, tiny_spec,
                            wait_for)
 from studio.db import Database, RunStatus
 from studio.runspec import RunSpec
 from studio.worker import launch
 
 SPEC = RunSpec(sample_task="dates").to_dict()
-
-
-@pytest.fixture
-def db():
-    database = Database()
-    yield database
-    stop_everything(database)
-    database.close()
 
 
 def _rows(db: Database, count: int) -> list[int]:

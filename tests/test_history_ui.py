@@ -5,15 +5,12 @@ built app's own event functions), and the runs table read through two real app p
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import free_port, wait_for_http
+from conftest import start_app, stop_app
 from studio import projects
 from studio.db import Database, utcnow
 from studio.runspec import RunSpec
@@ -139,25 +136,6 @@ def test_clone_fills_the_train_tab_and_the_method_settings_then_switches_tab(set
     assert param_widgets.take_settings("browser-1", "dora") is None
     assert "Could not clone" in on_clone(project.id, None, "lora", request)[0]
     demo.close()
-
-
-def start_app(log_path):
-    port = free_port()
-    log = open(log_path, "a")
-    proc = subprocess.Popen([sys.executable, "-m", "studio", "ui", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    wait_for_http(url, proc)
-    return proc, url, log
-
-
-def stop_app(proc, log):
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
 
 
 def test_the_runs_table_is_the_same_after_a_real_app_restart(setup, tmp_path, studio_home):
