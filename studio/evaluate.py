@@ -1,8 +1,15 @@
-"""Answering prompts with a model and scoring the answers on a sample task's eval split.
+"""Answering prompts with a model and scoring the answers by exact match on held-out rows.
 
-One place for "render a user message through the chat template, generate greedily, cut the
-answer" so that the base-model figures in docs/benchmarks.md, the trainer's eval callback and the
-Compare tab's "score on eval set" all measure the same thing.
+One place for "render the prompt through the chat template, generate greedily, cut the answer"
+so that the base-model figures in docs/benchmarks.md, the trainer's eval callback, the bake-off
+and the Compare tab's "score on eval set" all measure the same thing. Two kinds of held-out rows
+are scored:
+
+* a sample task's eval split (``score_task``), with the task's own light normalisation
+  (``studio.samples.scoring``);
+* an imported dataset's canonical eval rows (``score_dataset``): chat rows are scored on their
+  final assistant message, compared after whitespace normalisation (``normalise_answer``).
+  Plain-text rows have no answer to match and are not scored.
 """
 
 from __future__ import annotations
@@ -15,16 +22,28 @@ from studio.samples import get_task, load_rows, prompt_text
 from studio.samples.scoring import exact_match
 
 DEFAULT_MAX_NEW_TOKENS = 48  # the longest sample answer (JSON) is ~25 tokens
+# Imported data: the answer budget is the longest reference in tokens plus this margin (the
+# end-of-turn token, whitespace the comparison forgives, a tokenisation other than the
+# reference's), never more than the cap: exact match is for short answers, and a model that
+# never stops would otherwise cost rows × cap tokens of CPU time per evaluation.
+ANSWER_MARGIN_TOKENS = 16
+MAX_ANSWER_TOKENS = 256
 
 
 def chat_prompts(tokenizer: Any, user_messages: list[str], system_prompt: str | None = None) -> list[str]:
     """Each user message rendered through the tokenizer's chat template, ready for generation."""
-    rendered = []
+    conversations = []
     for message in user_messages:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": message})
-        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return rendered
+        conversations.append(messages)
+    return [render_prompt(tokenizer, m) for m in conversations]
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A conversation up to the answer, with the generation prompt (the assistant header): the
+    same prefix ``studio.data.tokenize`` finds before each assistant turn when training."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def generate_answers(
@@ -36,10 +55,17 @@ def generate_answers(
     batch_size: int = 8,
     system_prompt: str | None = None,
 ) -> list[str]:
-    """Greedy answers, batched with left padding (so every row's answer starts at one column)."""
+    """Greedy answers to single user messages (see ``answer_prompts``)."""
+    return answer_prompts(model, tokenizer, chat_prompts(tokenizer, user_messages, system_prompt),
+                          max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def answer_prompts(model: Any, tokenizer: Any, texts: list[str], *,
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 8) -> list[str]:
+    """Greedy answers to rendered prompts, batched with left padding (so every row's answer
+    starts at one column), special tokens dropped and surrounding whitespace stripped."""
     import torch
 
-    texts = chat_prompts(tokenizer, user_messages, system_prompt)
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers: list[str] = []
@@ -65,6 +91,7 @@ class TaskScore:
     correct: int
     seconds: float
     predictions: list[str] = field(default_factory=list, repr=False)
+    skipped: int = 0  # imported rows looked at but not scorable (see ``eval_examples``)
 
     @property
     def exact_match(self) -> float:
@@ -81,3 +108,93 @@ def score_task(
     predictions = generate_answers(model, tokenizer, [prompt_text(r) for r in rows], **generate_kwargs)
     correct = sum(exact_match(task_name, p, r["output"]) for p, r in zip(predictions, rows))
     return TaskScore(task_name, split, len(rows), correct, time.perf_counter() - started, predictions)
+
+
+# ---- imported datasets ---------------------------------------------------------------------
+
+def normalise_answer(text: str) -> str:
+    """The comparison form of an answer and of a reference: surrounding whitespace stripped and
+    every run of whitespace inside (spaces, tabs, newlines; Unicode whitespace as ``str.split``
+    defines it) replaced by one space. Nothing else is forgiven: case, punctuation and wording
+    must match. Imported data can be anything, so only what no reader would call a different
+    answer (a trailing newline, a double space, a reflowed line) is ignored."""
+    return " ".join(text.split())
+
+
+@dataclass
+class EvalExamples:
+    """The scorable eval rows of an imported dataset: for each, the messages before its final
+    assistant turn (system messages included) and that turn's content, the reference."""
+
+    conversations: list[list[dict[str, str]]] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    skipped: int = 0  # rows looked at that end without an assistant turn or answer too long
+    reason: str | None = None  # why there is nothing to score, when there is nothing
+    longest_reference_tokens: int = 0
+
+    @property
+    def answer_budget(self) -> int:
+        """max_new_tokens for these references: the longest in tokens plus the margin, capped."""
+        return min(self.longest_reference_tokens + ANSWER_MARGIN_TOKENS, MAX_ANSWER_TOKENS)
+
+    def __len__(self) -> int:
+        return len(self.references)
+
+
+def eval_examples(rows: Any, tokenizer: Any, limit: int | None = None) -> EvalExamples:
+    """The first ``limit`` scorable rows (all when None) of canonical rows (a ``datasets.Dataset``
+    or a list of dicts, see ``studio.data.store``).
+
+    Skipped, and counted in ``skipped``: a chat row whose last message is not from the assistant
+    (nothing to compare with), and one whose reference is longer than ``MAX_ANSWER_TOKENS`` minus
+    the margin (no answer within the budget could match it, so it would be a miss whatever the
+    model). Plain-text rows and an empty split give no examples and a ``reason``; the train split
+    is never used instead: scoring on trained rows would measure memorisation."""
+    if len(rows) == 0:
+        return EvalExamples(reason="the dataset's eval split is empty")
+    columns = rows.column_names if hasattr(rows, "column_names") else list(rows[0])
+    if "messages" not in columns:
+        return EvalExamples(reason="a plain-text dataset has no answers to match")
+    out = EvalExamples()
+    longest = MAX_ANSWER_TOKENS - ANSWER_MARGIN_TOKENS
+    for row in rows:  # a Dataset yields dicts lazily, so a limit reads only what it needs
+        if limit is not None and len(out) >= limit:
+            break
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"] or []]
+        if not messages or messages[-1]["role"] != "assistant" or len(messages) < 2:
+            out.skipped += 1
+            continue
+        reference = messages[-1]["content"]
+        tokens = len(tokenizer(reference, add_special_tokens=False)["input_ids"])
+        if tokens > longest:
+            out.skipped += 1
+            continue
+        out.conversations.append(messages[:-1])
+        out.references.append(reference)
+        out.longest_reference_tokens = max(out.longest_reference_tokens, tokens)
+    if not out.references:
+        out.reason = (f"none of the {out.skipped} eval rows looked at ends with an assistant answer "
+                      f"of at most {longest} tokens")
+    return out
+
+
+def score_examples(model: Any, tokenizer: Any, examples: EvalExamples, *, name: str = "dataset",
+                   batch_size: int = 8, max_new_tokens: int | None = None) -> TaskScore | None:
+    """Exact match (``normalise_answer`` on both sides) of greedy answers; None when there is
+    nothing to score, so that callers record nothing rather than a 0 % of no rows."""
+    if not examples.references:
+        return None
+    started = time.perf_counter()
+    budget = max_new_tokens if max_new_tokens is not None else examples.answer_budget
+    prompts = [render_prompt(tokenizer, c) for c in examples.conversations]
+    predictions = answer_prompts(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
+    correct = sum(normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, examples.references))
+    return TaskScore(name, "eval", len(predictions), correct, time.perf_counter() - started, predictions,
+                     examples.skipped)
+
+
+def score_dataset(model: Any, tokenizer: Any, rows: Any, limit: int | None = None, *,
+                  name: str = "dataset", **generate_kwargs: Any) -> TaskScore | None:
+    """Exact match on an imported dataset's eval rows (``eval_examples`` then ``score_examples``);
+    None for a plain-text dataset, an empty eval split or one without a scorable row."""
+    return score_examples(model, tokenizer, eval_examples(rows, tokenizer, limit), name=name, **generate_kwargs)

@@ -4,8 +4,8 @@ Two moments. ``training_stats`` right after ``Trainer.train``: trainable paramet
 the built model, train time, training tokens/s and peak memory. ``measure_trained`` after the
 adapter is saved: the adapter's file size, then the model rebuilt from that saved folder (so the
 figures are those of the artefact a user keeps, not of the training process's model), merged
-where the method merges, scored by exact match on the eval split and timed generating a fixed
-number of tokens.
+where the method merges, scored by exact match on the eval split (a sample task's, or an
+imported chat dataset's) and timed generating a fixed number of tokens.
 
 Peak memory is two different things and is labelled so: on a GPU ``torch.cuda.max_memory_
 allocated`` (tensors only), on the CPU the process's own peak resident set
@@ -53,9 +53,15 @@ def weights_bytes(folder: Path) -> int:
                if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
-def measure_trained(spec: Any, adapter: Path, em_limit: int, progress=print) -> dict[str, float]:
+def measure_trained(spec: Any, adapter: Path, em_limit: int, progress=print, *, eval_rows: Any = None,
+                    unscored=None) -> dict[str, float]:
     """adapter_bytes, inference_merged (1/0), eval_exact_match (when the data can be scored),
-    inference_tokens_per_s, for the run's saved adapter folder."""
+    inference_tokens_per_s, for the run's saved adapter folder.
+
+    Exact match is scored on the sample task's eval split, or on ``eval_rows``, the imported
+    dataset's canonical eval rows (``studio.evaluate.score_dataset``). When those cannot be
+    scored (plain text, an empty eval split) nothing is recorded and ``unscored(reason)`` is
+    called, so the caller can say why the column stays empty."""
     import torch
 
     from studio import models
@@ -77,11 +83,24 @@ def measure_trained(spec: Any, adapter: Path, em_limit: int, progress=print) -> 
     out["inference_merged"] = 1.0 if merged else 0.0
     tokenizer = models.load_tokenizer(spec.model, spec.trust_remote_code)
     prompts = eval_prompts(spec)
+    kind = "merged" if merged else "adapter"
     if em_limit > 0 and spec.sample_task:
         from studio.evaluate import score_task
 
-        progress(f"bake-off: exact match on {em_limit} eval rows ({'merged' if merged else 'adapter'})")
+        progress(f"bake-off: exact match on {em_limit} eval rows ({kind})")
         out["eval_exact_match"] = score_task(model, tokenizer, spec.sample_task, limit=em_limit).exact_match
+    elif em_limit > 0 and eval_rows is not None:
+        from studio.evaluate import eval_examples, score_examples
+
+        examples = eval_examples(eval_rows, tokenizer, em_limit)
+        if examples.references:
+            progress(f"bake-off: exact match on {len(examples)} eval rows of the dataset ({kind}; "
+                     f"{examples.skipped} skipped)")
+            out["eval_exact_match"] = score_examples(model, tokenizer, examples).exact_match
+        else:
+            progress(f"bake-off: exact match not measured: {examples.reason}")
+            if unscored is not None:
+                unscored(f"no exact match: {examples.reason}")
     progress("bake-off: timing generation")
     out["inference_tokens_per_s"] = generation_speed(model, tokenizer, prompts[:SPEED_PROMPTS])
     return out

@@ -36,21 +36,54 @@ def run_dir(db: Database, run_id: int) -> Path:
     return config.child_path(config.child_path(config.projects_dir(), project.folder) / "runs", run.folder)
 
 
-def exact_match_scorer(spec: RunSpec, tokenizer: Any):
-    if not spec.sample_task or spec.exact_match_limit <= 0:
+def exact_match_scorer(spec: RunSpec, tokenizer: Any, eval_rows: Any = None):
+    """``(model) -> exact match or None`` for the trainer's evaluations and the final score, or
+    None when nothing can be scored. A sample task is scored on its own eval split with its own
+    normalisation (it wins if a spec names a dataset too); an imported dataset on its canonical
+    ``eval_rows`` (``studio.evaluate.score_dataset``). A dataset that cannot be scored (plain
+    text, empty eval split) gets no scorer and a line in the run's log saying why, since the
+    History tab would otherwise just show no exact match."""
+    if spec.exact_match_limit <= 0 or (not spec.sample_task and eval_rows is None):
         return None
-    from studio.evaluate import score_task
+    from studio import evaluate
 
-    def score(model: Any) -> float:
+    if spec.sample_task:
+        def measure(model: Any) -> float | None:
+            return evaluate.score_task(model, tokenizer, spec.sample_task, limit=spec.exact_match_limit).exact_match
+    else:
+        # The rows are chosen once: every evaluation of the run answers the same prompts.
+        examples = evaluate.eval_examples(eval_rows, tokenizer, spec.exact_match_limit)
+        if not examples.references:
+            print(f"exact match not measured: {examples.reason}", flush=True)
+            return None
+        if examples.skipped:
+            print(f"exact match: {examples.skipped} eval rows skipped (no final assistant answer, "
+                  "or one too long to match)", flush=True)
+
+        def measure(model: Any) -> float | None:
+            score = evaluate.score_examples(model, tokenizer, examples)
+            return None if score is None else score.exact_match
+
+    def score(model: Any) -> float | None:
         was_training = model.training
         model.eval()
         model.config.use_cache = True
         try:
-            return score_task(model, tokenizer, spec.sample_task, limit=spec.exact_match_limit).exact_match
+            return measure(model)
         finally:
             model.config.use_cache = False
             model.train(was_training)
     return score
+
+
+def dataset_eval_rows(db: Database, spec: RunSpec, dataset_id: int | None) -> Any:
+    """The imported dataset's canonical eval rows when exact match is scored on them (a run on
+    a dataset, not a sample task), else None. Memory-mapped: only the rows scored are read."""
+    if spec.sample_task or dataset_id is None or spec.exact_match_limit <= 0:
+        return None
+    from studio.data import load_dataset_split
+
+    return load_dataset_split(db, dataset_id, "eval")
 
 
 def training_arguments(spec: RunSpec, compute: prepare.Compute, output_dir: Path, has_eval: bool):
@@ -120,11 +153,12 @@ def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool,
     model, tokenizer, arch, params = prepare.build_model(spec, compute)
     train_set, eval_set, collator = prepare.build_data(db, spec, dataset_id, tokenizer)
     quantised = getattr(model, "is_loaded_in_4bit", False)
-    scorer = exact_match_scorer(spec, tokenizer)
     # A bake-off scores the saved adapter after training (measure_for_bakeoff); scoring the
     # training model too, at the final evaluation, would only cost time.
     bakeoff = db.bakeoff_for_run(run_id)
-    callback = StudioCallback(db, run_id, None if quantised or bakeoff is not None else scorer)
+    scorer = None if bakeoff is not None else exact_match_scorer(
+        spec, tokenizer, dataset_eval_rows(db, spec, dataset_id))
+    callback = StudioCallback(db, run_id, None if quantised else scorer)
     optimizers = (None, None)
     if getattr(params, "loraplus_lr_ratio", 1.0) != 1.0:
         from studio.methods.lora import loraplus_optimizer
@@ -159,29 +193,36 @@ def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool,
         final.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
     # The final evaluate() above already ran the callback's exact match, unless the callback
     # has no scorer (QLoRA) or there was no eval split to evaluate.
-    if scorer is not None and bakeoff is None and (callback.evaluate_exact_match is None or eval_set is None):
-        final["eval_exact_match"] = scorer(model)
+    if scorer is not None and (callback.evaluate_exact_match is None or eval_set is None):
+        score = scorer(model)
+        if score is not None:
+            final["eval_exact_match"] = score
     trainer.save_model(str(folder / "adapter"))
     db.log_metrics(run_id, step, final)
     if bakeoff is not None:
         # Free the training model, optimizer and data before loading the saved adapter again.
         del trainer, model, callback, optimizers, train_set, eval_set
         gc.collect()
-        measure_for_bakeoff(db, run_id, bakeoff.id, spec, folder / "adapter", step)
+        measure_for_bakeoff(db, run_id, bakeoff.id, spec, folder / "adapter", step,
+                            dataset_eval_rows(db, spec, dataset_id))
     db.update_run(run_id, status=RunStatus.COMPLETED.value, finished_at=utcnow(), exit_code=0)
     return RunStatus.COMPLETED.value
 
 
 def measure_for_bakeoff(db: Database, run_id: int, bakeoff_id: int, spec: RunSpec, adapter: Path,
-                        step: int) -> None:
+                        step: int, eval_rows: Any = None) -> None:
     """The bake-off's post-training figures. A failure here is noted on the bake-off, and the
-    run still completes: its training and its saved adapter are sound."""
+    run still completes: its training and its saved adapter are sound. ``eval_rows``: the
+    imported dataset's eval rows to score exact match on (see ``dataset_eval_rows``)."""
     from studio.bakeoff.measure import measure_trained
 
     db.heartbeat(run_id)
     try:
+        # Without the note the table would show an empty exact match column (and plot minus
+        # eval loss) without a word; a failure below replaces it, being the bigger news.
         values = measure_trained(spec, adapter, spec.exact_match_limit,
-                                 progress=lambda text: print(text, flush=True))
+                                 progress=lambda text: print(text, flush=True), eval_rows=eval_rows,
+                                 unscored=lambda why: db.add_bakeoff_note(bakeoff_id, run_id, why))
         db.log_metrics(run_id, step, values)
     except Exception:
         trace = traceback.format_exc()
