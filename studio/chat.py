@@ -255,6 +255,17 @@ class ChatEngine:
                 results[column] = score_task(model, self.tokenizer, task, "eval", limit=limit)
         return results
 
+    def score_examples(self, columns: list[str], examples: Any) -> dict[str, Any]:
+        """Exact match of each column on an imported dataset's eval rows (an ``EvalExamples``
+        from ``studio.evaluate.eval_examples``; whitespace-normalised comparison)."""
+        from studio.evaluate import score_examples
+
+        results = {}
+        for column in columns:
+            with self.model_for(column) as model:
+                results[column] = score_examples(model, self.tokenizer, examples)
+        return results
+
     def models(self) -> list[Any]:
         views = {id(a.view): a.view for a in self.adapters.values()}
         return [self.base, *views.values()]

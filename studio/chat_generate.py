@@ -16,7 +16,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from studio.chat_settings import GenerationSettings
+from studio.chat_settings import GenerationSettings, Messages
 
 
 class StopSwitch(StoppingCriteria):

@@ -283,7 +283,7 @@ def estimate_chat(arch: ArchInfo, setup: TrainSetup, context: int, batch: int = 
     kv_cache = 2 * arch.num_layers * arch.kv_dim * context * batch * width
     terms.append(Term("kv_cache", kv_cache, f"2 × L × kv × ctx × batch × {width} B = 2 × {arch.num_layers} × "
                                             f"{arch.kv_dim} × {context} × {batch} × {width}"))
-    terms.append(Term("logits", batch * arch.vocab_size * 4, f"batch × V × 4 B"))
+    terms.append(Term("logits", batch * arch.vocab_size * 4, "batch × V × 4 B"))
     terms.append(Term("overhead", CUDA_OVERHEAD if setup.device == "cuda" else 0, "CUDA context"))
     return Estimate(tuple(terms), 0)
 

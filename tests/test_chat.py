@@ -193,6 +193,45 @@ def test_eval_set_scores_each_column_with_its_own_adapter(tiny_chat_model, adapt
     assert results["lora1"].predictions != results[BASE].predictions
 
 
+def test_eval_set_can_be_an_imported_dataset(tiny_chat_model, adapter_dirs, tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    from studio import projects
+    from studio.data import import_dataset
+    from studio.db import Database
+    from studio.data import load_dataset_split
+    from studio.evaluate import eval_examples, score_dataset
+    from studio.ui.compare_view import eval_scores
+
+    db = Database()
+    project = projects.create_project(db, "compare eval")
+    chat_file, text_file = tmp_path / "qa.jsonl", tmp_path / "notes.txt"
+    chat_file.write_text("\n".join(json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"})
+                                   for i in range(20)))
+    text_file.write_text("\n".join(f"a line of plain text {i}" for i in range(20)))
+    chat_set = import_dataset(db, project, chat_file, eval_ratio=0.25).dataset
+    text_set = import_dataset(db, project, text_file, eval_ratio=0.25).dataset
+
+    engine = ChatEngine.load(str(tiny_chat_model))
+    engine.add_adapter("lora1", adapter_dirs["lora1"])
+    table = eval_scores(engine, db, [BASE, "lora1"], f"dataset:{chat_set.id}", 3)
+    assert list(table["examples"]) == [3, 3] and list(table["method"]) == ["base", "lora"]
+    # Each column's figure is that model's own score on the same rows.
+    rows = load_dataset_split(db, chat_set.id, "eval")
+    single = PeftModel.from_pretrained(load_model(str(tiny_chat_model)), str(adapter_dirs["lora1"])).eval()
+    expected = score_dataset(single, engine.tokenizer, rows, limit=3)
+    assert table.iloc[1]["correct"] == expected.correct and table.iloc[1]["exact match"] == f"{expected.exact_match:.0%}"
+    answered = engine.score_examples([BASE, "lora1"], eval_examples(rows, engine.tokenizer, 3))
+    assert answered["lora1"].predictions == expected.predictions != answered[BASE].predictions
+
+    assert "plain-text dataset" in eval_scores(engine, db, [BASE], f"dataset:{text_set.id}", 3).iloc[0]["note"]
+    assert "no longer exists" in eval_scores(engine, db, [BASE], "dataset:999", 3).iloc[0]["note"]
+    assert list(eval_scores(engine, db, [BASE], "sample:sentiment", 2)["examples"]) == [2]
+    db.close()
+
+
 def test_chat_is_refused_when_it_would_not_fit_beside_a_training_run():
     from conftest import CONFIGS
     from studio.arch import ArchInfo

@@ -1,23 +1,17 @@
 """Importing broken files: exact row-numbered messages, nothing left behind on refusal,
 rows dropped with a report on "drop"."""
 
-
 from __future__ import annotations
 
 import json
 import random
 import tracemalloc
-from pathlib import Path
 
 import pytest
 
-from studio.data import (DataError, EmptyFileError, FormatError, UnreadableFileError,
-                         ValidationError, import_dataset, import_sample_task, load_dataset_split)
-from studio.db import Database
-from studio.projects import create_project, project_dir
-from studio.samples import get_task, load_rows, prompt_text
+from studio.data import EmptyFileError, FormatError, UnreadableFileError, import_dataset
 
-from data_helpers import DATA, db, project, stored, assert_nothing_written, rows, chat, refused  # noqa: F401 (fixtures)
+from data_helpers import DATA, db, project, assert_nothing_written, rows, chat, refused  # noqa: F401 (fixtures)
 
 
 # ---- broken files: exact messages, nothing left behind with "refuse", rows dropped with "drop" --

@@ -46,13 +46,13 @@ def build_app(db: Database | None = None) -> gr.Blocks:
                                 continue
                             if name == "History":
                                 history_tab.build(demo, db, picker, main_tabs, tab, sections=[
-                                    ("Bake-off", lambda: bakeoff_tab.build(demo, db, picker))])
+                                    ("Bake-off", lambda sub: bakeoff_tab.build(demo, db, picker, sub))])
                                 continue
                             if name == "Compare":
-                                compare_tab.build(demo, db, picker)
+                                compare_tab.build(demo, db, picker, tab)
                                 continue
                             if name == "Export":
-                                export_tab.build(demo, db, picker)
+                                export_tab.build(demo, db, picker, tab)
                                 continue
                             placeholders.build(name)
                 if attach_train_timer is not None:

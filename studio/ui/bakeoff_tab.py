@@ -157,7 +157,9 @@ def cancel(db: Database, bakeoff_id: int | None) -> str:
 
 
 # ---- the section ----
-def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
+def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None) -> None:
+    """Render the section. ``tab``: its (sub-)tab; opening it re-lists the datasets (one may have
+    been imported in the Data tab since the page loaded), keeping the one picked."""
     budget = bakeoff.Budget()
     gr.Markdown(TXT["intro"])
     with gr.Row():
@@ -227,6 +229,13 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
             return tuple(gr.skip() for _ in shown)  # no redraw, no new download files
         return show(bakeoff_id)
 
+    def on_open(project_id, data_v):
+        data_list = data_choices(db, project_id)
+        values = [v for _, v in data_list]
+        return gr.update(choices=data_list, value=data_v if data_v in values else values[0])
+
+    if tab is not None:
+        tab.select(on_open, [picker, data], [data], api_name=False)
     picker.change(on_project, [picker], [chosen, data, *shown], api_name=False)
     demo.load(on_project, [picker], [chosen, data, *shown], api_name=False)
     go.click(on_queue, [picker, data, methods, steps, batch, max_length, eval_rows, lr],

@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from studio.chat_sources import chat_memory_refusal, project_adapters
 from studio.db import Database
 from studio.samples import SAMPLE_TASKS
 from studio.ui import compare_view as view
 from studio.ui.compare_view import BASE_LABEL, SLOTS
+from studio.ui.train_tab import data_choices
 
 _engine: dict[str, Any] = {}  # "engine": the ChatEngine of this app process
 
@@ -33,7 +33,9 @@ def _adapter_sources(db: Database, project_id: int | None):
     return project_adapters(db, project_id, lambda run: run_folder(db, run))
 
 
-def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
+def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None) -> None:
+    """Render the tab. ``tab``: the tab itself; opening it re-lists the adapters and eval sets
+    (runs finish and datasets are imported in other tabs), keeping what is picked."""
     gr.Markdown("Ask the base model and your adapters the same thing, side by side, over one copy of "
                 "the base weights. LoRA columns are answered together in one batched generate; other "
                 "methods are answered one after another. Each column keeps its own conversation.")
@@ -77,10 +79,11 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
         send = gr.Button("Send", variant="primary", scale=1, elem_id="compare-send")
         stop = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
         clear = gr.Button("Clear conversations", scale=1, elem_id="compare-clear")
-    with gr.Accordion("Compare on a sample task's eval set (exact match)", open=False):
+    with gr.Accordion("Compare on an eval set (exact match)", open=False):
         with gr.Row():
-            task = gr.Dropdown([(t.title, t.name) for t in SAMPLE_TASKS.values()], value=next(iter(SAMPLE_TASKS)),
-                               label="Sample task", elem_id="compare-task")
+            task = gr.Dropdown(data_choices(db, None), value=f"sample:{next(iter(SAMPLE_TASKS))}",
+                               label="Eval set", info="a sample task, or a dataset imported into this project "
+                               "(its eval split's final assistant answers)", elem_id="compare-task")
             limit = gr.Number(20, precision=0, minimum=1, maximum=400, label="Eval rows")
             score = gr.Button("Compare on eval set", elem_id="compare-eval")
         scores = gr.Dataframe(interactive=False, elem_id="compare-eval-table")
@@ -94,9 +97,18 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
     def on_project(project_id):
         project = db.get_project(project_id) if project_id is not None else None
         if project is None:  # page load can run before the picker has its value: keep what is shown
+            return gr.update(), gr.update(), gr.update()
+        choices = [s.label for s in _adapter_sources(db, project_id)]
+        return project.model_source, gr.update(choices=choices, value=[]), gr.update(choices=data_choices(db, project_id))
+
+    def on_open(project_id, picked_v, task_v):
+        if project_id is None or db.get_project(project_id) is None:
             return gr.update(), gr.update()
         choices = [s.label for s in _adapter_sources(db, project_id)]
-        return project.model_source, gr.update(choices=choices, value=[])
+        sets = data_choices(db, project_id)
+        keep_set = task_v if task_v in [v for _, v in sets] else sets[0][1]
+        return (gr.update(choices=choices, value=[p for p in picked_v or [] if p in choices]),
+                gr.update(choices=sets, value=keep_set))
 
     def on_load(project_id, source_v, progress=gr.Progress()):
         from studio.models import IMPORT_LOCK
@@ -164,18 +176,19 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
 
     def on_score(visible, st, task_v, limit_v, progress=gr.Progress()):
         if engine() is None:
-            return pd.DataFrame({"note": ["Load the base model first."]})
+            return view.note_table("Load the base model first.")
         progress(0.05, desc="generating answers for every column")
-        results = engine().score(view.engine_columns(st, visible), task_v, int(limit_v or 20))
-        return view.score_table(engine(), results)
+        return view.eval_scores(engine(), db, view.engine_columns(st, visible), task_v, int(limit_v or 20))
 
     def on_clear(st, visible):
         st = view.cleared(st)
         return (st, *view.chat_frames(st), *[""] * SLOTS)
 
     slot_outputs = [*columns, *chats, shown]
-    picker.change(on_project, [picker], [source, picked], api_name=False)
-    demo.load(on_project, [picker], [source, picked], api_name=False)
+    picker.change(on_project, [picker], [source, picked, task], api_name=False)
+    demo.load(on_project, [picker], [source, picked, task], api_name=False)
+    if tab is not None:
+        tab.select(on_open, [picker, picked, task], [picked, task], api_name=False)
     # Loading, attaching, answering and scoring use the one engine: they queue behind each other
     # (an Attach clicked while the model loads waits for it instead of finding no model).
     serial = dict(api_name=False, concurrency_id="compare-engine", concurrency_limit=1)

@@ -182,6 +182,30 @@ def status_text(engine: Any) -> str:
     return "  \n".join(lines)
 
 
+def note_table(text: str) -> pd.DataFrame:
+    return pd.DataFrame({"note": [text]})
+
+
+def eval_scores(engine: Any, db: Any, columns: list[str], eval_set: str | None, limit: int) -> pd.DataFrame:
+    """Each column's exact match on an eval set: ``sample:<task>`` (the task's own scoring) or
+    ``dataset:<id>``, an imported dataset's eval split (its final assistant turns, compared after
+    whitespace normalisation; see ``studio.evaluate``). A set with nothing to score says why."""
+    kind, _, value = (eval_set or "").partition(":")
+    if kind == "sample":
+        return score_table(engine, engine.score(columns, value, limit))
+    if kind != "dataset" or not value.isdigit():
+        return note_table("Pick an eval set.")
+    from studio.data.store import load_dataset_split
+    from studio.evaluate import eval_examples
+
+    if db.get_dataset(int(value)) is None:
+        return note_table(f"Dataset #{value} no longer exists: pick another eval set.")
+    examples = eval_examples(load_dataset_split(db, int(value), "eval"), engine.tokenizer, limit)
+    if not examples.references:
+        return note_table(f"Nothing to score: {examples.reason}.")
+    return score_table(engine, engine.score_examples(columns, examples))
+
+
 def score_table(engine: Any, results: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for column, score in results.items():

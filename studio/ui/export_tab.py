@@ -43,7 +43,9 @@ def run_note(db: Database, run_id: int | None) -> str:
     return f"{method.title}: merges into the base with no inference overhead."
 
 
-def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
+def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None) -> None:
+    """Render the tab. ``tab``: the tab itself; opening it re-lists the runs (one may have
+    finished in the Train tab since the page loaded)."""
     with gr.Row():
         with gr.Column(scale=2):
             run = gr.Dropdown(label="Finished run", choices=[], elem_id="export-run")
@@ -63,9 +65,10 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
             table = gr.Dataframe(label="Exports of this project", interactive=False, elem_id="export-table",
                                  wrap=True)
 
-    def refresh(project_id):
+    def refresh(project_id, current=None):
         choices = _finished_runs(db, project_id)
-        value = choices[0][1] if choices else None
+        ids = [c[1] for c in choices]
+        value = current if current in ids else (ids[0] if ids else None)
         return gr.update(choices=choices, value=value), run_note(db, value), _exports_table(db, project_id)
 
     def on_export(project_id, run_id, kind_v, dtype_v, shard_v, dest_v, overwrite_v, verify_v,
@@ -96,3 +99,5 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
     run.change(lambda rid: run_note(db, rid), [run], [note], api_name=False)
     picker.change(refresh, [picker], [run, note, table], api_name=False)
     demo.load(refresh, [picker], [run, note, table], api_name=False)
+    if tab is not None:
+        tab.select(refresh, [picker, run], [run, note, table], api_name=False)

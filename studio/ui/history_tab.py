@@ -98,9 +98,10 @@ def compare_message(run_ids: Sequence[int] | None, comparison: view.Comparison |
 
 # ---- the tab ----
 def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs | None = None,
-          tab: gr.Tab | None = None, sections: Sequence[tuple[str, Callable[[], None]]] = ()) -> None:
+          tab: gr.Tab | None = None, sections: Sequence[tuple[str, Callable[[gr.Tab], None]]] = ()) -> None:
     """Render the tab. ``sections``: (title, build function) pairs, each built in its own sub-tab
-    after Runs, Compare and Project (e.g. ``[("Bake-off", lambda: bakeoff_tab.build(...))]``)."""
+    after Runs, Compare and Project and given that sub-tab (to refresh when it is opened), e.g.
+    ``[("Bake-off", lambda sub: bakeoff_tab.build(demo, db, picker, sub))]``."""
     with gr.Tabs(elem_id="history-sections"):
         with gr.Tab(TXT["runs"], id="runs", elem_id="history-tab-runs"):
             runs = _build_runs(demo, db, picker, main_tabs, tab)
@@ -114,8 +115,8 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs
             exports_df = gr.Dataframe(label=TXT["exports"], interactive=False, wrap=True, elem_id="history-exports")
         for title, build_section in sections:
             slug = title.lower().replace(" ", "-")
-            with gr.Tab(title, id=slug, elem_id=f"history-tab-{slug}"):
-                build_section()
+            with gr.Tab(title, id=slug, elem_id=f"history-tab-{slug}") as sub:
+                build_section(sub)
 
     def on_project(project_id):
         return view.projects_table(db), view.datasets_table(db, project_id), view.exports_table(db, project_id)

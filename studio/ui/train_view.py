@@ -11,7 +11,6 @@ import html
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 
