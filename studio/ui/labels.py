@@ -85,8 +85,10 @@ TRAIN_FIELDS = {
     "seed": ("Seed", "The same seed and settings give the same run."),
     "eval_steps": ("Eval every (steps)", "Evaluate on the held-out split every this many steps (0: only "
                    "at the end)."),
-    "exact_match_limit": ("Exact-match eval rows", "Held-out rows the model answers for a sample task's "
-                          "exact-match score (0: skip; generating is slow on a CPU)."),
+    "exact_match_limit": ("Exact-match eval rows", "Held-out rows the model answers at each evaluation for "
+                          "the exact-match score: a sample task's answers, or an imported chat dataset's "
+                          "final assistant turns (0: skip; generating is slow on a CPU, most with long "
+                          "answers)."),
 }
 TRAIN_HELP = {
     "data": "A sample task (imported into this project on first use and scored by exact match) "
