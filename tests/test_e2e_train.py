@@ -83,8 +83,12 @@ def test_sample_task_training_in_two_clicks_live_curve_then_stop(default_model_c
         shot(page, tmp_path, "train-running")
 
         page.locator("#train-stop").click()
-        page.get_by_text(re.compile(r"Stopping run #\d+")).wait_for(timeout=30_000)
+        page.locator("#train-message").get_by_text(re.compile(r"Stopping run #\d+|Run #\d+ stopped")).wait_for(
+            timeout=30_000)
         page.locator("#train-status").get_by_text("cancelled").wait_for(timeout=180_000)
+        # The acknowledgement does not outlive the stop: it becomes what happened.
+        page.locator("#train-message").get_by_text(re.compile(r"Run #\d+ stopped.*cancelled.*checkpoint is kept")
+                                                   ).wait_for(timeout=30_000)
         page.locator("#train-summary").get_by_text("final train loss").wait_for(timeout=30_000)
         shot(page, tmp_path, "train-stopped")
 

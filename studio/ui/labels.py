@@ -106,6 +106,9 @@ TRAIN_MSG = {
     "started": "**Started run #{id}** ({name}).",
     "not_running": "**Nothing to stop:** the selected run is not running.",
     "stopping": "**Stopping run #{id}** after its current step, {kept}.",
+    "stopped": {"save": "**Run #{id} stopped** ({status}); its checkpoint is kept: *Resume selected run* "
+                        "continues it.",
+                "discard": "**Run #{id} stopped** ({status}); its checkpoints were discarded."},
     "no_resume": "**Nothing to resume:** select a failed, cancelled or out-of-memory run.",
     "not_resumed": "**Not resumed:** {reason}",
     "resumed": "**Resumed run #{id}** from its latest checkpoint.",

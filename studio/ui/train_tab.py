@@ -285,7 +285,21 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, method_dropdown: g
         run_update = gr.update()
         if choices != state.get("choices") or selected != run_id:
             run_update = gr.update(choices=choices, value=selected)
-        return [run_update, *on_select(selected, {"choices": choices}, state.get("key"))]
+        *view, new_state = on_select(selected, {"choices": choices}, state.get("key"))
+        # "Stopping run #N..." is replaced once the run has stopped, so it never outlives the stop.
+        stopping, message_update = state.get("stopping"), gr.update()  # (run id, mode) or None
+        stopped = db.get_run(stopping[0]) if stopping else None
+        if stopping and (stopped is None or stopped.status != RunStatus.RUNNING.value):
+            message_update = labels.TRAIN_MSG["stopped"][stopping[1]].format(
+                id=stopping[0], status=stopped.status if stopped else "deleted")
+            stopping = None
+        return [run_update, *view, {**new_state, "stopping": stopping}, message_update]
+
+    def on_stop(run_id, state, mode):
+        run = db.get_run(run_id) if run_id is not None else None
+        was_running = run is not None and run.status == RunStatus.RUNNING.value
+        text = stop_run(db, run_id, mode)
+        return text, {**state, "stopping": [run_id, mode] if was_running else state.get("stopping")}
 
     def refresh_data(project_id, current):
         choices = data_choices(db, project_id)
@@ -298,8 +312,8 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, method_dropdown: g
         trigger(on_estimate, plan_inputs, [estimate_md], api_name=False, show_progress="hidden")
     start.click(on_start, plan_inputs, [message, run_dd], api_name=False).then(
         on_select, [run_dd, shown], [*view_outputs, shown], api_name=False, show_progress="hidden")
-    stop.click(lambda rid: stop_run(db, rid, "save"), [run_dd], [message], api_name=False)
-    discard.click(lambda rid: stop_run(db, rid, "discard"), [run_dd], [message], api_name=False)
+    stop.click(lambda rid, st: on_stop(rid, st, "save"), [run_dd, shown], [message, shown], api_name=False)
+    discard.click(lambda rid, st: on_stop(rid, st, "discard"), [run_dd, shown], [message, shown], api_name=False)
     resume.click(lambda rid: resume_run(db, rid), [run_dd], [message], api_name=False)
     run_dd.input(on_select, [run_dd, shown], [*view_outputs, shown], api_name=False, show_progress="hidden")
     picker.change(refresh_data, [picker, data], [data], api_name=False)
@@ -316,7 +330,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, method_dropdown: g
 
     def attach_timer() -> gr.Timer:
         timer = gr.Timer(1.0)
-        timer.tick(poll, [picker, run_dd, shown], [run_dd, *view_outputs, shown], api_name=False,
+        timer.tick(poll, [picker, run_dd, shown], [run_dd, *view_outputs, shown, message], api_name=False,
                    show_progress="hidden", concurrency_limit=None)
         return timer
 
