@@ -18,6 +18,9 @@ from studio.ui import (bakeoff_tab, compare_tab, data_tab, export_tab, history_t
 CSS = """
 mark.loss { background: #fde68a; color: inherit; border-radius: 2px; }
 .token-preview { max-height: 28em; overflow-y: auto; }
+/* Wide tables: headers break between words, never inside one (the table scrolls instead). */
+#bakeoff-table th, #bakeoff-table th *, #history-runs th, #history-runs th * {
+  word-break: normal !important; overflow-wrap: normal !important; }
 """
 
 
