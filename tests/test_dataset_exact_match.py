@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import pytest
-
 from studio.data import import_dataset, load_dataset_split
 from studio.db import Database
 from studio.evaluate import eval_examples, generate_answers, normalise_answer
@@ -33,13 +31,6 @@ EXPECTED = 3 / 4
 # Full fine-tuning at a constant 2e-2 takes the loss from 10.6 to < 0.001 in 24 steps (~20 s):
 # the model says "yes" and then its end-of-turn token. LoRA on this 64-wide model barely moves.
 LEARN = dict(method="full", max_steps=24, learning_rate=2e-2, lr_scheduler="constant", warmup_ratio=0.0)
-
-
-@pytest.fixture
-def db():
-    database = Database()
-    yield database
-    database.close()
 
 
 def write_jsonl(path, rows) -> str:

@@ -11,7 +11,6 @@ import pytest
 from datasets import Dataset
 
 from studio.data import import_dataset, load_dataset_split
-from studio.db import Database
 from studio.evaluate import (ANSWER_MARGIN_TOKENS, MAX_ANSWER_TOKENS, eval_examples, generate_answers,
                              normalise_answer, score_dataset)
 from studio.projects import create_project
@@ -25,13 +24,6 @@ def model_and_tokenizer(tiny_chat_model):
     from studio.models import load_model, load_tokenizer
 
     return load_model(str(tiny_chat_model)).eval(), load_tokenizer(str(tiny_chat_model))
-
-
-@pytest.fixture
-def db():
-    database = Database()
-    yield database
-    database.close()
 
 
 def chat(*turns: tuple[str, str]) -> dict:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from studio import history, projects
-from studio.db import Database, RunStatus, utcnow
+from studio.db import Database, utcnow
 from studio.runspec import RunSpec
 from studio.ui import history_view
 from studio.worker import launch
@@ -35,13 +35,6 @@ def make_run(db: Database, project_id: int, name: str, metrics: dict[str, list[f
 
 def files_under(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-@pytest.fixture
-def db():
-    database = Database()
-    yield database
-    database.close()
 
 
 @pytest.fixture
