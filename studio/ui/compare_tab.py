@@ -95,13 +95,14 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         return [*view.slot_updates(st, visible, engine()), gr.update(choices=view.column_choices(st), value=visible)]
 
     def on_project(project_id):
+        """Another project: its model, its adapters (none picked), its eval sets."""
         project = db.get_project(project_id) if project_id is not None else None
         if project is None:  # page load can run before the picker has its value: keep what is shown
             return gr.update(), gr.update(), gr.update()
-        choices = [s.label for s in _adapter_sources(db, project_id)]
-        return project.model_source, gr.update(choices=choices, value=[]), gr.update(choices=data_choices(db, project_id))
+        return project.model_source, *on_open(project_id, [], None)
 
     def on_open(project_id, picked_v, task_v):
+        """The project's adapters and eval sets as they are now, keeping the picks still offered."""
         if project_id is None or db.get_project(project_id) is None:
             return gr.update(), gr.update()
         choices = [s.label for s in _adapter_sources(db, project_id)]
