@@ -174,13 +174,13 @@ def test_ui_restart_during_a_run_shows_it_running_with_all_metrics(project):
     demo = build_app(Database())
     poll = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "poll")
     outputs = poll(proj.id, None, {"key": None, "choices": None})
-    run_update, status, progress, loss, lr, speed, log, summary, state, message = outputs
+    run_update, status, progress, loss, lr, speed, log, summary, state, message, stopping = outputs
     assert loss["x_lim"] == [0.0, 400.0] and loss["y_lim"][0] <= loss["value"]["value"].min()
     loss, lr, speed = loss["value"], lr["value"], speed["value"]  # gr.update(value=frame, limits)
     assert run_update["value"] == run_id  # the newest run is selected on its own
     assert any(choice[1] == run_id and "running" in choice[0] for choice in run_update["choices"])
     assert "running" in status and f"#{run_id}" in status
-    assert "Step " in progress and summary == "" and message == {"__type__": "update"}
+    assert "Step " in progress and summary == "" and message == stopping == {"__type__": "update"}
     shown = steps_of(loss, "train loss")
     logged = logged_steps(db, run_id, "loss")
     assert len(shown) >= 3 and shown == logged[:len(shown)] and shown[0] == 1  # the whole curve
@@ -189,14 +189,18 @@ def test_ui_restart_during_a_run_shows_it_running_with_all_metrics(project):
     # New steps arrive on a later poll of the same page.
     wait_for(lambda: len(logged_steps(db, run_id, "loss")) > len(shown), 60, "another step")
     later = poll(proj.id, run_id, state)
+    assert later[-3]["key"] != state["key"]  # the state the next poll is given
     assert len(steps_of(later[3]["value"], "train loss")) > len(shown)
 
     # Once nothing changes, a poll re-sends nothing: the plots are not redrawn every second.
     train_tab.stop_run(db, run_id, "discard")
     wait_for(lambda: finished(db, run_id), 120, "the stop")
-    settled = poll(proj.id, run_id, poll(proj.id, run_id, later[-2])[-2])
-    *updates, _state, message = settled
-    assert all(update == {"__type__": "update"} for update in [*updates, message])
+    settled = poll(proj.id, run_id, poll(proj.id, run_id, later[-3])[-3])
+    *updates, _state, message, stopping = settled
+    assert all(update == {"__type__": "update"} for update in [*updates, message, stopping])
+    # A stop the page asked for: once the run has ended, the message says what happened, once.
+    done = poll(proj.id, run_id, later[-3], [run_id, "discard"])
+    assert f"Run #{run_id} stopped" in done[-2] and "discarded" in done[-2] and done[-1] is None
     demo.close()
 
 

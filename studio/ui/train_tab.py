@@ -242,6 +242,10 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, method_dropdown: g
     log = gr.Textbox(label="Worker log (last lines)", lines=LOG_LINES, max_lines=2 * LOG_LINES, interactive=False,
                      autoscroll=True, elem_id="train-log")
     shown = gr.State({"key": None, "choices": None})
+    # [run id, mode] of a stop asked for and not yet seen done. Its own state, written only by the
+    # stop buttons and cleared only by the poll that saw the run end: kept in ``shown``, a poll
+    # already running when Stop is clicked would write its older copy back and lose it.
+    stopping = gr.State(None)
 
     option_widgets = [widgets[name] for name in OPTIONS]
     plan_inputs = [picker, data, method, *option_widgets, *setting_widgets]
@@ -277,7 +281,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, method_dropdown: g
                 *(new_plots if view.key[0] != plots else [keep] * 3),
                 *([view.log, view.summary] if view.key[1] != texts else [keep] * 2), {**state, "key": view.key}]
 
-    def poll(project_id, run_id, state):
+    def poll(project_id, run_id, state, stopping_v=None):
         launch.reconcile(db)  # a worker that died cannot write its own end
         choices = run_choices(db, project_id)
         ids = [c[1] for c in choices]
@@ -285,21 +289,19 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, method_dropdown: g
         run_update = gr.update()
         if choices != state.get("choices") or selected != run_id:
             run_update = gr.update(choices=choices, value=selected)
-        *view, new_state = on_select(selected, {"choices": choices}, state.get("key"))
-        # "Stopping run #N..." is replaced once the run has stopped, so it never outlives the stop.
-        stopping, message_update = state.get("stopping"), gr.update()  # (run id, mode) or None
-        stopped = db.get_run(stopping[0]) if stopping else None
-        if stopping and (stopped is None or stopped.status != RunStatus.RUNNING.value):
-            message_update = labels.TRAIN_MSG["stopped"][stopping[1]].format(
-                id=stopping[0], status=stopped.status if stopped else "deleted")
-            stopping = None
-        return [run_update, *view, {**new_state, "stopping": stopping}, message_update]
+        outputs = [run_update, *on_select(selected, {"choices": choices}, state.get("key"))]
+        # "Stopping run #N..." becomes what happened once the run has stopped.
+        stopped = db.get_run(stopping_v[0]) if stopping_v else None
+        if stopping_v and (stopped is None or stopped.status != RunStatus.RUNNING.value):
+            done = labels.TRAIN_MSG["stopped"][stopping_v[1]].format(
+                id=stopping_v[0], status=stopped.status if stopped else "deleted")
+            return [*outputs, done, None]
+        return [*outputs, gr.update(), gr.skip()]
 
-    def on_stop(run_id, state, mode):
+    def on_stop(run_id, pending, mode):
         run = db.get_run(run_id) if run_id is not None else None
         was_running = run is not None and run.status == RunStatus.RUNNING.value
-        text = stop_run(db, run_id, mode)
-        return text, {**state, "stopping": [run_id, mode] if was_running else state.get("stopping")}
+        return stop_run(db, run_id, mode), [run_id, mode] if was_running else pending
 
     def refresh_data(project_id, current):
         choices = data_choices(db, project_id)
@@ -312,8 +314,9 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, method_dropdown: g
         trigger(on_estimate, plan_inputs, [estimate_md], api_name=False, show_progress="hidden")
     start.click(on_start, plan_inputs, [message, run_dd], api_name=False).then(
         on_select, [run_dd, shown], [*view_outputs, shown], api_name=False, show_progress="hidden")
-    stop.click(lambda rid, st: on_stop(rid, st, "save"), [run_dd, shown], [message, shown], api_name=False)
-    discard.click(lambda rid, st: on_stop(rid, st, "discard"), [run_dd, shown], [message, shown], api_name=False)
+    stop.click(lambda rid, p: on_stop(rid, p, "save"), [run_dd, stopping], [message, stopping], api_name=False)
+    discard.click(lambda rid, p: on_stop(rid, p, "discard"), [run_dd, stopping], [message, stopping],
+                  api_name=False)
     resume.click(lambda rid: resume_run(db, rid), [run_dd], [message], api_name=False)
     run_dd.input(on_select, [run_dd, shown], [*view_outputs, shown], api_name=False, show_progress="hidden")
     picker.change(refresh_data, [picker, data], [data], api_name=False)
@@ -330,7 +333,8 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, method_dropdown: g
 
     def attach_timer() -> gr.Timer:
         timer = gr.Timer(1.0)
-        timer.tick(poll, [picker, run_dd, shown], [run_dd, *view_outputs, shown, message], api_name=False,
+        timer.tick(poll, [picker, run_dd, shown, stopping], [run_dd, *view_outputs, shown, message, stopping],
+                   api_name=False,
                    show_progress="hidden", concurrency_limit=None)
         return timer
 
