@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import FormatError
+from .jsonnum import Decoder, HugeNumber, describe
 
 CHUNK = 1 << 20
 RECORD_MAX_CHARS = 64 << 20  # one record bigger than this is a broken file, not a record
@@ -31,13 +32,16 @@ def json_problem(exc: json.JSONDecodeError, text: str) -> str:
     return f"{'truncated' if truncated else 'invalid'} JSON ({where} {exc.colno})"
 
 
-def iter_json_records(path: Path, display: str) -> Iterator[tuple[int, int, object]]:
-    """(record number, line number, value) for each record of the file, in order."""
+def iter_json_records(path: Path, display: str, decoder: Decoder | None = None
+                      ) -> Iterator[tuple[int, int, object]]:
+    """(record number, line number, value) for each record of the file, in order. Integers too
+    long to read come out as ``HugeNumber``, counted in ``decoder.seen`` (see ``jsonnum``)."""
+    decoder = decoder or Decoder()
     with path.open(encoding="utf-8-sig") as handle:
         head = handle.read(CHUNK)
         stripped = head.lstrip(_WS)
         if stripped.startswith("["):
-            yield from _iter_array(handle, head, display)
+            yield from _iter_array(handle, head, display, decoder)
             return
         size = path.stat().st_size
         if size > OBJECT_MAX_BYTES:
@@ -45,7 +49,7 @@ def iter_json_records(path: Path, display: str) -> Iterator[tuple[int, int, obje
                               "save the records as JSONL (one object per line) or as a JSON "
                               "array", file=display, code="too_big")
         text = head + handle.read()
-    yield from _iter_object(text, display)
+    yield from _iter_object(text, display, decoder)
 
 
 class _Cursor:
@@ -85,8 +89,8 @@ class _Cursor:
                 return ""
 
 
-def _iter_array(handle, head: str, display: str) -> Iterator[tuple[int, int, object]]:
-    decoder = json.JSONDecoder()
+def _iter_array(handle, head: str, display: str, decoder: Decoder
+                ) -> Iterator[tuple[int, int, object]]:
     cur = _Cursor(handle, head)
 
     def fail(message: str) -> FormatError:
@@ -135,9 +139,10 @@ def _iter_array(handle, head: str, display: str) -> Iterator[tuple[int, int, obj
         raise fail("invalid JSON (extra data after the closing ']')")
 
 
-def _iter_object(text: str, display: str) -> Iterator[tuple[int, int, object]]:
+def _iter_object(text: str, display: str, decoder: Decoder
+                 ) -> Iterator[tuple[int, int, object]]:
     try:
-        data = json.loads(text)
+        data = decoder.decode(text)
     except json.JSONDecodeError as exc:
         raise FormatError(json_problem(exc, text), file=display, row=exc.lineno, unit="line",
                           code="bad_json") from None
@@ -181,4 +186,6 @@ def type_name(value: object) -> str:
         return "a list"
     if isinstance(value, dict):
         return "an object"
+    if isinstance(value, HugeNumber):
+        return describe(value)
     return f"a {type(value).__name__}"

@@ -20,7 +20,6 @@ This module also settles which format and mapping an import uses (``resolve``).
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -29,6 +28,7 @@ from studio.samples import prompt_text
 from .detect import FORMATS, REQUIRED, SLOT_HELP, SLOTS, Detection
 from .errors import FormatError
 from .jsonfile import type_name
+from .jsonnum import Decoder
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
          "gpt": "assistant", "bot": "assistant", "model": "assistant"}
@@ -143,7 +143,8 @@ def _text_value(value: Any, column: str, required: bool, errors: list[Issue],
                 warnings: list[Issue], label: str = "") -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         if required:
-            errors.append(("missing_value", column, f"{label}no value (null; expected "
+            shown = "null" if value is None else "NaN"
+            errors.append(("missing_value", column, f"{label}no value ({shown}; expected "
                            "non-empty text)"))
         return None
     if isinstance(value, bool):
@@ -180,8 +181,8 @@ def _turns(row: dict, column: str, errors: list[Issue], warnings: list[Issue]
     is not a usable conversation. Stops at the first problem: one clear reason per row."""
     value = row.get(column)
     if isinstance(value, str) and value.lstrip().startswith("["):
-        try:  # CSV files carry conversations as JSON text
-            value = json.loads(value)
+        try:  # CSV files carry conversations as JSON text (a too-long number: a wrong type)
+            value = Decoder().decode(value)
         except (ValueError, RecursionError):
             pass
     if column not in row or value is None:

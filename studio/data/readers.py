@@ -32,6 +32,7 @@ from datasets.arrow_writer import ArrowWriter
 from .errors import DataError, EmptyFileError, FormatError, IssueLog
 from .hf_readers import read_folder, read_hub, read_parquet
 from .jsonfile import iter_json_records, json_problem, type_name
+from .jsonnum import CODE as HUGE, Decoder, huge_number
 from .source import INTERNAL, JSON_COL, ROW, Source
 from .sniff import bad_utf8_message, check_text_head, file_kind, read_head, scan_utf8, source_kind
 
@@ -169,12 +170,13 @@ def _lines(path: Path, display: str, issues: IssueLog | None,
 
 def _read_jsonl(path: Path, display: str, sink: ArrowSink, issues: IssueLog,
                 max_rows: int | None) -> None:
+    decoder = Decoder()
     for number, text in _lines(path, display, issues):
         if text is None or not text.strip():
             continue
         text = text.rstrip("\r\n")  # so a truncated line's error column is on this line
         try:
-            value = json.loads(text)
+            value = decoder.decode(text)
         except json.JSONDecodeError as exc:
             _bad_line(issues, display, number, json_problem(exc, text), "bad_json")
             continue
@@ -185,6 +187,10 @@ def _read_jsonl(path: Path, display: str, sink: ArrowSink, issues: IssueLog,
             _bad_line(issues, display, number, f"expected a JSON object ({{...}}) but found "
                       f"{type_name(value)}", "not_object")
             continue
+        if decoder.seen and (huge := huge_number(value)):  # walked only once the file has one
+            issues.add(DataError(huge[1], file=display, row=number, field=huge[0], unit="line",
+                                 code=HUGE))
+            continue
         text = text.strip()
         sink.add({ROW: number, JSON_COL: text}, len(text))
         if max_rows is not None and sink.count >= max_rows:
@@ -193,18 +199,21 @@ def _read_jsonl(path: Path, display: str, sink: ArrowSink, issues: IssueLog,
 
 def _read_json(path: Path, display: str, sink: ArrowSink, issues: IssueLog,
                max_rows: int | None) -> None:
-    for number, _line, value in iter_json_records(path, display):
-        problem = None
+    decoder = Decoder()
+    for number, _line, value in iter_json_records(path, display, decoder):
+        problem, code, field = None, "not_object", None
         if not isinstance(value, dict):
             problem = f"expected a JSON object ({{...}}) but found {type_name(value)}"
+        elif decoder.seen and (huge := huge_number(value)):
+            (field, problem), code = huge, HUGE
         else:
             try:  # ASCII escapes keep unpaired surrogates storable; they fail in validation
                 text = json.dumps(value)
             except (RecursionError, ValueError):
                 problem = "the record is nested too deeply"
         if problem:
-            issues.add(DataError(problem, file=display, row=number, unit="record",
-                                 code="not_object"))
+            issues.add(DataError(problem, file=display, row=number, field=field,
+                                 unit="record", code=code))
             continue
         sink.add({ROW: number, JSON_COL: text}, len(text))
         if max_rows is not None and sink.count >= max_rows:

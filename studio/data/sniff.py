@@ -9,12 +9,12 @@ would fail on those cases with a message nobody can act on.
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import re
 from pathlib import Path
 
 from .errors import EmptyFileError, FormatError, UnreadableFileError
+from .jsonnum import Decoder
 
 EXTENSIONS = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
@@ -148,7 +148,7 @@ def _first_line(head: bytes) -> tuple[str, bool]:
 
 def _parses_as_object(line: str) -> bool:
     try:
-        return isinstance(json.loads(line), dict)
+        return isinstance(Decoder().decode(line), dict)  # a too-long number is still JSON
     except (ValueError, RecursionError):
         return False
 
@@ -182,7 +182,7 @@ def file_kind(path: Path, head: bytes, display: str) -> tuple[str, str]:
 
 def _is_json(line: str) -> bool:
     try:
-        json.loads(line)
+        Decoder().decode(line)
     except (ValueError, RecursionError):
         return False
     return True
