@@ -11,9 +11,10 @@ under ``projects/<project>/datasets/<slug>-<hash8>/{train,eval,meta.json}`` with
 ``datasets`` table. Bad input only ever raises ``DataError`` subclasses.
 
 Modules: ``errors`` (typed errors), ``sniff`` (file kind, binary/encoding checks), ``readers``
-and ``jsonfile`` (reading into Arrow), ``detect`` (layout detection), ``normalize`` (one row to
-canonical), ``validate`` (the batched pass and its report), ``store`` (import, storage, loading),
-``preview`` (a look before importing).
+and ``jsonfile`` (reading into Arrow), ``jsonnum`` (integers too long to read, named per row),
+``detect`` (layout detection), ``normalize`` (one row to canonical), ``validate`` (the batched
+pass and its report), ``store`` (import, storage, loading), ``preview`` (a look before
+importing).
 
 The names below load lazily (PEP 562): ``import studio.data.tokenize`` must not pay for
 importing ``datasets`` and pyarrow, which the studio only imports when used.
