@@ -15,8 +15,9 @@ This module only re-exports their public names.
 
 from __future__ import annotations
 
-from .engine import (MIGRATIONS, SCHEMA_VERSION, DatabaseError, Migration, MigrationError,
-                     NewerSchemaError)
+from .engine import (MIGRATIONS, SCHEMA_VERSION, DatabaseError, DatabaseLockedError,
+                     EmptyDatabaseError, Migration, MigrationError, NewerSchemaError,
+                     ReadOnlyDatabaseError)
 from .schema import (CANCEL_MODES, FINISHED_STATUSES, NAME_MAX, RESERVED_FOLDERS, Bakeoff, Base,
                      Checkpoint, Dataset, Export, JSONText, Metric, MetricValue, Project, Run,
                      RunStatus, UTCDateTime, utcnow)
@@ -24,7 +25,8 @@ from .store import Database
 
 __all__ = [
     "CANCEL_MODES", "FINISHED_STATUSES", "MIGRATIONS", "NAME_MAX", "RESERVED_FOLDERS",
-    "SCHEMA_VERSION", "Bakeoff", "Base", "Checkpoint", "Database", "DatabaseError", "Dataset", "Export",
-    "JSONText", "Metric", "MetricValue", "Migration", "MigrationError", "NewerSchemaError",
-    "Project", "Run", "RunStatus", "UTCDateTime", "utcnow",
+    "SCHEMA_VERSION", "Bakeoff", "Base", "Checkpoint", "Database", "DatabaseError",
+    "DatabaseLockedError", "Dataset", "EmptyDatabaseError", "Export", "JSONText", "Metric",
+    "MetricValue", "Migration", "MigrationError", "NewerSchemaError", "Project",
+    "ReadOnlyDatabaseError", "Run", "RunStatus", "UTCDateTime", "utcnow",
 ]

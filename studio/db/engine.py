@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.engine import URL
 
-from .schema import Base
+from .schema import RESERVED_FOLDERS, Base
 
 SCHEMA_VERSION = 2
 
@@ -31,6 +31,22 @@ class NewerSchemaError(DatabaseError):
 
 class MigrationError(DatabaseError):
     """A migration step failed; the file was left at the last version that completed."""
+
+
+class DatabaseLockedError(DatabaseError):
+    """Another process held the write lock longer than the busy timeout; the file is sound."""
+
+
+class ReadOnlyDatabaseError(DatabaseError):
+    """The file (or the folder that must hold its journal files) cannot be written."""
+
+
+class EmptyDatabaseError(DatabaseError):
+    """An existing file holds no history at all while project folders lie beside it: a fresh
+    schema written into it would silently orphan them, so it is refused and left as it is."""
+
+
+SQLITE_BUSY_MS = 10_000  # how long a connection waits for another process's write lock
 
 
 # Why not alembic: there is one embedded SQLite file per user, and it must be upgraded on app
@@ -93,7 +109,7 @@ def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     # First, so that even the pragmas below wait for another process instead of failing.
-    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_MS)}")
     # WAL + synchronous=NORMAL: a kill -9 of any process mid-write leaves the file consistent
     # and keeps every committed transaction; only an OS crash or power cut can lose the last
     # few commits (never corrupt the file). Readers never block the writer and vice versa.
@@ -115,28 +131,120 @@ def open_engine(path: Path) -> tuple[Engine, Engine]:
     """Opens ``path``, creating or upgrading its schema; returns ``(engine, write_engine)``.
 
     ``write_engine`` is the same engine with BEGIN IMMEDIATE transactions. Any failure
-    disposes the engine and raises a ``DatabaseError`` that names the file."""
+    disposes the engine and raises a ``DatabaseError`` that names the file and says what is
+    true: locked by another process, read-only, or damaged (only then: move it aside)."""
+    existed = path.exists()  # before SQLite creates it: an existing empty file is not "fresh"
+    if existed:
+        _refuse_empty_file(path)
     engine = create_engine(URL.create("sqlite", database=str(path)))
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _on_begin)
     write_engine = engine.execution_options(studio_begin="IMMEDIATE")
     try:
-        _migrate(write_engine, path)
+        _migrate(write_engine, path, existed)
+        _check_writable(write_engine, path)
     except DatabaseError:
         engine.dispose()
         raise
     except (exc.DBAPIError, sqlite3.Error) as err:
         engine.dispose()
-        reason = getattr(err, "orig", None) or err
-        raise DatabaseError(
-            f"cannot open the PEFT Studio history {path}: {reason}. If the file is "
-            "damaged or not a PEFT Studio database, move it aside: PEFT Studio then starts "
-            "a fresh one."
-        ) from None
+        raise _explain(path, getattr(err, "orig", None) or err) from None
     return engine, write_engine
 
 
-def _migrate(write_engine: Engine, path: Path) -> None:
+# SQLite's own words for a file that is not (or no longer) a database. Only for these is moving
+# the file aside the right advice: for a lock or a permission it would throw a sound history away.
+_DAMAGED = ("not a database", "malformed", "file is encrypted")
+
+
+def _explain(path: Path, reason: BaseException) -> DatabaseError:
+    text = str(reason)
+    low = text.lower()
+    if "locked" in low or "busy" in low:
+        return DatabaseLockedError(
+            f"the PEFT Studio history {path} is locked: another PEFT Studio process (the app, a "
+            f"command or a training worker) kept it busy for more than {SQLITE_BUSY_MS // 1000} s. "
+            "Nothing is wrong with the file; try again in a moment.")
+    if "readonly" in low or "read-only" in low:
+        return _read_only(path, text)
+    if "unable to open" in low and path.exists():  # the file is there: its folder refuses the journal
+        return ReadOnlyDatabaseError(
+            f"cannot open the PEFT Studio history {path}: {text}. SQLite must create "
+            f"{path.name}-wal and {path.name}-shm beside it; make the folder {path.parent} "
+            "writable (and check that the disk has free space).")
+    if "disk is full" in low or "no space" in low:
+        return DatabaseError(f"cannot write the PEFT Studio history {path}: the disk is full. "
+                             "Free some space and try again; the file is unchanged.")
+    if any(word in low for word in _DAMAGED):
+        return DatabaseError(
+            f"cannot open the PEFT Studio history {path}: {text}. The file is damaged or not a "
+            "PEFT Studio database: move it aside (keep it, it may be recoverable) and PEFT "
+            "Studio starts a fresh one.")
+    return DatabaseError(f"cannot open the PEFT Studio history {path}: {text}.")
+
+
+def _read_only(path: Path, reason: str) -> ReadOnlyDatabaseError:
+    return ReadOnlyDatabaseError(
+        f"the PEFT Studio history {path} is read-only ({reason}). PEFT Studio does not start "
+        "on a history it cannot save to: no project, run, metric or export could be recorded, "
+        "and a training would be lost. Make the file and "
+        f"its folder writable (e.g. chmod u+w {path}), or copy the projects folder somewhere "
+        "writable and point PEFT_STUDIO_HOME at it.")
+
+
+def _check_writable(write_engine: Engine, path: Path) -> None:
+    """Refuse a history that opens but cannot be written, before anyone relies on saving.
+
+    SQLite opens a file it may not write (mode 0444, an immutable file, a read-only mount)
+    read-only without a word; BEGIN IMMEDIATE even succeeds in WAL mode. Only a write says
+    so: rewriting ``user_version`` with its own value, rolled back, so nothing changes."""
+    with write_engine.connect() as conn:  # an error goes to _explain, in open_engine
+        trans = conn.begin()
+        try:
+            _set_user_version(conn, _user_version(conn))
+        finally:
+            trans.rollback()
+
+
+def _refuse_empty_file(path: Path) -> None:
+    """A 0-byte history is refused before SQLite opens it when that would lose something:
+    SQLite deletes a ``-wal`` file found beside a 0-byte database (the only place its data may
+    still be), and writes a fresh header into the file."""
+    try:
+        if path.stat().st_size != 0:
+            return
+        wal = path.with_name(path.name + "-wal")
+        wal_bytes = wal.stat().st_size if wal.exists() else 0
+    except OSError:
+        return  # SQLite reports what is wrong with it
+    folders = _orphaned_folders(path)
+    if folders or wal_bytes:
+        raise _empty_error(path, folders, wal if wal_bytes else None)
+
+
+def _empty_error(path: Path, folders: list[str], wal: Path | None = None) -> EmptyDatabaseError:
+    shown = ", ".join(folders[:5]) + (f" and {len(folders) - 5} more" if len(folders) > 5 else "")
+    beside = [f"project folders ({shown})"] if folders else []
+    if wal is not None:
+        beside.append(f"its write-ahead log {wal.name}, which may still hold the data")
+    return EmptyDatabaseError(
+        f"the PEFT Studio history {path} is empty (no history in it: cut short by a crash, a "
+        f"full disk or a copy?), but {' and '.join(beside)} lie beside it. Opening it would "
+        "start a fresh history that no longer lists them, so PEFT Studio leaves the files as "
+        f"they are. Restore {path.name} from a backup; or, to start a fresh history (the "
+        f"folders stay on disk, unlisted), move it aside first: mv {path} {path}.empty")
+
+
+def _orphaned_folders(path: Path) -> list[str]:
+    """Project-like folders beside the history file (not reserved, not hidden)."""
+    try:
+        return sorted(p.name for p in path.parent.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and p.name not in RESERVED_FOLDERS)
+    except OSError:
+        return []
+
+
+def _migrate(write_engine: Engine, path: Path, existed: bool = False) -> None:
     with write_engine.connect() as conn:
         with conn.begin():  # IMMEDIATE: two processes starting at once cannot both create
             version = _user_version(conn)
@@ -150,6 +258,9 @@ def _migrate(write_engine: Engine, path: Path) -> None:
                         "SELECT count(*) FROM sqlite_master WHERE type='table'").scalar():
                     raise DatabaseError(f"{path} holds tables but no PEFT Studio "
                                         "schema version; it is not a PEFT Studio history")
+                folders = _orphaned_folders(path) if existed else []
+                if folders:  # checked under the write lock: no other process is creating it
+                    raise _empty_error(path, folders)
                 Base.metadata.create_all(conn)
                 _set_user_version(conn, SCHEMA_VERSION)
                 return
