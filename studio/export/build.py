@@ -3,12 +3,13 @@
 Every export is written into a hidden sibling folder and renamed into place only after it was
 written and verified, so a failure (a full disk, an unwritable folder, a failed verification)
 never leaves a folder that looks good. The export row in the history says what happened.
+Where it may go, and the only folders it may replace (its own earlier exports, known by their
+marker), is ``target``'s job; a full disk is reported with the space the export needs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -16,8 +17,11 @@ from typing import Any, Callable
 
 from studio import config, models
 from studio.db import Database, RunStatus
+from studio.errors import describe, is_out_of_space
 from studio.export.card import model_card
 from studio.export.load import WHOLE_MODEL_METHODS, load_trained
+from studio.export.target import (ExportError, check_destination, new_token, resolve_dest, swap_in,
+                                  write_marker)
 from studio.export.verify import reference_outputs, verify_export
 from studio.methods import get_method
 from studio.runspec import RunSpec
@@ -27,25 +31,19 @@ GGUF_TYPES = ("f16", "q8_0")
 KINDS = ("merged", "adapter", "gguf")
 
 
-class ExportError(Exception):
-    """An export that cannot be made, with the reason a user can act on."""
-
-
 def exports_dir(db: Database, project_id: int) -> Path:
     project = db.get_project(project_id)
     return config.child_path(config.projects_dir(), project.folder) / "exports"
 
 
-def _destination(db: Database, run: Any, kind: str, dtype: str, dest: str | None, overwrite: bool) -> Path:
-    if dest:  # a folder the user picked explicitly: taken as given, but never over a file
-        target = Path(dest).expanduser().resolve()
+def _destination(db: Database, run: Any, kind: str, dtype: str, dest: str | None,
+                 overwrite: bool) -> tuple[Path, bool]:
+    """(the folder, whether an earlier export there is replaced); see ``target``."""
+    if dest and dest.strip():  # a folder the user picked: only ever replaced if we wrote it
+        target = resolve_dest(dest)
     else:
         target = exports_dir(db, run.project_id) / f"{run.folder}-{kind}-{dtype}"
-    if target.exists() and not overwrite:
-        raise ExportError(f"{target} already exists; confirm overwrite to replace it")
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"{target} is a file, not a folder")
-    return target
+    return target, check_destination(db, target, overwrite)
 
 
 def _prompts(spec: RunSpec, tokenizer: Any, limit: int = 4) -> list[str]:
@@ -86,14 +84,22 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
     adapter = run_folder(db, run) / "adapter"
     if not adapter.is_dir():
         raise ExportError(f"{adapter} is missing: the run's trained weights are gone")
-    target = _destination(db, run, kind, dtype, dest, overwrite)
+    target, replacing = _destination(db, run, kind, dtype, dest, overwrite)
     tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-    row = db.add_export(run.project_id, kind, str(target), run_id=run_id, dtype=dtype, status="writing")
+    token = new_token()  # in the row and in the folder's marker: how a later overwrite knows it is ours
+    row = db.add_export(run.project_id, kind, str(target), run_id=run_id, dtype=dtype, status="writing",
+                        verification={"folder_token": token})
+    needed = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         report(0.1, "Loading the trained model")
         trained = load_trained(spec, adapter, "float32", dequantize=True)
         tokenizer = models.load_tokenizer(spec.model)
+        needed = _needed_bytes(trained, kind, dtype, adapter)
+        free = shutil.disk_usage(target.parent).free
+        if free < needed:  # say so now, not after minutes of writing
+            raise ExportError(f"not enough free space for the export in {target.parent}: it needs about "
+                              f"{_size(needed)}, {_size(free)} is free. Free some space or choose another folder.")
         tmp.mkdir(parents=True)
         report(0.4, "Writing files")
         if kind == "merged":
@@ -123,16 +129,53 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
             result = {"ok": None, "note": "bottleneck adapters load with the studio, not plain transformers"}
         if result.get("ok") is False:
             raise ExportError(f"verification failed: {json.dumps(result)[:1500]}")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        write_marker(tmp, export_id=row.id, project_id=run.project_id, run_id=run_id, kind=kind,
+                     dtype=dtype, token=token)
+        swap_in(db, tmp, target, replacing)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        db.update_export(row.id, status="failed", verification={"error": str(exc)[:2000]})
+        error = _as_export_error(exc, target, needed)
+        db.update_export(row.id, status="failed", verification={"error": str(error or exc)[:2000]})
+        if error is not None:
+            raise error from exc
         raise
     status = "verified" if result.get("ok") else "unverified"
     report(1.0, f"Export {status}")
-    return db.update_export(row.id, status=status, verification=result, size_bytes=_folder_size(target))
+    return db.update_export(row.id, status=status, verification={**result, "folder_token": token},
+                            size_bytes=_folder_size(target))
+
+
+def _as_export_error(exc: BaseException, target: Path, needed: int | None) -> ExportError | None:
+    """A failure from the disk as one ExportError that names the folder (a full disk surfaces
+    as OSError, or as safetensors' own error type); None: re-raise ``exc`` as it is."""
+    if isinstance(exc, ExportError) or not isinstance(exc, Exception):
+        return None
+    kept = " Nothing was written there; an earlier export in that folder is untouched."
+    if is_out_of_space(exc):
+        need = f" The export needs about {_size(needed)};" if needed else ""
+        try:
+            free = f" {_size(shutil.disk_usage(target.parent).free)} is free."
+        except OSError:
+            free = ""
+        return ExportError(f"the disk is full writing the export to {target}.{need}{free}{kept}")
+    if isinstance(exc, OSError):
+        return ExportError(f"cannot write the export to {target}: {describe(exc)}{kept}")
+    return None
+
+
+def _needed_bytes(trained: Any, kind: str, dtype: str, adapter: Path) -> int:
+    """About how much the export writes: the weights at the export's precision (the merge
+    drops the adapter, so parameters are counted once each; the tokenizer's few MB aside)."""
+    if kind == "adapter":
+        return _folder_size(adapter)
+    numel = sum(p.numel() for p in trained.parameters())
+    if kind == "gguf":  # an fp32 merge to convert from, then the .gguf itself
+        return numel * 4 + int(numel * {"f16": 2, "q8_0": 1.0625}[dtype])
+    return numel * {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _write_gguf(trained: Any, spec: RunSpec, tokenizer: Any, folder: Path, outtype: str) -> None:

@@ -57,7 +57,11 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
             with gr.Accordion("More", open=False):
                 shard = gr.Textbox(value="2GB", label="Largest safetensors shard")
                 dest = gr.Textbox(label="Folder (empty: the project's exports folder)")
-                overwrite = gr.Checkbox(False, label="Replace the folder if it exists")
+                overwrite = gr.Checkbox(False, label="Replace an earlier export in this folder",
+                                        info="Only a folder PEFT Studio exported itself (it carries a "
+                                             ".peft-studio-export.json marker) is ever replaced; a folder "
+                                             "holding any other files is refused and left as it is. An "
+                                             "empty folder is used without asking.")
                 verify = gr.Checkbox(True, label="Verify by reloading and comparing (recommended)")
             go = gr.Button("Export", variant="primary", elem_id="export-go")
             result = gr.Markdown(elem_id="export-result")
