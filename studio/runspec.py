@@ -8,13 +8,69 @@ runspec.json``) writes it into the run's row and folder; the worker reads nothin
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from studio.data.jsonnum import Decoder, HugeNumber
+from studio.methods import SettingError, get_method
+from studio.methods.base import shown
+
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSS_ON = ("assistant", "all")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+CHOICES = {"lr_scheduler": SCHEDULES, "precision": PRECISIONS, "loss_on": LOSS_ON,
+           "optimizer": OPTIMIZERS}
+MODEL_MAX_CHARS = 4096  # PATH_MAX on Linux: a longer model source cannot be a path either
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The accepted range of one numeric field; NaN and infinities are always outside it."""
+
+    low: float
+    high: float
+    low_open: bool = False  # the bound itself is excluded
+    high_open: bool = False
+    why: str = ""  # what the value means, when the range alone would puzzle
+
+    def check(self, name: str, value: int | float | None) -> None:
+        if value is None:  # an optional field left out (dataset_id with a sample task)
+            return
+        finite = isinstance(value, int) or math.isfinite(value)  # ints never overflow here
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        if not (finite and above and below):
+            self.refuse(name, value)
+
+    def refuse(self, name: str, value: Any) -> None:
+        low = f"greater than {_num(self.low)}" if self.low_open else f"at least {_num(self.low)}"
+        high = f"less than {_num(self.high)}" if self.high_open else f"at most {_num(self.high)}"
+        why = f"; {self.why}" if self.why else ""
+        raise RunSpecError(f"runspec '{name}': must be {low} and {high}{why} (got {shown(value)})")
+
+
+# Why these limits: each is far beyond any real run and keeps the value meaningful where it is
+# used (SQLite's integers are 64-bit; numpy's seeds are < 2**32; transformers reads a warmup of 1
+# or more as a step count; AdamW multiplies the weights by 1 - lr x weight_decay each step, which
+# stays positive with lr < 1 and weight_decay <= 1, where 10 and lr 0.5 would flip their sign).
+BOUNDS = {
+    "dataset_id": Bound(1, 2**63, high_open=True, why="a dataset's id"),
+    "max_steps": Bound(0, 10_000_000, why="0 trains for 'epochs' instead"),
+    "epochs": Bound(0, 10_000),
+    "batch_size": Bound(1, 65_536),
+    "grad_accum": Bound(1, 65_536),
+    "learning_rate": Bound(0, 1, low_open=True, high_open=True),
+    "warmup_ratio": Bound(0, 1, high_open=True, why="the share of the steps spent warming up"),
+    "weight_decay": Bound(0, 1),
+    "max_length": Bound(16, 1_000_000),
+    "seed": Bound(0, 2**32, high_open=True, why="numpy's seeds are 32-bit"),
+    "eval_steps": Bound(0, 10_000_000, why="0 evaluates only at the end"),
+    "save_steps": Bound(0, 10_000_000, why="0 saves no checkpoints during training"),
+    "exact_match_limit": Bound(0, 100_000, why="0 skips exact match"),
+}
 
 
 # Field annotations (strings: ``from __future__ import annotations``) -> accepted JSON types.
@@ -63,29 +119,38 @@ class RunSpec:
     trust_remote_code: bool = False
 
     def validate(self) -> "RunSpec":
-        from studio.methods import get_method
-
+        """Check every field before a run row exists; a ``RunSpecError`` names the field, the
+        value and what is accepted. Returns ``self``."""
         self._check_types()
-        spec = get_method(self.method)  # raises SettingError (a ValueError) for unknown names
-        spec.params(self.method_settings)
-        checks = [
-            (self.dataset_id is not None or self.sample_task is not None, "dataset_id",
-             "choose a dataset (or a sample task)"),
-            (self.max_steps > 0 or self.epochs > 0, "max_steps", "give max_steps > 0 or epochs > 0"),
-            (self.batch_size >= 1, "batch_size", "must be at least 1"),
-            (self.grad_accum >= 1, "grad_accum", "must be at least 1"),
-            (0 < self.learning_rate < 1, "learning_rate", "must be between 0 and 1"),
-            (self.lr_scheduler in SCHEDULES, "lr_scheduler", f"must be one of {SCHEDULES}"),
-            (self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}"),
-            (self.loss_on in LOSS_ON, "loss_on", f"must be one of {LOSS_ON}"),
-            (16 <= self.max_length <= 1_000_000, "max_length", "must be between 16 and 1,000,000"),
-            (self.eval_steps >= 0 and self.save_steps >= 0, "eval_steps", "must not be negative"),
-            (self.optimizer in ("adamw", "adamw8bit", "sgd"), "optimizer", "adamw, adamw8bit or sgd"),
-        ]
-        for ok, name, why in checks:
-            if not ok:
-                raise RunSpecError(f"runspec '{name}': {why} (got {getattr(self, name)!r})")
+        for name, bound in BOUNDS.items():
+            bound.check(name, getattr(self, name))
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                self._refuse(name, f"must be one of {', '.join(choices)}")
+        if not self.model.strip() or len(self.model) > MODEL_MAX_CHARS or "\0" in self.model:
+            self._refuse("model", "must name a model (a hub id, a folder or a .gguf file, "
+                         f"1 to {MODEL_MAX_CHARS:,} characters)")
+        if self.dataset_id is None and self.sample_task is None:
+            self._refuse("dataset_id", "choose a dataset (or a sample task)")
+        if self.sample_task is not None:
+            from studio.samples import SAMPLE_TASKS
+
+            if self.sample_task not in SAMPLE_TASKS:
+                self._refuse("sample_task", f"must be one of {', '.join(SAMPLE_TASKS)}")
+        if self.max_steps == 0 and self.epochs == 0:
+            self._refuse("max_steps", "give max_steps > 0 or epochs > 0 (both are 0)")
+        try:
+            spec = get_method(self.method)
+        except SettingError as exc:
+            raise RunSpecError(f"runspec 'method': {exc}") from None
+        try:
+            spec.params(self.method_settings)
+        except SettingError as exc:
+            raise RunSpecError(f"runspec 'method_settings': {exc}") from None
         return self
+
+    def _refuse(self, name: str, why: str) -> None:
+        raise RunSpecError(f"runspec '{name}': {why} (got {shown(getattr(self, name))})")
 
     def _check_types(self) -> None:
         """A value of the wrong JSON type (``"batch_size": "four"``, ``"packing": "yes"``) is named
@@ -95,10 +160,12 @@ class RunSpec:
             if expected is None:  # a field type not listed above: not checked here
                 continue
             value = getattr(self, f.name)
+            if isinstance(value, HugeNumber) and f.name in BOUNDS:  # too long to read: too big
+                BOUNDS[f.name].refuse(f.name, value)
             if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
                 wanted = " or ".join("null" if t is type(None) else _TYPE_NAMES[t] for t in expected
                                      if not (t is int and float in expected))
-                raise RunSpecError(f"runspec '{f.name}': must be {wanted} (got {value!r})")
+                raise RunSpecError(f"runspec '{f.name}': must be {wanted} (got {shown(value)})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,10 +184,16 @@ class RunSpec:
 
     @classmethod
     def load(cls, path: Path) -> "RunSpec":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        try:  # a number too long for Python stays a placeholder, refused by name in validate
+            data = Decoder().decode(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise RunSpecError(f"cannot read runspec {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise RunSpecError(f"{path}: a runspec is a JSON object")
         return cls.from_dict(data)
+
+
+def _num(value: float) -> str:
+    """A bound as people write it: 65,536 and 10,000,000, 0 and 1 (not 0.0)."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+

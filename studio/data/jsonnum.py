@@ -26,7 +26,7 @@ class HugeNumber:
         self.digits = len(text.lstrip("-"))
 
     def __repr__(self) -> str:
-        return f"<a number with {self.digits:,} digits>"
+        return f"a number with {self.digits:,} digits"
 
 
 class Decoder(json.JSONDecoder):
