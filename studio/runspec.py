@@ -185,7 +185,7 @@ class RunSpec:
     @classmethod
     def load(cls, path: Path) -> "RunSpec":
         try:  # a number too long for Python stays a placeholder, refused by name in validate
-            data = Decoder().decode(Path(path).read_text(encoding="utf-8"))
+            data = Decoder().decode(Path(path).read_text(encoding="utf-8-sig"))  # Notepad BOMs
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise RunSpecError(f"cannot read runspec {path}: {exc}") from exc
         if not isinstance(data, dict):

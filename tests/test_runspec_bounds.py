@@ -131,8 +131,10 @@ def test_nan_infinity_and_huge_literals_in_a_runspec_file_are_named(tmp_path, li
     assert BIG not in message and len(message) < 300, message  # the number is described, not shown
 
 
-def test_valid_specs_and_the_edges_of_every_range_still_validate():
+def test_valid_specs_and_the_edges_of_every_range_still_validate(tmp_path):
     RunSpec(dataset_id=1).validate()
+    (tmp_path / "notepad.json").write_text('\ufeff{"dataset_id": 3}', encoding="utf-8")
+    assert RunSpec.load(tmp_path / "notepad.json").validate().dataset_id == 3  # a BOM is fine
     RunSpec(sample_task="dates").validate()
     edges = dict(max_steps=10_000_000, epochs=10_000.0, batch_size=65_536, grad_accum=65_536,
                  learning_rate=1e-9, warmup_ratio=0.0, weight_decay=1.0, max_length=16,
