@@ -4,16 +4,13 @@ with project folders beside it. Each must say what is true and change nothing.""
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import studio.db.engine as db_engine
+from fault_helpers import hold_write_lock, make_read_only, release
 from studio.db import (Database, DatabaseError, DatabaseLockedError, EmptyDatabaseError,
                        ReadOnlyDatabaseError)
 
@@ -28,31 +25,16 @@ def history(tmp_path: Path) -> Path:
     return path
 
 
-def _hold_write_lock(path: Path) -> subprocess.Popen:
-    """Another process holding the write lock (BEGIN EXCLUSIVE) until its stdin closes."""
-    code = ("import sqlite3, sys\n"
-            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-            "c.execute('BEGIN EXCLUSIVE')\n"
-            "c.execute('UPDATE projects SET notes = notes')\n"
-            "print('locked', flush=True)\n"
-            "sys.stdin.read()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
 def test_locked_history_says_locked_not_move_aside(history: Path, monkeypatch) -> None:
     """Item 4: a `peft-studio train` started while another process held the write lock was told
     to 'move the file aside' (losing the history). It must say the file is locked, and fine."""
     monkeypatch.setattr(db_engine, "SQLITE_BUSY_MS", 300)  # the real 10 s would only slow the test
-    holder = _hold_write_lock(history)
+    holder = hold_write_lock(history)
     try:
         with pytest.raises(DatabaseLockedError) as info:
             Database(history)
     finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
+        release(holder)
     message = str(info.value)
     assert "locked" in message and "another PEFT Studio process" in message and str(history) in message
     assert "move it aside" not in message and "aside" not in message
@@ -71,25 +53,12 @@ def test_damaged_file_still_advises_moving_aside(tmp_path: Path) -> None:
     assert "move it aside" in str(info.value) and not isinstance(info.value, DatabaseLockedError)
 
 
-def _make_read_only(target: Path) -> callable:
-    """Make ``target`` unwritable for this process, for real: chmod for a normal user; root
-    ignores permission bits, so there the immutable attribute (chattr +i). Returns the undo."""
-    if os.geteuid() != 0:
-        mode = target.stat().st_mode
-        target.chmod(0o555 if target.is_dir() else 0o444)
-        return lambda: target.chmod(mode)
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(target)],
-                                                         capture_output=True).returncode != 0:
-        pytest.skip("running as root without a working chattr: cannot make a file read-only")
-    return lambda: subprocess.run(["chattr", "-i", str(target)], check=True)
-
-
 @pytest.mark.parametrize("what", ["file", "folder"])
 def test_read_only_history_refused_at_start(history: Path, what: str) -> None:
     """Item 8: a read-only studio.db opened without a word, and every write then failed with a
     raw SQLAlchemy traceback. Database() must refuse it with a message saying so."""
     before = history.read_bytes()
-    undo = _make_read_only(history if what == "file" else history.parent)
+    undo = make_read_only(history if what == "file" else history.parent)
     try:
         with pytest.raises(ReadOnlyDatabaseError) as info:
             Database(history)

@@ -19,10 +19,17 @@ is free. The worker calls ``dispatch`` as it exits, so the queue advances with t
 ``reconcile`` calls it after marking a dead worker failed (a dead worker cannot), and the UI and
 the CLI call it when they poll. The claim of the device is one database transaction
 (``Database.claim_run``), so two dispatchers never start two runs.
+
+Polls must survive anything one run row can do to them: ``reconcile`` and ``dispatch`` run at
+every UI poll, at start-up and in every ``peft-studio train``, so a row whose folder is a link
+out of ``runs/`` (or a changed value), or a history that cannot be written just now (locked,
+read-only, disk full), costs that row a log line and a retry at the next poll, never the caller.
+A finished worker is reaped at the next poll, whether or not anyone looks at its run.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -33,41 +40,112 @@ import psutil
 
 from studio import config
 from studio.db import Database, Run, RunStatus, utcnow
-from studio.runspec import RunSpec
+from studio.runspec import RunSpec, RunSpecError
 
+log = logging.getLogger(__name__)
 STALE_HEARTBEAT = timedelta(minutes=10)  # a step on a slow CPU can take minutes
 LOG_NAME = "worker.log"
-_children: dict[int, subprocess.Popen] = {}  # workers this process started: exit codes
+_children: dict[int, subprocess.Popen] = {}  # workers this process started and has not reaped
+_child_runs: dict[int, int] = {}  # their pid -> run id
+# Exit codes of reaped workers, keyed by (pid, run id): once reaped, a pid can be reused by any
+# process, so a code is only believed for the run that worker was started for.
+_exited: dict[tuple[int, int], int] = {}
+_EXITED_KEPT = 256
+_logged: set[str] = set()  # poll faults already logged (a poll runs every second)
 
 
 class RunConflict(Exception):
     """A second run asked for a device that another run is training on."""
 
 
+class RunFolderError(RunConflict, ValueError):
+    """A run's recorded folder is not a folder inside its project's ``runs/`` (a link out of it,
+    or a changed, absolute or empty value): nothing is read, written or started there. A
+    ``RunConflict`` so that every caller that shows a refused start shows this one; a
+    ``ValueError`` as ``config.child_path``'s refusal was before."""
+
+
 def runs_root(db: Database, project_id: int) -> Path:
     project = db.get_project(project_id)
+    if project is None:
+        raise LookupError(f"no project with id {project_id}")
     return config.child_path(config.projects_dir(), project.folder) / "runs"
 
 
 def run_folder(db: Database, run: Run) -> Path:
-    return config.child_path(runs_root(db, run.project_id), run.folder)
+    """The run's folder, only if it lies inside its project's ``runs/`` (links resolved)."""
+    try:
+        root = runs_root(db, run.project_id)
+        return config.child_path(root, run.folder or "")
+    except ValueError as exc:
+        raise RunFolderError(f"run {run.id}'s folder {run.folder!r} is not a folder inside its "
+                             f"project's runs folder ({_why_outside(db, run, exc)}); PEFT Studio "
+                             "neither reads, writes nor starts anything there.") from None
+
+
+def _why_outside(db: Database, run: Run, exc: ValueError) -> str:
+    try:
+        link = runs_root(db, run.project_id) / (run.folder or "")
+        if run.folder and link.is_symlink():
+            return f"it is a link to {os.readlink(link)}"
+    except (ValueError, OSError):
+        pass
+    return str(exc)
+
+
+def _check_dataset(db: Database, project_id: int, spec: RunSpec) -> None:
+    """A dataset id names a dataset of this project, or the run is refused before any row or
+    folder exists (an id too large for SQLite would otherwise end in a traceback)."""
+    value = spec.dataset_id
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+        raise RunSpecError(f"dataset_id: expected the id of an imported dataset (a whole number "
+                           f"from 1), got {value!r}")
+    dataset = db.get_dataset(value)
+    if dataset is None or dataset.project_id != project_id:
+        project = db.get_project(project_id)
+        where = f"project '{project.name}'" if project else f"project {project_id}"
+        raise RunSpecError(f"dataset_id: {where} has no dataset with id {value}; pick one of "
+                           "its imported datasets (the Data tab lists them)")
 
 
 def create_run(db: Database, project_id: int, spec: RunSpec, name: str | None = None) -> Run:
-    """A queued run row, its folder and its runspec.json (nothing started yet)."""
+    """A queued run row, its folder and its runspec.json (nothing started yet). A spec or a
+    folder that cannot be used leaves nothing behind: no row, no folder."""
     spec.validate()
+    _check_dataset(db, project_id, spec)
+    runs_root(db, project_id)  # a project folder that is not ours is refused before any row
     title = (name or f"{spec.method} on {spec.sample_task or f'dataset {spec.dataset_id}'}").strip()
     run = db.create_run(project_id, title, spec.method, spec.to_dict(), dataset_id=spec.dataset_id)
-    folder = f"run-{run.id:04d}-{config.slugify(title, 32)}"
-    run = db.update_run(run.id, folder=folder)
-    path = run_folder(db, run)
-    path.mkdir(parents=True, exist_ok=True)
-    spec.save(path / "runspec.json")
+    made = None  # the folder, once this call has created it (a folder found there is not ours)
+    try:
+        folder = f"run-{run.id:04d}-{config.slugify(title, 32)}"
+        run = db.update_run(run.id, folder=folder)
+        path = run_folder(db, run)
+        if not path.exists():
+            path.mkdir(parents=True)
+            made = path
+        spec.save(path / "runspec.json")
+    except BaseException:
+        _forget_new_run(db, run.id, made)
+        raise
     return run
 
 
+def _forget_new_run(db: Database, run_id: int, made: Path | None) -> None:
+    import shutil
+
+    try:
+        db.delete_run(run_id)
+    except Exception as exc:  # the original error is the one to report
+        log.warning("could not remove run %s after a failed create: %s", run_id, exc)
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+
+
 def active_run(db: Database) -> Run | None:
-    reconcile(db)
+    reconcile(db)  # never raises: a fault is logged and the read below still answers
     running = db.runs_with_status(RunStatus.RUNNING.value)
     return running[0] if running else None
 
@@ -96,8 +174,14 @@ def _cuda_device_count() -> int:
 
 
 def start(db: Database, run_id: int, resume: bool = False) -> Run:
-    """Start the worker for ``run_id`` now; refuses while another run trains on this machine."""
+    """Start the worker for ``run_id`` now; refuses while another run trains on this machine,
+    and (``RunFolderError``) when the run's folder is not inside its runs folder: checked
+    before the claim, so a refused run is never left "running" under this process."""
     _mark_dead(db)
+    run = db.get_run(run_id)
+    if run is None:
+        raise LookupError(f"no run with id {run_id}")
+    run_folder(db, run)
     run, busy = _claim_and_spawn(db, run_id, resume)
     if run is not None:
         return run
@@ -117,12 +201,32 @@ def enqueue(db: Database, run_ids: list[int]) -> Run | None:
 def dispatch(db: Database) -> Run | None:
     """Start the next waiting run if no run is training; returns it (None: busy or nothing waits).
 
-    Safe to call from anywhere at any time: the claim is atomic, so a second caller finds the
-    device taken and does nothing."""
+    Safe to call from anywhere at any time, and it never raises: the claim is atomic, so a
+    second caller finds the device taken and does nothing; a waiting run that cannot be
+    started is marked failed and the next one tried; a history that cannot be written now is
+    logged and tried again at the next call."""
     _mark_dead(db)
-    if not db.waiting_runs():  # a read: polls must not take the write lock for nothing
-        return None
-    return _claim_and_spawn(db, None, resume=False)[0]
+    try:
+        if not db.waiting_runs():  # a read: polls must not take the write lock for nothing
+            return None
+        for _ in range(len(db.waiting_runs())):
+            try:
+                return _claim_and_spawn(db, None, resume=False)[0]
+            except RunFolderError as exc:  # that row only, marked failed: the next may start
+                _log_once(f"dispatch: {exc}")
+    except Exception as exc:  # locked, read-only, disk full: the next poll tries again
+        _log_once(f"dispatch: {type(exc).__name__}: {exc}", exc)
+    return None
+
+
+def _log_once(message: str, exc: BaseException | None = None) -> None:
+    """Log a poll's fault once, not every second while it lasts."""
+    if message in _logged:
+        return
+    if len(_logged) > 1000:
+        _logged.clear()
+    _logged.add(message)
+    log.warning("%s", message, exc_info=exc)
 
 
 def _claim_and_spawn(db: Database, run_id: int | None, resume: bool) -> tuple[Run | None, Run | None]:
@@ -130,17 +234,21 @@ def _claim_and_spawn(db: Database, run_id: int | None, resume: bool) -> tuple[Ru
     claimed, busy = db.claim_run(run_id, os.getpid())
     if claimed is None:
         return None, busy
-    folder = run_folder(db, claimed)
-    try:
+    try:  # the claim must not outlive a worker that never started
+        folder = run_folder(db, claimed)
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / LOG_NAME, "a", encoding="utf-8") as log:
-            proc = subprocess.Popen(_command(claimed.id, resume), stdout=log, stderr=subprocess.STDOUT,
+        with open(folder / LOG_NAME, "a", encoding="utf-8") as out:
+            proc = subprocess.Popen(_command(claimed.id, resume), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except OSError as exc:  # the claim must not outlive a worker that never started
-        db.update_run(claimed.id, status=RunStatus.FAILED.value, finished_at=utcnow(),
-                      error=f"could not start the worker: {exc}")
+    except BaseException as exc:
+        error = str(exc) if isinstance(exc, RunFolderError) else f"could not start the worker: {exc}"
+        try:
+            db.update_run(claimed.id, status=RunStatus.FAILED.value, finished_at=utcnow(), error=error)
+        except Exception as undo:  # the claim then goes stale (our pid's heartbeat stops)
+            log.warning("could not mark run %s failed: %s", claimed.id, undo)
         raise
+    _child_runs[proc.pid] = claimed.id
     _children[proc.pid] = proc
     # Only pid and heartbeat: the status was set by the claim, and a worker that already ended
     # (in a few ms, with a bad spec) has written its own status, which must not be overwritten.
@@ -164,6 +272,8 @@ def resume(db: Database, run_id: int) -> Run:
 
 
 def log_tail(db: Database, run: Run, lines: int = 40) -> str:
+    """The last lines of the run's log ("" when there is none); ``RunFolderError`` when the
+    run's folder is not inside its runs folder (nothing is read through a link out of it)."""
     path = run_folder(db, run) / LOG_NAME
     try:
         with open(path, "rb") as fh:
@@ -174,11 +284,30 @@ def log_tail(db: Database, run: Run, lines: int = 40) -> str:
         return ""
 
 
-def _exit_code(pid: int) -> int | None:
+def _reap_children() -> None:
+    """Collect every finished worker this process started, whether or not anyone looks at its
+    run (a worker that wrote its own end is never reconciled, and stayed a zombie). Only our
+    own Popen objects are polled: ``os.waitpid(-1)`` would steal the exit codes of other
+    children of this process (``subprocess.run`` elsewhere in the UI)."""
+    for pid, proc in list(_children.items()):
+        code = proc.poll()
+        if code is None:
+            continue
+        run_id = _child_runs.pop(pid, None)
+        if run_id is not None:  # recorded before the Popen is dropped: a concurrent poll sees one
+            _exited[(pid, run_id)] = code
+        _children.pop(pid, None)
+    while len(_exited) > _EXITED_KEPT:
+        _exited.pop(next(iter(_exited)))
+
+
+def _exit_code(pid: int, run_id: int | None = None) -> int | None:
     """The worker's exit code if it has ended (reaping our own children), else None."""
     proc = _children.get(pid)
     if proc is not None:
         return proc.poll()
+    if (pid, run_id) in _exited:
+        return _exited[(pid, run_id)]
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
@@ -190,7 +319,9 @@ def _exit_code(pid: int) -> int | None:
 
 def reconcile(db: Database) -> list[int]:
     """Mark runs whose worker is gone (or silent too long) as failed; returns their ids.
-    After a failure the next waiting run is dispatched: the dead worker could not do it."""
+    After a failure the next waiting run is dispatched: the dead worker could not do it.
+    Never raises (see the module's docstring): a row that cannot be handled is logged and
+    retried at the next call."""
     failed = _mark_dead(db)
     if failed:
         dispatch(db)
@@ -198,22 +329,39 @@ def reconcile(db: Database) -> list[int]:
 
 
 def _mark_dead(db: Database) -> list[int]:
+    _reap_children()
+    try:
+        running = db.runs_with_status(RunStatus.RUNNING.value)
+    except Exception as exc:  # an unreadable history: the caller's own reads will say so
+        _log_once(f"reconcile: cannot list running runs: {type(exc).__name__}: {exc}", exc)
+        return []
     failed = []
-    for run in db.runs_with_status(RunStatus.RUNNING.value):
-        code = _exit_code(run.pid) if run.pid else -1
-        stale = run.heartbeat_at is not None and utcnow() - run.heartbeat_at > STALE_HEARTBEAT
-        if code is None and not stale:
-            continue
-        if stale and code is None:
-            reason = f"no heartbeat for {STALE_HEARTBEAT}; the worker (pid {run.pid}) seems hung"
-        else:
-            reason = f"the worker (pid {run.pid}) ended with exit code {code}" if code not in (None, -1) \
-                else f"the worker (pid {run.pid}) is gone (killed, or the machine restarted)"
-        fresh = db.get_run(run.id)
-        if fresh.status != RunStatus.RUNNING.value:
-            continue  # it finished and wrote its own status in between
-        db.update_run(run.id, status=RunStatus.FAILED.value, finished_at=utcnow(),
-                      exit_code=code if code not in (None, -1) else None,
-                      error=f"{reason}.\n\n--- last lines of {LOG_NAME} ---\n{log_tail(db, run)}")
-        failed.append(run.id)
+    for run in running:
+        try:
+            if _mark_if_dead(db, run):
+                failed.append(run.id)
+        except Exception as exc:  # one row (a bad folder, a locked or full disk) never stops the rest
+            _log_once(f"reconcile: run {run.id}: {type(exc).__name__}: {exc}", exc)
     return failed
+
+
+def _mark_if_dead(db: Database, run: Run) -> bool:
+    code = _exit_code(run.pid, run.id) if run.pid else -1
+    stale = run.heartbeat_at is not None and utcnow() - run.heartbeat_at > STALE_HEARTBEAT
+    if code is None and not stale:
+        return False
+    if stale and code is None:
+        reason = f"no heartbeat for {STALE_HEARTBEAT}; the worker (pid {run.pid}) seems hung"
+    else:
+        reason = f"the worker (pid {run.pid}) ended with exit code {code}" if code not in (None, -1) \
+            else f"the worker (pid {run.pid}) is gone (killed, or the machine restarted)"
+    fresh = db.get_run(run.id)
+    if fresh.status != RunStatus.RUNNING.value:
+        return False  # it finished and wrote its own status in between
+    try:
+        tail = f"--- last lines of {LOG_NAME} ---\n{log_tail(db, run)}"
+    except RunFolderError as exc:  # the row is still failed: with why its log was not read
+        tail = str(exc)
+    db.update_run(run.id, status=RunStatus.FAILED.value, finished_at=utcnow(),
+                  exit_code=code if code not in (None, -1) else None, error=f"{reason}.\n\n{tail}")
+    return True
