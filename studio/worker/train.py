@@ -2,8 +2,11 @@
 
 Life of a run as this module sees it: status ``running`` with our pid → model, method and data
 built → transformers ``Trainer`` with ``StudioCallback`` → ``completed`` (or ``cancelled`` on a
-cancel request, ``oom`` with advice on out-of-memory, ``failed`` with the traceback tail on any
-other error). A killed worker cannot write its own end: ``launch.reconcile`` marks it failed.
+cancel request or SIGTERM/SIGINT (``signals.py``), ``oom`` with advice on out-of-memory,
+``failed`` with "disk full: ..." when the disk filled up (``diskspace.py``) or the traceback tail on
+any other error). A killed worker cannot write its own end: ``launch.reconcile`` marks it failed.
+Database writes ride out a locked or full history file (``resilient.py``): the training loop
+queues its records, and the writes that start and end a run are retried for minutes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import torch
 from studio import config
 from studio.db import Database, RunStatus, utcnow
 from studio.runspec import RunSpec
-from studio.worker import prepare
+from studio.worker import diskspace, prepare
+from studio.worker.resilient import BackgroundWriter, Patient, say
+from studio.worker.signals import GracefulStop, StoppedBySignal
 from studio.worker.trainer import StudioCallback, StudioTrainer
 
 QUANTISED_EM_NOTE = ("exact match is measured after training for QLoRA: generating with the 4-bit "
@@ -120,36 +125,78 @@ def training_arguments(spec: RunSpec, compute: prepare.Compute, output_dir: Path
     )
 
 
-def train(db: Database, run_id: int, resume: bool = False, extra_callbacks: tuple = ()) -> str:
-    """Train run ``run_id``; returns the final status. Exceptions end as a status, not a crash."""
-    run = db.get_run(run_id)
+def train(db: Database, run_id: int, resume: bool = False, extra_callbacks: tuple = (),
+          stop: GracefulStop | None = None) -> str:
+    """Train run ``run_id``; returns the final status. Exceptions end as a status, not a crash.
+
+    ``stop``: the process's signal handlers (``main``); None when called in-process (tests)."""
+    patient = Patient(db)  # the writes that start and end the run outlast a locked file
+    run = patient.get_run(run_id)
     spec = RunSpec.from_dict(run.spec).validate()
     folder = run_dir(db, run_id)
     folder.mkdir(parents=True, exist_ok=True)
     # No cancel_request=None here: launch.start clears an old request when it starts the worker,
     # and a Stop clicked while this process was still importing must not be forgotten.
-    db.update_run(run_id, status=RunStatus.RUNNING.value, pid=os.getpid(), started_at=utcnow(),
-                  finished_at=None, error=None, exit_code=None)
-    db.heartbeat(run_id)
+    now = utcnow()
+    patient.update_run(run_id, status=RunStatus.RUNNING.value, pid=os.getpid(), started_at=now,
+                       heartbeat_at=now, finished_at=None, error=None, exit_code=None)
+    reserve = diskspace.Reserve(folder)  # the space to record a full disk in, see diskspace.py
+    reserve.claim()
+    writer = BackgroundWriter(db, run_id)
+    live = Live()
     try:
-        return _train(db, run_id, spec, folder, resume, extra_callbacks)
+        try:
+            if stop is not None:
+                stop.arm()
+            status, fields = _train(db, writer, run_id, spec, folder, resume, extra_callbacks, stop, live)
+        finally:
+            if stop is not None:  # from here on a signal waits for the end to be recorded
+                stop.training_ended()
+    except StoppedBySignal as exc:
+        status, fields = RunStatus.CANCELLED.value, {
+            "error": f"Stopped by {exc.signal_name} before training began; there was nothing to save."}
     except torch.OutOfMemoryError as exc:
-        db.update_run(run_id, status=RunStatus.OOM.value, finished_at=utcnow(),
-                      error=f"Out of memory: {exc}\n\n{oom_advice(spec)}")
-        return RunStatus.OOM.value
-    except Exception:  # every other failure: recorded for the user, then the process exits 1
-        db.update_run(run_id, status=RunStatus.FAILED.value, finished_at=utcnow(),
-                      error=traceback.format_exc()[-4000:])
-        return RunStatus.FAILED.value
+        status, fields = RunStatus.OOM.value, {"error": f"Out of memory: {exc}\n\n{oom_advice(spec)}"}
+    except Exception as exc:  # every other failure: recorded for the user, then the process exits 1
+        complete = live.complete_checkpoints(db, run_id)
+        full = diskspace.diagnose(exc, folder, live.trainer, complete, live.saving_adapter)
+        if full:  # the record says what to do; the log keeps the traceback
+            say(traceback.format_exc()[-4000:])
+        status, fields = RunStatus.FAILED.value, {"error": full or traceback.format_exc()[-4000:]}
+    reserve.release()  # just before the last writes: on a full disk, SQLite needs this space
+    writer.close()
+    patient.update_run(run_id, status=status, finished_at=utcnow(), **fields)
+    return status
 
 
-def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool, extra_callbacks: tuple) -> str:
+class Live:
+    """What ``train`` needs to know about a run that failed mid-way: the trainer (for the size of
+    a checkpoint), the checkpoints written to the end, and whether the adapter was being saved."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+        self.callback: StudioCallback | None = None
+        self.saving_adapter = False
+
+    def complete_checkpoints(self, db: Database, run_id: int) -> set[int]:
+        steps = set(self.callback.saved_steps) if self.callback is not None else set()
+        try:  # a read: works on a full disk and under another writer's lock
+            steps |= {c.step for c in db.list_checkpoints(run_id)}
+        except Exception:
+            pass
+        return steps
+
+
+def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, folder: Path, resume: bool,
+           extra_callbacks: tuple, stop: GracefulStop | None, live: Live) -> tuple[str, dict]:
+    """Trains; returns (final status, the run's other fields to record with it)."""
     torch.manual_seed(spec.seed)
     compute = prepare.choose_compute(spec)
     run = db.get_run(run_id)
-    dataset_id = prepare.dataset_for(db, spec, run.project_id)
+    patient = Patient(db)  # importing the sample task writes rows: it may meet a lock too
+    dataset_id = prepare.dataset_for(patient, spec, run.project_id)
     if run.dataset_id != dataset_id:
-        db.update_run(run_id, dataset_id=dataset_id)
+        patient.update_run(run_id, dataset_id=dataset_id)
     model, tokenizer, arch, params = prepare.build_model(spec, compute)
     train_set, eval_set, collator = prepare.build_data(db, spec, dataset_id, tokenizer)
     quantised = getattr(model, "is_loaded_in_4bit", False)
@@ -158,7 +205,7 @@ def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool,
     bakeoff = db.bakeoff_for_run(run_id)
     scorer = None if bakeoff is not None else exact_match_scorer(
         spec, tokenizer, dataset_eval_rows(db, spec, dataset_id))
-    callback = StudioCallback(db, run_id, None if quantised else scorer)
+    callback = StudioCallback(db, run_id, None if quantised else scorer, writer=writer, stop=stop)
     optimizers = (None, None)
     if getattr(params, "loraplus_lr_ratio", 1.0) != 1.0:
         from studio.methods.lora import loraplus_optimizer
@@ -169,21 +216,30 @@ def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool,
         train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         processing_class=tokenizer, callbacks=[callback, *extra_callbacks], optimizers=optimizers,
     )
-    callback.trainer = trainer
+    callback.trainer = live.trainer = trainer
+    live.callback = callback
     checkpoint = None
     if resume:
         latest = db.latest_checkpoint(run_id)
         checkpoint = latest.path if latest is not None and Path(latest.path).is_dir() else None
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        if stop is not None:
+            stop.training_ended()
     wall = time.perf_counter() - started
 
     if callback.cancel_mode is not None:
         if callback.cancel_mode == "discard":
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-            db.delete_checkpoints(run_id)
-        db.update_run(run_id, status=RunStatus.CANCELLED.value, finished_at=utcnow())
-        return RunStatus.CANCELLED.value
+            writer.submit(lambda: db.delete_checkpoints(run_id))  # after the queued checkpoint rows
+        if callback.stopped_by is None:
+            return RunStatus.CANCELLED.value, {}
+        step = trainer.state.global_step
+        return RunStatus.CANCELLED.value, {"error": (
+            f"Stopped by {callback.stopped_by} at step {step}, like Stop and save: the checkpoint at "
+            f"step {step} was kept and Resume continues from there.")}
 
     step = trainer.state.global_step
     from studio.bakeoff.measure import training_stats
@@ -197,16 +253,18 @@ def _train(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool,
         score = scorer(model)
         if score is not None:
             final["eval_exact_match"] = score
+    live.saving_adapter = True
     trainer.save_model(str(folder / "adapter"))
-    db.log_metrics(run_id, step, final)
+    live.saving_adapter = False
+    writer.log_metrics(step, final)
     if bakeoff is not None:
         # Free the training model, optimizer and data before loading the saved adapter again.
+        live.trainer = live.callback = None
         del trainer, model, callback, optimizers, train_set, eval_set
         gc.collect()
-        measure_for_bakeoff(db, run_id, bakeoff.id, spec, folder / "adapter", step,
+        measure_for_bakeoff(patient, run_id, bakeoff.id, spec, folder / "adapter", step,
                             dataset_eval_rows(db, spec, dataset_id))
-    db.update_run(run_id, status=RunStatus.COMPLETED.value, finished_at=utcnow(), exit_code=0)
-    return RunStatus.COMPLETED.value
+    return RunStatus.COMPLETED.value, {"exit_code": 0}
 
 
 def measure_for_bakeoff(db: Database, run_id: int, bakeoff_id: int, spec: RunSpec, adapter: Path,
@@ -266,15 +324,24 @@ def oom_advice(spec: RunSpec) -> str:
         return f"(could not compute advice: {exc})"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: GracefulStop | None = None) -> int:
+    """The worker process. ``stop``: signal handlers already installed (``__main__`` does it
+    before the heavy imports); installed here otherwise."""
     parser = argparse.ArgumentParser(prog="python -m studio.worker")
     parser.add_argument("run_id", type=int)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    if stop is None:
+        stop = GracefulStop()
+        stop.install()
     db = Database()
-    status = train(db, args.run_id, resume=args.resume)
-    print(f"run {args.run_id}: {status}", flush=True)
-    dispatch_next(db)
+    status = train(db, args.run_id, resume=args.resume, stop=stop)
+    say(f"run {args.run_id}: {status}")
+    if stop.requested:  # a shutdown is no time to start the next training
+        say(f"not starting the next queued run: stopped by {stop.signal_name}")
+    else:
+        dispatch_next(db)
+    stop.ignore_from_now()
     return 0 if status in (RunStatus.COMPLETED.value, RunStatus.CANCELLED.value) else 1
 
 

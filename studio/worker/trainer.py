@@ -4,7 +4,9 @@
 on (for tokens/s), and it saves / restores our bottleneck adapters as adapter folders (PEFT
 models are handled by Trainer itself; a plain model with our wrappers would otherwise be saved
 whole). ``StudioCallback`` writes per-step metrics and a heartbeat, records checkpoints, runs the
-exact-match evaluation and turns a cancel request from the UI into a clean stop.
+exact-match evaluation and turns a cancel request from the UI, or SIGTERM/SIGINT, into a clean
+stop. Its writes go through a background writer, so a locked or full history file never stops
+training (``resilient.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from transformers import Trainer, TrainerCallback
 from studio.adapters import bottleneck
 from studio.db import Database
 from studio.sysinfo import peak_rss_bytes
+from studio.worker.resilient import BackgroundWriter, current_cancel_request
+from studio.worker.signals import GracefulStop
+
+# How long the loop waits for its records to be written while the history file is healthy
+# (a write takes milliseconds); once one wait runs out, it stops waiting (see resilient.py).
+SETTLE_STEP_S, SETTLE_SAVE_S = 0.5, 5.0
 
 
 class CancelRequested(Exception):
@@ -85,12 +93,21 @@ def keep_4bit_training_layout(model: Any) -> None:
 
 
 class StudioCallback(TrainerCallback):
-    def __init__(self, db: Database, run_id: int, evaluate_exact_match: Any = None):
+    """Reports to the database through ``writer`` (a ``resilient.BackgroundWriter``): the training
+    loop queues its records and never waits on a locked or full history file. Stops after a step
+    on a cancel request from the UI or a signal (``stop``, a ``signals.GracefulStop``)."""
+
+    def __init__(self, db: Database, run_id: int, evaluate_exact_match: Any = None, *,
+                 writer: BackgroundWriter, stop: GracefulStop | None = None):
         self.db = db
         self.run_id = run_id
         self.evaluate_exact_match = evaluate_exact_match  # (model) -> float, or None
+        self.writer = writer
+        self.stop = stop
         self.trainer: StudioTrainer | None = None
         self.cancel_mode: str | None = None
+        self.stopped_by: str | None = None  # the signal's name when a signal stopped the run
+        self.saved_steps: set[int] = set()  # checkpoints written to the end by this process
         self._last_busy = 0.0
         self._last_tokens = 0
         self._started = time.perf_counter()
@@ -109,8 +126,17 @@ class StudioCallback(TrainerCallback):
         # Not ru_maxrss: it carries the starting process's peak across fork + exec (see there).
         return float(peak_rss_bytes())
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.stop is not None:
+            self.stop.training_began()
+
     def on_step_end(self, args, state, control, **kwargs):
-        request = self.db.heartbeat(self.run_id)
+        self.writer.heartbeat()
+        # While writes are quick, wait for them: the history stays as current as the loop.
+        self.writer.settle(SETTLE_STEP_S)
+        request = current_cancel_request(self.db, self.run_id)
+        if self.stop is not None and self.stop.requested:
+            request, self.stopped_by = "save", self.stop.signal_name
         if request in ("save", "discard"):
             self.cancel_mode = request
             control.should_training_stop = True
@@ -133,21 +159,26 @@ class StudioCallback(TrainerCallback):
             values["peak_memory_bytes"] = self._peak_memory_bytes()
             self._last_busy, self._last_tokens = busy, tokens
         if values:
-            self.db.log_metrics(self.run_id, state.global_step, values, wall_time=time.time())
+            self.writer.log_metrics(state.global_step, values, wall_time=time.time())
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         if self.evaluate_exact_match is not None and model is not None:
             score = self.evaluate_exact_match(model)
             if score is not None:
-                self.db.log_metrics(self.run_id, state.global_step, {"eval_exact_match": score},
-                                    wall_time=time.time())
+                self.writer.log_metrics(state.global_step, {"eval_exact_match": score}, wall_time=time.time())
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
-            self.db.add_checkpoint(self.run_id, state.global_step, str(folder))
-        # Trainer keeps the last ``save_total_limit`` folders and deletes older ones before this
-        # call: forget their rows too, so the history lists only checkpoints that exist.
+            step = state.global_step  # bound now: ``state`` moves on before the write may happen
+            self.saved_steps.add(step)
+            self.writer.submit(lambda: self.db.add_checkpoint(self.run_id, step, str(folder)))
+        self.writer.submit(self._forget_removed_checkpoints)
+        self.writer.settle(SETTLE_SAVE_S)
+
+    def _forget_removed_checkpoints(self) -> None:
+        # Trainer keeps the last ``save_total_limit`` folders and deletes older ones before
+        # on_save: forget their rows too, so the history lists only checkpoints that exist.
         gone = [c.id for c in self.db.list_checkpoints(self.run_id) if not Path(c.path).is_dir()]
         if gone:
             self.db.delete_checkpoints(self.run_id, gone)
