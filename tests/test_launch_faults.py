@@ -195,3 +195,17 @@ def test_create_run_refuses_a_dataset_that_is_not_there(db: Database, dataset_id
     assert db.list_runs() == []
     runs = projects.project_dir(project) / "runs"
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_the_app_starts_beside_a_bad_run_row(db: Database, tmp_path: Path) -> None:
+    """Item 6, end to end: `peft-studio ui` reconciles at start-up; a dead run whose folder is a
+    link out of runs/ made it exit before serving a page. It must serve, with the run failed."""
+    from conftest import start_app, stop_app
+
+    run = launch.create_run(db, _project(db).id, _spec(), "bad")
+    _break_folder(db, run, "link out of runs", tmp_path / "outside")
+    _running_dead(db, run.id)
+    proc, _url, log = start_app(tmp_path / "app.log")  # raises if the app exits instead
+    stop_app(proc, log)
+    assert db.get_run(run.id).status == RunStatus.FAILED.value
+    assert "not a folder inside" in db.get_run(run.id).error
