@@ -66,7 +66,10 @@ def test_read_only_history_refused_at_start(history: Path, what: str) -> None:
         undo()
     message = str(info.value)
     assert str(history) in message and "aside" not in message
-    assert ("read-only" in message) if what == "file" else (str(history.parent) in message and "writable" in message)
+    if what == "file":
+        assert "read-only" in message
+    else:  # SQLite cannot create the -wal and -shm files beside it
+        assert str(history.parent) in message and "writable" in message
     assert history.read_bytes() == before  # nothing written, nothing replaced
     db = Database(history)
     try:

@@ -169,9 +169,10 @@ def _explain(path: Path, reason: BaseException) -> DatabaseError:
         return _read_only(path, text)
     if "unable to open" in low and path.exists():  # the file is there: its folder refuses the journal
         return ReadOnlyDatabaseError(
-            f"cannot open the PEFT Studio history {path}: {text}. SQLite must create "
-            f"{path.name}-wal and {path.name}-shm beside it; make the folder {path.parent} "
-            "writable (and check that the disk has free space).")
+            f"cannot open the PEFT Studio history {path}: {text}. SQLite must read it and "
+            f"create {path.name}-wal and {path.name}-shm beside it: make the folder "
+            f"{path.parent} writable and the file readable (and check that the disk has free "
+            "space). The file itself may be fine; do not replace it.")
     if "disk is full" in low or "no space" in low:
         return DatabaseError(f"cannot write the PEFT Studio history {path}: the disk is full. "
                              "Free some space and try again; the file is unchanged.")
