@@ -69,31 +69,37 @@ def test_a_write_lock_held_past_the_busy_timeout_neither_stops_training_nor_lose
     # start write on, the worker only reads until its first step.
     dataset = import_sample_task(db, run.project_id, "dates").dataset
     db.update_run(run.id, dataset_id=dataset.id)
-    claimed = launch.start(db, run.id).started_at
-    wait_for(lambda: db.get_run(run.id).started_at > claimed, 90, what="the worker's start write")
+    started = launch.start(db, run.id)
+    worker = launch._children[started.pid]
+    wait_for(lambda: db.get_run(run.id).started_at > started.started_at, 90, what="the worker's start write")
 
     locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(db.path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert locker.stdout.readline().strip() == "locked"
-        locked_at = time.time()
-        # The worker's first write waits the busy timeout and is refused ("database is locked");
-        # the worker says so and trains on. Hold the lock a little longer, then let go.
-        wait_for(lambda: LOCKED_NOTE in launch.log_tail(db, run, 200), 90, interval=0.2,
-                 what="the worker to meet the lock")
-        time.sleep(2)
+        # Hold it until the worker's first write (its heartbeat after step 1) has waited out the
+        # busy timeout and been refused, and it has trained on to step 3 or more (or 60 s).
+        first_step_at, deadline = None, time.monotonic() + 60
+        while time.monotonic() < deadline and worker.poll() is None:
+            trained = loss_lines(db, run)
+            first_step_at = first_step_at or (time.monotonic() if trained else None)
+            if trained >= 3 and first_step_at and time.monotonic() > first_step_at + BUSY_TIMEOUT_S + 2:
+                break
+            time.sleep(0.2)
         trained_meanwhile = loss_lines(db, run)
+        assert worker.poll() is None, explain(db, db.get_run(run.id))
         assert db.get_run(run.id).status == "running"
+        assert trained_meanwhile >= 3, f"only {trained_meanwhile} steps trained while the file was locked"
+        assert time.monotonic() > first_step_at + BUSY_TIMEOUT_S
         assert db.last_step(run.id) is None  # nothing could be written meanwhile
+        assert LOCKED_NOTE in launch.log_tail(db, run, 200)
         released_at = time.time()
-        assert released_at - locked_at > BUSY_TIMEOUT_S
         locker.stdin.write("go\n")
         locker.stdin.flush()
         assert locker.stdout.readline().strip() == "released"
     finally:
         locker.kill()
         locker.wait()
-    assert trained_meanwhile >= 3, f"only {trained_meanwhile} steps trained while the file was locked"
 
     run = wait_finished(db, run.id, timeout=90)
     assert run.status == "completed", explain(db, run)
@@ -142,7 +148,7 @@ def test_a_disk_that_fills_up_ends_the_run_failed_disk_full_recorded_and_cleaned
     launch.start(db, run.id)
     folder = folder_of(db, run.id)
     wait_for(lambda: db.last_step(run.id), 120, what="the first logged step")
-    assert (folder / diskspace.RESERVE_NAME).is_file()  # claimed before training
+    reserved = (folder / diskspace.RESERVE_NAME).is_file()  # claimed before training
     # 1 MiB left: the metrics and log lines fit until the first checkpoint (its tokenizer alone
     # is 2 MiB) fails to.
     filler = fill(small_disk, leave=2**20)
@@ -154,6 +160,7 @@ def test_a_disk_that_fills_up_ends_the_run_failed_disk_full_recorded_and_cleaned
     assert run.error.startswith("disk full"), run.error
     assert "A checkpoint of this run needs about" in run.error and "are free now" in run.error, run.error
     assert "Resume: it continues from the start" in run.error, run.error
+    assert reserved
     # The half-written checkpoint is gone (not listed, not resumed from), and so is the reserve.
     assert db.list_checkpoints(run.id) == []
     assert not [p for p in (folder / "checkpoints").glob("checkpoint-*")], list((folder / "checkpoints").iterdir())
@@ -222,7 +229,9 @@ def test_sigterm_while_the_worker_is_still_starting_cancels_the_run(tiny_chat_mo
     run = new_run(db, tiny_spec(tiny_chat_model, max_steps=400))
     run = launch.start(db, run.id)
     # As soon as its handler is in (before torch is imported): SigCgt lists the caught signals.
-    wait_for(lambda: catches(run.pid, signal.SIGTERM), 30, interval=0.01, what="the worker's SIGTERM handler")
+    deadline = time.monotonic() + 10
+    while not catches(run.pid, signal.SIGTERM) and time.monotonic() < deadline:
+        time.sleep(0.01)
     os.kill(run.pid, signal.SIGTERM)
     assert launch._children[run.pid].wait(timeout=90) == 0
     run = db.get_run(run.id)

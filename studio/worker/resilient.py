@@ -41,6 +41,9 @@ TRANSIENT_MESSAGES = ("database is locked", "database table is locked", "databas
 # How long the writes that end a run keep trying (env PEFT_STUDIO_DB_PATIENCE_S overrides, in
 # seconds): long enough to outlast any ordinary lock, short of hanging forever on a broken file.
 PATIENCE_S = float(os.environ.get("PEFT_STUDIO_DB_PATIENCE_S", 20 * 60))
+# A full disk seldom frees itself: past this, the worker stops waiting for space and ends (and
+# ``launch.reconcile`` records its end from the log if even that could not be written).
+FULL_PATIENCE_S = min(PATIENCE_S, 60.0)
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
 
 
@@ -80,14 +83,15 @@ def say(text: str) -> None:
 def retry(call: Callable[[], Any], patience_s: float = PATIENCE_S, what: str = "database write") -> Any:
     """``call()``, retried with back-off while SQLite says "not now", for up to ``patience_s``.
     Any other error, or the last "not now" after the patience ran out, is raised."""
-    deadline = time.monotonic() + patience_s
+    started = time.monotonic()
     backoff, told = FIRST_BACKOFF_S, False
     while True:
         try:
             return call()
         except Exception as exc:
             reason = transient_reason(exc)
-            if reason is None or time.monotonic() + backoff > deadline:
+            limit = min(patience_s, FULL_PATIENCE_S) if reason == "full" else patience_s
+            if reason is None or time.monotonic() + backoff > started + limit:
                 raise
             if not told:
                 say(f"{what}: the history file is {reason}; retrying for up to {patience_s:.0f} s")
@@ -170,10 +174,18 @@ class BackgroundWriter:
     def close(self, patience_s: float = PATIENCE_S) -> bool:
         """Write everything still queued (retrying up to ``patience_s``), then stop the thread.
         True if nothing was lost; otherwise what was lost is said in worker.log."""
+        started = time.monotonic()
+
+        def waited_enough() -> bool:
+            limit = min(patience_s, FULL_PATIENCE_S) if self.blocked == "full" else patience_s
+            return time.monotonic() - started >= limit
+
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            drained = self._cond.wait_for(lambda: not self._queue, patience_s)
+            while self._queue and not waited_enough():
+                self._cond.wait(0.5)
+            drained = not self._queue
             if not drained:
                 self._abandon = True
                 lost = len(self._queue)
