@@ -2,7 +2,8 @@
 
 Sub-commands so far: ``ui`` (the web app), ``setup`` (prepare the embedded model), ``info``
 (architecture facts of a model source), ``estimate`` (trainable count and memory), ``train``
-(a run from a runspec file, through the same worker the UI uses), ``export`` (merged or
+and ``stop`` (a run from a runspec file, through the same worker the UI uses; in
+``studio/cli_train.py``), ``export`` (merged or
 adapter-only files of a finished run, verified), ``bakeoff`` (several methods, one budget, one
 table; in ``studio/bakeoff/cli.py``). Each sub-command's heavy imports stay in its handler.
 """
@@ -82,46 +83,6 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    """Create a run from a runspec file and train it in a worker, streaming its log here."""
-    import time
-
-    from studio import projects
-    from studio.db import Database
-    from studio.runspec import RunSpec, RunSpecError
-    from studio.worker import launch
-
-    try:
-        spec = RunSpec.load(args.runspec).validate()
-    except (RunSpecError, ValueError) as exc:
-        print(f"peft-studio train: {exc}", file=sys.stderr)
-        return 2
-    db = Database()
-    project = db.get_project_by_name(args.project) or projects.create_project(db, args.project)
-    run = launch.create_run(db, project.id, spec, args.name)
-    try:
-        launch.start(db, run.id)
-    except launch.RunConflict as exc:
-        print(f"peft-studio train: {exc}", file=sys.stderr)
-        return 2
-    log = launch.run_folder(db, run) / launch.LOG_NAME
-    print(f"run {run.id} started in project '{project.name}'; log: {log}", flush=True)
-    offset = 0
-    while True:
-        time.sleep(1.0)
-        launch.reconcile(db)
-        with open(log, encoding="utf-8", errors="replace") as fh:
-            fh.seek(offset)
-            chunk = fh.read()
-            offset = fh.tell()
-        if chunk:
-            print(chunk, end="", flush=True)
-        current = db.get_run(run.id)
-        if current.status != "running":
-            print(f"run {run.id}: {current.status}" + (f"\n{current.error}" if current.error else ""))
-            return 0 if current.status in ("completed", "cancelled") else 1
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from studio.db import Database
     from studio.export import ExportError, export_run
@@ -191,11 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--json", action="store_true", help="print one JSON object")
     est.set_defaults(handler=_cmd_estimate)
 
-    tr = sub.add_parser("train", help="train a run described by a runspec.json, in a worker process")
-    tr.add_argument("runspec", help="a runspec.json (the Train tab saves one with every run)")
-    tr.add_argument("--project", default="CLI runs", help="project to record the run in (created if new)")
-    tr.add_argument("--name", default=None, help="a name for the run")
-    tr.set_defaults(handler=_cmd_train)
+    from studio.cli_train import add_parsers as add_train
+
+    add_train(sub)  # train, stop
 
     ex = sub.add_parser("export", help="export a finished run: merged model or adapter, verified")
     ex.add_argument("run_id", type=int)
@@ -214,9 +173,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What Ctrl-C left behind, per command, when the command did not say it itself.
+INTERRUPTED_NOTES = {
+    "ui": "the web app stopped; runs that were training keep training in their workers",
+    "export": "the partial export was removed and the export recorded as failed",
+    "bakeoff": "the bake-off's runs keep training in the background (the queue goes on)",
+    "setup": "the model cache is only marked ready once complete; run setup again",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. Errors from the world (database locked or read-only, disk full,
+    an unwritable folder) and Ctrl-C end in one line on stderr, not a traceback: exit code 2
+    for an error, 130 for Ctrl-C. Anything else is a bug and keeps its traceback."""
+    from studio import errors
+
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        note = INTERRUPTED_NOTES.get(args.command, "nothing was left half-done")
+        print(f"\npeft-studio {args.command}: interrupted (Ctrl-C); {note}", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:
+        line = errors.describe(exc)
+        if line is None:
+            raise
+        print(f"peft-studio {args.command}: {line}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,6 +29,24 @@ def create_project(db: Database, name: str, model_source: str = config.DEFAULT_M
     return project
 
 
+def get_or_create_project(db: Database, name: str, model_source: str = config.DEFAULT_MODEL) -> Project:
+    """The project named ``name``, made (row and folder) if new. Safe when two processes (two
+    ``peft-studio train --project NEW``) ask at once: both get the same project."""
+    found = db.get_project_by_name(name)  # a read first: no write lock for the common case
+    if found is not None:
+        return found
+    project, created = db.get_or_create_project(name, model_source=model_source)
+    if created:
+        try:
+            # exist_ok: the folder name was free when the row was made, so if it exists now it
+            # was made by another process that read our row and is creating a run inside it.
+            project_dir(project).mkdir(parents=True, exist_ok=True)
+        except Exception:
+            db.delete_project(project.id)
+            raise
+    return project
+
+
 def delete_project(db: Database, project_id: int) -> None:
     project = db.get_project(project_id)
     if project is None:

@@ -45,8 +45,12 @@ def run(args: argparse.Namespace) -> int:
     from studio.worker import launch
 
     db = Database()
-    project = db.get_project_by_name(args.project) or projects.create_project(
-        db, args.project, **({"model_source": args.model} if args.model else {}))
+    try:  # get-or-create in one transaction: two bake-offs naming a new project both get it
+        project = projects.get_or_create_project(
+            db, args.project, **({"model_source": args.model} if args.model else {}))
+    except ValueError as exc:  # an empty or too long name
+        print(f"peft-studio bakeoff: --project: {exc}", file=sys.stderr)
+        return 2
     budget = core.Budget(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                          eval_rows=args.eval_rows, learning_rate=args.learning_rate)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -121,6 +121,20 @@ class Database(QueueQueries, BakeoffQueries):
             raise ValueError(f"a project named {name!r} already exists") from None
         return project
 
+    def get_or_create_project(self, name: str,
+                              model_source: str = config.DEFAULT_MODEL) -> tuple[Project, bool]:
+        """``(project, created)``: the project named ``name``, created if there is none. The
+        look-up and the insert are one BEGIN IMMEDIATE transaction, so two processes asking for
+        the same new name at once both get the one row (a read-then-create would race)."""
+        name = self._clean_name(name)
+        with self.session() as s:
+            found = s.scalar(select(Project).where(Project.name == name))
+            if found is not None:
+                return found, False
+            project = Project(name=name, folder=self._unique_folder(s, name), model_source=model_source)
+            s.add(project)
+        return project, True
+
     def list_projects(self) -> list[Project]:
         return self._read(select(Project).order_by(Project.updated_at.desc(), Project.id.desc()))
 
