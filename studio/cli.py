@@ -96,8 +96,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"peft-studio export: {exc}", file=sys.stderr)
         return 2
+    verification = {k: v for k, v in (row.verification or {}).items() if k != "folder_token"}  # internal
     print(json.dumps({"path": row.path, "status": row.status, "size_bytes": row.size_bytes,
-                      "verification": row.verification}, indent=2))
+                      "verification": verification}, indent=2))
     return 0 if row.status in ("verified", "unverified") else 1
 
 

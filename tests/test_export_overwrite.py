@@ -164,8 +164,8 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dest", ["/", "~", "{tmp}/my-work"])
-def test_cli_overwrite_onto_root_home_or_user_folder_is_one_line_and_exit_2(run_id, tmp_path, capsys,
+@pytest.mark.parametrize("dest", ["/", "~", "{tmp}/my-work", "/sys/peft-studio-export"])
+def test_cli_overwrite_onto_root_home_user_or_unwritable_folder_is_one_line_and_exit_2(run_id, tmp_path, capsys,
                                                                              monkeypatch, dest):
     monkeypatch.setenv("HOME", str(user_folder(tmp_path)))  # "~": a home full of the user's files
     target = os.path.expanduser(dest.format(tmp=tmp_path))

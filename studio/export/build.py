@@ -92,6 +92,7 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
     needed = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # an unwritable destination fails here, before the model is loaded
         report(0.1, "Loading the trained model")
         trained = load_trained(spec, adapter, "float32", dequantize=True)
         tokenizer = models.load_tokenizer(spec.model)
@@ -100,7 +101,6 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
         if free < needed:  # say so now, not after minutes of writing
             raise ExportError(f"not enough free space for the export in {target.parent}: it needs about "
                               f"{_size(needed)}, {_size(free)} is free. Free some space or choose another folder.")
-        tmp.mkdir(parents=True)
         report(0.4, "Writing files")
         if kind == "merged":
             _write_merged(trained, spec, tokenizer, tmp, dtype, shard_size)
