@@ -136,6 +136,13 @@ def _foreign_history(run_id, tmp_path):
     return folder
 
 
+def _from_before_markers(run_id, tmp_path):
+    dest = tmp_path / "old-export"  # recorded, but written before exports carried a marker
+    adapter_export(run_id, dest, overwrite=False)
+    (dest / MARKER).unlink()
+    return dest
+
+
 def _a_file(run_id, tmp_path):
     path = tmp_path / "model.bin"
     path.write_text("a file")
@@ -149,6 +156,7 @@ def _a_file(run_id, tmp_path):
     (_forged_token, "does not match export"),
     (_garbage_marker, "cannot be read"),
     (_foreign_history, "does not hold"),
+    (_from_before_markers, "made by an earlier PEFT Studio"),
     (_a_file, "is a file, not a folder"),
 ])
 def test_overwrite_refuses_every_folder_that_is_not_an_export_of_ours(run_id, tmp_path, make, why):

@@ -43,7 +43,7 @@ def _destination(db: Database, run: Any, kind: str, dtype: str, dest: str | None
         target = resolve_dest(dest)
     else:
         target = exports_dir(db, run.project_id) / f"{run.folder}-{kind}-{dtype}"
-    return target, check_destination(db, target, overwrite)
+    return target, check_destination(db, target, overwrite, run.project_id)
 
 
 def _prompts(spec: RunSpec, tokenizer: Any, limit: int = 4) -> list[str]:

@@ -51,9 +51,10 @@ def resolve_dest(dest: str) -> Path:
     return target
 
 
-def check_destination(db: Any, target: Path, overwrite: bool) -> bool:
+def check_destination(db: Any, target: Path, overwrite: bool, project_id: int | None = None) -> bool:
     """Raises ``ExportError`` unless ``target`` may receive the export; returns True when an
-    earlier export of ours is there (to be replaced), False when there is nothing to lose."""
+    earlier export of ours is there (to be replaced), False when there is nothing to lose.
+    ``project_id``: the exporting project, to recognise its exports from before markers."""
     if not target.exists():
         if target.is_symlink():
             raise ExportError(f"{target} is a broken link; choose a new folder for the export")
@@ -66,30 +67,37 @@ def check_destination(db: Any, target: Path, overwrite: bool) -> bool:
         raise ExportError(f"{target} cannot be read ({exc.strerror}); choose another folder") from None
     if not names:
         return False
-    export_id = _ours(db, target, names)
+    export_id = _ours(db, target, names, project_id)
     if not overwrite:
         raise ExportError(f"{target} already exists (export #{export_id} of this studio); "
                           "confirm overwrite to replace it")
     return True
 
 
-def _ours(db: Any, target: Path, names: list[str]) -> int:
+def _ours(db: Any, target: Path, names: list[str], project_id: int | None = None) -> int:
     """The id of the export that wrote ``target``; ``ExportError`` saying why it is not ours."""
     refuse = (f"{target} already holds files PEFT Studio did not write, so it is never replaced "
               "(choose a new or empty folder; PEFT Studio only replaces a folder it exported itself): ")
     marker = target / MARKER
     shown = ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
     if marker.is_symlink() or not marker.is_file():
+        legacy = next((e for e in db.list_exports(project_id) if Path(e.path) == target), None) \
+            if project_id is not None else None
+        if legacy is not None:  # recorded, but from before exports were marked: its files are unknown
+            raise ExportError(refuse + f"it has no {MARKER} marker; it looks like export #{legacy.id}, made "
+                                       "by an earlier PEFT Studio before exports were marked, but what else "
+                                       "was put there since cannot be told. Remove it yourself if you no "
+                                       "longer need it, or choose another folder")
         raise ExportError(refuse + f"it has no {MARKER} marker (it holds {shown})")
     try:
         if marker.stat().st_size > MARKER_MAX_BYTES:
             raise ValueError("too large")
         data = json.loads(marker.read_text(encoding="utf-8"))
-        export_id, project_id, token = int(data["export_id"]), int(data["project_id"]), str(data["token"])
+        export_id, marked_project, token = int(data["export_id"]), int(data["project_id"]), str(data["token"])
         written = set(data["files"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ExportError(refuse + f"its {MARKER} cannot be read ({exc})") from None
-    row = next((e for e in db.list_exports(project_id) if e.id == export_id), None)
+    row = next((e for e in db.list_exports(marked_project) if e.id == export_id), None)
     if row is None:
         raise ExportError(refuse + f"its marker names export #{export_id}, which this studio's "
                                    f"history ({db.path}) does not hold")
