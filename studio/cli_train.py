@@ -5,9 +5,9 @@ checked first (the runspec, the model source, the dataset, the sample task, a ru
 training on the device, the project name, that its runs folder can be made); only then are the
 project (if new), the run row and its folder made. What can still go wrong after that — another
 ``train`` claiming the device in between (the claim itself is atomic, see ``launch.start``), a
-worker that cannot be started, a full disk — deletes the row and its folder again
-(``history.delete_run``: never anything outside the project's runs folder) before the error is
-reported. A refusal is one line, ``peft-studio train: <reason>``, and exit code 2.
+worker that cannot be started, a full disk, a file where the run folder goes — deletes the row
+and the files this train wrote (only those; ``_forget``) before the error is reported. A
+refusal is one line, ``peft-studio train: <reason>``, and exit code 2.
 
 After the worker started, Ctrl-C stops following, not training: the worker runs in its own
 session (``launch``), so the line printed says so and how to stop it (``peft-studio stop``).
@@ -125,11 +125,17 @@ def _create_and_start(db, spec, project_name: str, name: str | None):
     since = time.time()
     run = None
     try:
-        run = launch.create_run(db, project.id, spec, name)
+        try:
+            run = launch.create_run(db, project.id, spec, name)
+        except OSError as exc:  # a file where the run folder goes, a full disk
+            _forget(db, None, project.id, spec, since)
+            raise Refused(f"cannot make the run's folder: {errors.describe(exc)}") from None
         return launch.start(db, run.id)
     except launch.RunConflict as exc:  # another train claimed the device after our check
         _forget(db, run, project.id, spec, since)
         raise Refused(f"{exc} Nothing was created.") from None
+    except (Refused, Detached):
+        raise
     except BaseException as exc:  # Ctrl-C, a full disk, a worker that could not start
         if _worker_started(db, run):
             if isinstance(exc, KeyboardInterrupt):
@@ -147,25 +153,42 @@ def _worker_started(db, run) -> bool:
 
 
 def _forget(db, run, project_id: int, spec, since: float) -> None:
-    """Delete the run row and folder a refused train made. ``run`` is None when ``create_run``
-    itself failed part-way (row made, folder not): that row is found by what it holds — ours,
-    queued, never in the queue, made just now, with no runspec.json written yet."""
-    from studio import history
+    """Delete the run row a refused train made, and the files it wrote: ``runspec.json``, the
+    worker log of a start that failed, then the folder if that left it empty. Only those: the
+    folder name may have been in use before (``create_run`` accepts an existing folder), and
+    nothing the user or an older run put there is ours to delete.
+
+    ``run`` is None when ``create_run`` itself failed part-way (row made, folder or runspec not):
+    that row is found by what it holds — this project, queued, never in the queue, made since
+    ``since``, this spec, no runspec.json in its folder."""
+    from studio import config
     from studio.db import utcnow
     from studio.worker import launch
 
+    root = launch.runs_root(db, project_id)
     if run is None:
         after = utcnow() - timedelta(seconds=time.time() - since + 1)
         orphans = [r for r in db.list_runs(project_id)
                    if r.status == "queued" and r.queued_at is None and r.spec == spec.to_dict()
-                   and r.created_at >= after
-                   and not (r.folder and (launch.runs_root(db, project_id) / r.folder / "runspec.json").exists())]
+                   and r.created_at >= after and not (r.folder and (root / r.folder / "runspec.json").exists())]
+        written: tuple[str, ...] = ()
     else:
-        orphans = [db.get_run(run.id)]
+        orphans, written = [db.get_run(run.id)], ("runspec.json", launch.LOG_NAME)
     for orphan in orphans:
-        if orphan.status == "running" and orphan.pid == os.getpid():  # claimed, never spawned
-            db.update_run(orphan.id, status="failed", finished_at=utcnow())
-        history.delete_run(db, orphan.id)
+        db.delete_run(orphan.id)
+        try:
+            config.child_path(root, orphan.folder or "")  # a plain name inside the runs folder
+        except ValueError:
+            continue
+        folder = root / orphan.folder
+        if folder.is_symlink() or not folder.is_dir():  # never through a link, never a file
+            continue
+        for name in written:
+            (folder / name).unlink(missing_ok=True)
+        try:
+            folder.rmdir()  # only if empty: anything else there was not written by this train
+        except OSError:
+            pass
 
 
 def _detached(run) -> int:

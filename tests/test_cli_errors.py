@@ -109,6 +109,21 @@ def test_a_runs_folder_that_cannot_be_made_is_refused_before_the_run_row(db, tmp
     assert db.list_runs() == [] and blocker.read_text() == "a file where the runs folder goes"
 
 
+def test_a_file_where_the_run_folder_goes_is_refused_and_kept(db, tmp_path, capsys):
+    """``create_run`` fails after making the row (its folder name is taken by a file): the row
+    goes, the file stays as it was (not renamed, not deleted)."""
+    project = projects.create_project(db, "taken")
+    runs = projects.project_dir(project) / "runs"
+    runs.mkdir()
+    squatter = runs / "run-0001-lora-on-dates"  # the folder the first run of this spec gets
+    squatter.write_text("someone else's file")
+    code = cli.main(["train", spec_file(tmp_path), "--project", "taken"])
+    err = capsys.readouterr().err
+    assert code == 2 and "run's folder" in err and str(squatter) in err and "Traceback" not in err, err
+    assert db.list_runs() == [] and os.listdir(runs) == [squatter.name]
+    assert squatter.read_text() == "someone else's file"
+
+
 def test_a_conflict_after_the_check_deletes_the_run_it_made(db, tmp_path, sleeper, capsys, monkeypatch):
     """The race: another train claims the device between our check and our start. The claim is
     atomic, so ours is refused; the row and folder we made are deleted again."""
