@@ -178,6 +178,40 @@ def test_a_disk_that_fills_up_ends_the_run_failed_disk_full_recorded_and_cleaned
     assert launch.reconcile(db) == [] and db.get_run(run.id).error == run.error
 
 
+def test_a_save_that_fails_on_a_full_disk_without_saying_so_is_still_diagnosed(small_disk):
+    """torch.save on a full disk says only "unexpected pos ..." (no ENOSPC anywhere in the
+    chain): the space left decides. The half-written checkpoint is removed, a complete one and
+    what a link points to are kept, and an error that is not about space is left alone."""
+    import torch
+
+    checkpoints = small_disk / "run" / "checkpoints"
+    (checkpoints / "checkpoint-3").mkdir(parents=True)
+    (checkpoints / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+    outside = small_disk / "not-ours"
+    outside.mkdir()
+    (checkpoints / "checkpoint-7").symlink_to(outside, target_is_directory=True)
+    reserve = diskspace.Reserve(small_disk / "run")
+    assert reserve.claim()
+    assert not diskspace.diagnose(ValueError("a bad value"), small_disk / "run", None, {3}, False)
+
+    fill(small_disk, leave=64 * 2**10)
+    assert not diskspace.Reserve(small_disk / "other").claim()  # refused, and nothing left behind
+    assert not (small_disk / "other" / diskspace.RESERVE_NAME).exists()
+    (checkpoints / "checkpoint-5").mkdir()
+    with pytest.raises(RuntimeError) as failed:
+        torch.save({"w": torch.zeros(2**20)}, checkpoints / "checkpoint-5" / "optimizer.pt")
+    assert "No space left" not in str(failed.value) and not diskspace.says_disk_full(failed.value)
+
+    text = diskspace.diagnose(failed.value, small_disk / "run", None, {3}, False)
+    assert text and text.startswith("disk full"), text
+    assert "Removed the unfinished" in text and "continues from the checkpoint at step 3" in text, text
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3"]
+    assert outside.is_dir()  # the link was removed, never followed
+    free = shutil.disk_usage(small_disk).free
+    reserve.release()
+    assert shutil.disk_usage(small_disk).free >= free + diskspace.RESERVE_BYTES  # really held
+
+
 # ------------------------------------------------------------------------ item 7: SIGTERM, SIGINT
 
 

@@ -28,6 +28,7 @@ from studio.worker.resilient import say
 
 RESERVE_NAME = ".disk-reserve"
 RESERVE_BYTES = 4 * 2**20  # a status write takes a few pages of WAL; 4 MiB is ample
+MIN_FREE_BYTES = 2**20  # with no estimate, a write error with less free than this is a full disk
 EXTRA_STATE_BYTES = 256 * 2**10  # configs, trainer state, scheduler, RNG state: tens of KiB
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 FULL_TEXTS = ("no space left on device", "disk quota exceeded", "database or disk is full",
@@ -192,8 +193,8 @@ def diagnose(error: BaseException, folder: Path, trainer: Any, complete: set[int
         need, counted = checkpoint_need(trainer, checkpoints, complete) if trainer is not None else (None, "")
     except Exception as exc:  # the estimate is a courtesy; the diagnosis must not fail on it
         need, counted = None, f"(could not estimate: {exc})"
-    if not says_disk_full(error):
-        if not looks_like_write_error(error) or need is None or free_now is None or free_now >= need:
+    if not says_disk_full(error):  # a write error that does not say why: judge by the space left
+        if not looks_like_write_error(error) or free_now is None or free_now >= (need or MIN_FREE_BYTES):
             return None
     removed = remove_unfinished(checkpoints, complete)
     if partial_adapter and (folder / "adapter").is_dir():
