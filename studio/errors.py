@@ -44,16 +44,16 @@ def _sqlite_line(message: str) -> str:
     text = message.lower()
     where = f"the history database {history_path()}"
     if "locked" in text or "busy" in text:
-        return (f"{where} is locked by another process (waited 10 s for it); nothing was changed. "
-                "Try again in a moment.")
+        return (f"{where} is locked by another process (waited 10 s for it), so the command "
+                "stopped there; the file is fine. Try again in a moment.")
     if "readonly" in text or "read-only" in text:
-        return (f"{where} is read-only; nothing was changed. Make the file and its folder writable "
-                "(or run as the user who owns them).")
+        return (f"{where} is read-only, so the command stopped there. Make the file and its folder "
+                "writable (or run as the user who owns them).")
     if "full" in text:
-        return f"the disk holding {where} is full; nothing was changed. Free some space and retry."
+        return f"the disk holding {where} is full, so the command stopped there. Free some space and retry."
     if "malformed" in text or "not a database" in text:
-        return (f"{where} is damaged ({message.strip()}); nothing was changed. Keep a copy of it "
-                "before trying anything else.")
+        return (f"{where} is damaged ({message.strip()}). Keep a copy of it before trying anything "
+                "else.")
     return f"{where} cannot be used: {message.strip()}"
 
 

@@ -238,3 +238,13 @@ def test_a_locked_history_is_one_line_and_exit_2(db, tmp_path):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("peft-studio train: "), done.stderr
     assert "locked" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert db.list_projects() == [] and db.list_runs() == []
+
+
+def test_stop_refuses_a_run_that_is_not_training_in_one_line(db, capsys):
+    project = projects.create_project(db, "p")
+    done = db.create_run(project.id, "finished", "lora", {}, status="completed")
+    for run_id, why in ((done.id, "is completed"), (99, "no run 99")):
+        code = cli.main(["stop", str(run_id)])
+        err = capsys.readouterr().err
+        assert code == 2 and why in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert db.get_run(done.id).cancel_request is None  # nothing was asked of a finished run
