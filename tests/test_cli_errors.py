@@ -181,7 +181,8 @@ def test_two_trains_at_once_on_a_new_project_then_ctrl_c_then_stop(db, tiny_chat
     trains, the other is refused and leaves nothing. Ctrl-C (a real SIGINT) on the one that
     trains stops following, not training, and says how to stop it; that advice works."""
     path = tmp_path / "spec.json"
-    path.write_text(json.dumps(tiny_spec(tiny_chat_model, max_steps=500, save_steps=0).to_dict()))
+    # Far more steps than can run before the stop below lands: the run must end "cancelled".
+    path.write_text(json.dumps(tiny_spec(tiny_chat_model, max_steps=20_000, save_steps=0).to_dict()))
     both = [studio("train", str(path), "--project", "Brand new") for _ in range(2)]
     try:
         deadline = time.monotonic() + 90
