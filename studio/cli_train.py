@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 from studio import errors
@@ -77,7 +76,7 @@ def train(args: argparse.Namespace) -> int:
     return _follow(db, run)
 
 
-def _precheck(db, spec) -> None:
+def _precheck(db, spec, project_name: str) -> None:
     """Every refusal that needs no run row, before there is one."""
     from studio.models import ModelSourceError, parse_source
     from studio.worker import launch
@@ -88,9 +87,11 @@ def _precheck(db, spec) -> None:
         raise Refused(f"runspec 'model': {exc}") from None
     if source.kind == "folder" and not (Path(source.ref) / "config.json").is_file():
         raise Refused(f"runspec 'model': {source.ref} has no config.json: not a Hugging Face model folder")
-    if spec.dataset_id is not None and db.get_dataset(spec.dataset_id) is None:
-        raise Refused(f"runspec 'dataset_id': there is no dataset {spec.dataset_id} in the history "
-                      f"{db.path}; import it first (the Data tab) or use a sample task")
+    if spec.dataset_id is not None:
+        dataset, project = db.get_dataset(spec.dataset_id), db.get_project_by_name(project_name)
+        if dataset is None or project is None or dataset.project_id != project.id:
+            raise Refused(f"runspec 'dataset_id': project '{project_name}' has no dataset "
+                          f"{spec.dataset_id}; import it there first (the Data tab) or use a sample task")
     if spec.sample_task is not None:
         from studio.samples import get_task
 
@@ -113,7 +114,7 @@ def _create_and_start(db, spec, project_name: str, name: str | None):
     from studio import projects
     from studio.worker import launch
 
-    _precheck(db, spec)
+    _precheck(db, spec, project_name)
     try:
         project = projects.get_or_create_project(db, project_name)
     except ValueError as exc:  # an empty or too long name: refused before any write
@@ -122,26 +123,24 @@ def _create_and_start(db, spec, project_name: str, name: str | None):
         launch.runs_root(db, project.id).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise Refused(f"cannot make the project's runs folder: {errors.describe(exc)}") from None
-    since = time.time()
-    run = None
+    # create_run leaves no row and no folder of its own when it fails (launch.create_run)
     try:
-        try:
-            run = launch.create_run(db, project.id, spec, name)
-        except OSError as exc:  # a file where the run folder goes, a full disk
-            _forget(db, None, project.id, spec, since)
-            raise Refused(f"cannot make the run's folder: {errors.describe(exc)}") from None
+        run = launch.create_run(db, project.id, spec, name)
+    except OSError as exc:  # a file where the run folder goes, a full disk
+        raise Refused(f"cannot make the run's folder: {errors.describe(exc)}") from None
+    except (launch.RunConflict, ValueError) as exc:  # a folder not ours, a dataset of another project
+        raise Refused(str(exc)) from None
+    try:
         return launch.start(db, run.id)
     except launch.RunConflict as exc:  # another train claimed the device after our check
-        _forget(db, run, project.id, spec, since)
+        _forget(db, run)
         raise Refused(f"{exc} Nothing was created.") from None
-    except (Refused, Detached):
-        raise
     except BaseException as exc:  # Ctrl-C, a full disk, a worker that could not start
         if _worker_started(db, run):
             if isinstance(exc, KeyboardInterrupt):
                 raise Detached(db.get_run(run.id)) from None
             raise
-        _forget(db, run, project.id, spec, since)
+        _forget(db, run)
         raise
 
 
@@ -152,43 +151,30 @@ def _worker_started(db, run) -> bool:
     return current.status == "running" and current.pid not in (None, os.getpid())
 
 
-def _forget(db, run, project_id: int, spec, since: float) -> None:
-    """Delete the run row a refused train made, and the files it wrote: ``runspec.json``, the
-    worker log of a start that failed, then the folder if that left it empty. Only those: the
-    folder name may have been in use before (``create_run`` accepts an existing folder), and
-    nothing the user or an older run put there is ours to delete.
-
-    ``run`` is None when ``create_run`` itself failed part-way (row made, folder or runspec not):
-    that row is found by what it holds — this project, queued, never in the queue, made since
-    ``since``, this spec, no runspec.json in its folder."""
+def _forget(db, run) -> None:
+    """Delete the run row a refused start made, and the files this train wrote: ``runspec.json``,
+    the worker log of a start that failed, then the folder if that left it empty. Only those:
+    ``create_run`` accepts a folder that was there before, and nothing the user or an older run
+    put there is ours to delete."""
     from studio import config
-    from studio.db import utcnow
     from studio.worker import launch
 
-    root = launch.runs_root(db, project_id)
-    if run is None:
-        after = utcnow() - timedelta(seconds=time.time() - since + 1)
-        orphans = [r for r in db.list_runs(project_id)
-                   if r.status == "queued" and r.queued_at is None and r.spec == spec.to_dict()
-                   and r.created_at >= after and not (r.folder and (root / r.folder / "runspec.json").exists())]
-        written: tuple[str, ...] = ()
-    else:
-        orphans, written = [db.get_run(run.id)], ("runspec.json", launch.LOG_NAME)
-    for orphan in orphans:
-        db.delete_run(orphan.id)
-        try:
-            config.child_path(root, orphan.folder or "")  # a plain name inside the runs folder
-        except ValueError:
-            continue
-        folder = root / orphan.folder
-        if folder.is_symlink() or not folder.is_dir():  # never through a link, never a file
-            continue
-        for name in written:
-            (folder / name).unlink(missing_ok=True)
-        try:
-            folder.rmdir()  # only if empty: anything else there was not written by this train
-        except OSError:
-            pass
+    run = db.get_run(run.id)
+    db.delete_run(run.id)
+    root = launch.runs_root(db, run.project_id)
+    try:
+        config.child_path(root, run.folder or "")  # a plain name inside the runs folder
+    except ValueError:
+        return
+    folder = root / run.folder
+    if folder.is_symlink() or not folder.is_dir():  # never through a link, never a file
+        return
+    for name in ("runspec.json", launch.LOG_NAME):
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()  # only if empty: anything else there was not written by this train
+    except OSError:
+        pass
 
 
 def _detached(run) -> int:

@@ -66,6 +66,12 @@ def refuse_dataset(db, tmp_path, sleeper):
     return None, spec_file(tmp_path, sample_task=None, dataset_id=7), "no dataset 7"
 
 
+def refuse_foreign_dataset(db, tmp_path, sleeper):
+    other = projects.create_project(db, "other")  # the dataset exists, in another project
+    dataset = db.add_dataset(other.id, name="theirs")
+    return None, spec_file(tmp_path, sample_task=None, dataset_id=dataset.id), f"no dataset {dataset.id}"
+
+
 def refuse_model(db, tmp_path, sleeper):
     return None, spec_file(tmp_path, model=str(tmp_path / "no-such-model")), "runspec 'model'"
 
@@ -78,8 +84,8 @@ def refuse_runspec(db, tmp_path, sleeper):
     return None, spec_file(tmp_path, learning_rate=5), "learning_rate"
 
 
-@pytest.mark.parametrize("make", [refuse_conflict, refuse_dataset, refuse_model, refuse_sample_task,
-                                  refuse_runspec])
+@pytest.mark.parametrize("make", [refuse_conflict, refuse_dataset, refuse_foreign_dataset, refuse_model,
+                                  refuse_sample_task, refuse_runspec])
 def test_a_refused_train_leaves_no_run_no_folder_no_project(db, tmp_path, sleeper, capsys, make):
     busy, path, reason = make(db, tmp_path, sleeper)
     before = run_folders()
@@ -132,8 +138,8 @@ def test_a_conflict_after_the_check_deletes_the_run_it_made(db, tmp_path, sleepe
     real_precheck = cli_train._precheck
     taken = []
 
-    def precheck_then_lose_the_race(database, spec):
-        real_precheck(database, spec)  # the device is free now...
+    def precheck_then_lose_the_race(database, *args):
+        real_precheck(database, *args)  # the device is free now...
         taken.append(busy_run(database, sleeper.pid))  # ...and taken before our start
 
     monkeypatch.setattr(cli_train, "_precheck", precheck_then_lose_the_race)
