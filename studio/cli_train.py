@@ -191,9 +191,9 @@ def _follow(db, run) -> int:
 
     log = launch.run_folder(db, run) / launch.LOG_NAME
     project = db.get_project(run.project_id)
-    print(f"run {run.id} started in project '{project.name}'; log: {log}", flush=True)
     offset = 0
-    try:
+    try:  # the announcement too: a Ctrl-C right after it must still only stop following
+        print(f"run {run.id} started in project '{project.name}'; log: {log}", flush=True)
         while True:
             time.sleep(1.0)
             launch.reconcile(db)
