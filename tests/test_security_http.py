@@ -369,3 +369,20 @@ def _streamed_upload(app: App, headers: dict, body: bytes) -> tuple[int, bytes]:
     finally:
         writer.join(timeout=20)
         sock.close()
+
+
+# -- the Host policy itself, without a server --------------------------------------------------
+
+@pytest.mark.parametrize("host,allowed", [
+    ("127.0.0.1:7860", True), ("studio.lan:7860", True), ("localhost:9000", True),
+    ("studio.lan:9000", False), ("localhost:9001", False), (f"{REBIND}:7860", False)])
+def test_extra_names_and_tunnel_ports_come_from_the_environment(monkeypatch, host, allowed):
+    """``PEFT_STUDIO_ALLOWED_HOSTS=studio.lan,localhost:9000``: a DNS name on the app's port,
+    and an SSH tunnel's other port for one name only."""
+    from studio.ui.guard import RequestGuard
+
+    monkeypatch.setenv("PEFT_STUDIO_ALLOWED_HOSTS", "studio.lan, localhost:9000")
+    guard = RequestGuard(None, object(), "127.0.0.1", None)
+    scope = {"type": "http", "path": "/", "server": ("127.0.0.1", 7860), "scheme": "http"}
+    refusal = guard._refusal(scope, {"host": host, "origin": f"http://{host}"})
+    assert (refusal is None) == allowed, refusal

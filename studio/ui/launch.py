@@ -67,6 +67,8 @@ def resolve_auth(host: str, auth: str | None, auth_file: str | None) -> list[tup
     """The credentials to enforce, refusing a non-loopback host that has none."""
     pairs: list[tuple[str, str]] = []
     if auth and ":" not in auth:
+        if not auth.strip():
+            raise LaunchError("--auth: expected USER or USER:PASSWORD, got an empty value")
         pairs.append((auth.strip(), prompt_password(auth.strip())))
     elif auth:
         warn("--auth USER:PASSWORD shows the password to every user of this machine "
@@ -79,9 +81,10 @@ def resolve_auth(host: str, auth: str | None, auth_file: str | None) -> list[tup
     if not pairs and not is_loopback(host):
         raise LaunchError(
             f"Refusing to listen on {host} without a password: anyone who can reach this machine "
-            "could train, read and delete your projects. Add --auth user:password, or "
-            "--auth-file FILE with one user:password per line; or leave out --host to stay on "
-            f"{config.DEFAULT_HOST}."
+            "could train, read and delete your projects. Add --auth-file FILE with one "
+            "user:password per line (chmod 600), or --auth USER to be asked for the password "
+            "(--auth user:password works too, but shows the password in ps); or leave out "
+            f"--host to stay on {config.DEFAULT_HOST}."
         )
     return pairs or None
 
