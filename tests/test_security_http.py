@@ -133,12 +133,13 @@ def _project_names(app: App) -> set[str]:
 
 # -- item 1: DNS rebinding and cross-origin calls, default settings ---------------------------
 
+CANCEL = b'{"session_hash":"x","fn_index":0,"event_id":"y"}'
 JOIN = json.dumps({"data": ["Rebound"], "fn_index": 0, "session_hash": "rebind00"}).encode()
 ROUTES = [("GET", "/", b""), ("GET", "/config", b""), ("GET", "/gradio_api/info", b""),
           ("POST", "/gradio_api/call/create_project", _call(["Rebound"])[1]),
           ("POST", "/gradio_api/queue/join", JOIN),
           ("GET", "/gradio_api/queue/data?session_hash=rebind00", b""),
-          ("POST", "/gradio_api/cancel", b'{"session_hash":"x","fn_index":0,"event_id":"y"}'),
+          ("POST", "/gradio_api/cancel", CANCEL),
           ("POST", "/gradio_api/upload", b"x"), ("GET", "/gradio_api/file=/etc/hostname", b""),
           ("OPTIONS", "/gradio_api/call/create_project", b"")]
 
@@ -186,7 +187,8 @@ def test_same_origin_call_works_and_creates_the_project(open_app):
 
 
 @pytest.mark.parametrize("origin", ["http://evil.example", f"http://{REBIND}", "null",
-                                    "http://127.0.0.1:1", "file://", "http://localhost.evil.example"])
+                                    "http://127.0.0.1:1", "file://",
+                                    "http://localhost.evil.example"])
 @pytest.mark.parametrize("method,path", [("POST", "/gradio_api/call/create_project"),
                                          ("OPTIONS", "/gradio_api/call/create_project"),
                                          ("GET", "/config")])
@@ -206,7 +208,8 @@ def test_cross_site_fetch_without_origin_is_refused_but_a_link_opens_the_page(op
     framed = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
               "Sec-Fetch-Dest": "iframe"}
     assert open_app.request("GET", "/", framed)[0] == 403
-    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
+            "Sec-Fetch-Dest": "document"}
     assert open_app.request("GET", "/", link)[0] == 200
 
 
@@ -244,8 +247,7 @@ def _session(app: App) -> dict:
     return {"Cookie": "; ".join(cookie.split(";")[0] for cookie in cookies)}
 
 
-LOGIN_REQUIRED = [("POST", "/gradio_api/cancel", b'{"session_hash":"x","fn_index":0,"event_id":"y"}'),
-                  ("POST", "/gradio_api/reset", b'{"session_hash":"x","fn_index":0,"event_id":"y"}'),
+LOGIN_REQUIRED = [("POST", "/gradio_api/cancel", CANCEL), ("POST", "/gradio_api/reset", CANCEL),
                   ("GET", "/gradio_api/heartbeat/abcdef", b""),
                   ("GET", "/config", b""), ("GET", "/gradio_api/info", b""),
                   ("POST", "/gradio_api/queue/join", JOIN), ("POST", "/gradio_api/upload", b"x"),
@@ -264,9 +266,8 @@ def test_login_page_public_run_history_gone_cancel_after_login(locked_app):
     for path in ("/gradio_api/runs", "/gradio_api/run-history/buckets"):
         assert locked_app.request("GET", path)[0] == 404, path
     cookie = _session(locked_app)
-    cancel = b'{"session_hash":"x","fn_index":0,"event_id":"y"}'
     status, _, _ = locked_app.request("POST", "/gradio_api/cancel",
-                                      {**cookie, "Content-Type": "application/json"}, cancel)
+                                      {**cookie, "Content-Type": "application/json"}, CANCEL)
     assert status == 200
     assert locked_app.request("GET", "/config", cookie)[0] == 200
 

@@ -221,7 +221,8 @@ class RequestGuard:
                           f"{_size(self.max_upload)} limit. Import a larger dataset by its path "
                           "on the Data tab.")
             else:
-                reason = f"Refused: this request is {_size(declared)}, over the {_size(limit)} limit."
+                reason = (f"Refused: this request is {_size(declared)}, over the "
+                          f"{_size(limit)} limit.")
             await _refuse(scope, receive, send, 413, reason, {"connection": "close"})
             return
         # A body sent without a length (chunked) is counted as it arrives: starlette's limiter.
@@ -285,7 +286,8 @@ async def _refuse(scope, receive, send, status: int, reason: str, headers: dict)
         # Closing before accepting makes the server answer the handshake with 403.
         await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
         return
-    await PlainTextResponse(reason + "\n", status_code=status, headers=headers)(scope, receive, send)
+    response = PlainTextResponse(reason + "\n", status_code=status, headers=headers)
+    await response(scope, receive, send)
 
 
 def guarded_app_class():
