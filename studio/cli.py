@@ -118,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address to listen on (default 127.0.0.1; others need --auth)")
     ui.add_argument("--port", type=int, default=config.DEFAULT_PORT)
     group = ui.add_mutually_exclusive_group()
-    group.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
-    group.add_argument("--auth-file", metavar="FILE", help="logins, one user:password per line")
+    group.add_argument("--auth", metavar="USER[:PASSWORD]",
+                       help="require this login; with USER alone the password is asked for "
+                            "(USER:PASSWORD shows it to every user of the machine in ps)")
+    group.add_argument("--auth-file", metavar="FILE",
+                       help="logins, one user:password per line (chmod 600); preferred")
     ui.set_defaults(handler=_cmd_ui)
 
     setup = sub.add_parser("setup", help="prepare a model (convert and cache the embedded one)")
