@@ -1,12 +1,14 @@
 """The studio's Trainer and the callback that reports to the database.
 
-``StudioTrainer`` is transformers' ``Trainer`` with two additions: it counts the tokens it trains
-on (for tokens/s), and it saves / restores our bottleneck adapters as adapter folders (PEFT
-models are handled by Trainer itself; a plain model with our wrappers would otherwise be saved
-whole). ``StudioCallback`` writes per-step metrics and a heartbeat, records checkpoints, runs the
-exact-match evaluation and turns a cancel request from the UI, or SIGTERM/SIGINT, into a clean
-stop. Its writes go through a background writer, so a locked or full history file never stops
-training (``resilient.py``).
+``StudioTrainer`` is transformers' ``Trainer`` with three additions: it counts the tokens it
+trains on (for tokens/s), it computes the loss only where there are labels (``label_loss.py``:
+the output projection and cross-entropy at labelled positions, in chunks, equal to the model's own
+loss; ``PEFT_STUDIO_FULL_LOGITS_LOSS=1`` turns it off), and it saves / restores our bottleneck
+adapters as adapter folders (PEFT models are handled by Trainer itself; a plain model with our
+wrappers would otherwise be saved whole). ``StudioCallback`` writes per-step metrics and a
+heartbeat, records checkpoints, runs the exact-match evaluation and turns a cancel request from
+the UI, or SIGTERM/SIGINT, into a clean stop. Its writes go through a background writer, so a
+locked or full history file never stops training (``resilient.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from transformers import Trainer, TrainerCallback
 from studio.adapters import bottleneck
 from studio.db import Database
 from studio.sysinfo import peak_rss_bytes
-from studio.worker.resilient import BackgroundWriter, current_cancel_request
+from studio.worker import label_loss
+from studio.worker.resilient import BackgroundWriter, current_cancel_request, say
 from studio.worker.signals import GracefulStop
 
 # How long the loop waits for its records to be written while the history file is healthy
@@ -40,6 +43,8 @@ class StudioTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.tokens_seen = 0
         self.train_seconds = 0.0  # inside training steps only: evals and saves do not count
+        # None: not decided yet; "": the label-only loss is on and verified; else why it is off.
+        self.full_logits_reason: str | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
@@ -49,6 +54,49 @@ class StudioTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
             self.train_seconds += time.perf_counter() - started
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss computed only at labelled positions (``label_loss.py``); the
+        Trainer's own ``compute_loss`` does the rest (loss kwargs, gradient-accumulation scaling).
+        The first call is verified against the model's own logits; on any doubt, and with a
+        label smoother or a custom loss, the model's own loss is used and the log says why."""
+        reason = self.full_logits_reason
+        if reason is None:
+            reason = self._label_loss_refusal(model)
+            if reason:
+                self._use_full_logits(reason)
+        if reason or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        first = self.full_logits_reason is None
+        try:
+            with label_loss.label_only(self.accelerator.unwrap_model(model)) as capture:
+                loss, outputs = super().compute_loss(model, {**inputs, "logits_to_keep": 1}, True,
+                                                     num_items_in_batch)
+            unwrapped = self.accelerator.unwrap_model(model)
+            problem = label_loss.verify(unwrapped, capture, outputs) if first else None
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # only on the first, unverified call: afterwards errors are real
+            if not first:
+                raise
+            problem = f"the label-only loss failed on the first batch ({type(exc).__name__}: {exc})"
+        if problem:
+            self._use_full_logits(problem)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if first:
+            self.full_logits_reason = ""
+            say("loss: label-only (output projection and cross-entropy at labelled positions, "
+                "in chunks; set PEFT_STUDIO_FULL_LOGITS_LOSS=1 for the full-logits loss)")
+        return (loss, outputs) if return_outputs else loss
+
+    def _label_loss_refusal(self, model) -> str:
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return "a label smoother or custom loss function is set"
+        return label_loss.unsupported_reason(self.accelerator.unwrap_model(model)) or ""
+
+    def _use_full_logits(self, reason: str) -> None:
+        self.full_logits_reason = reason
+        say(f"loss: the model's own, over the full logits ({reason})")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         keep_4bit_training_layout(model)
