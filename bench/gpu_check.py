@@ -14,7 +14,8 @@ that would overrun is skipped and says so). It
    same setup (bf16, CUDA, same batch; the sequence length is the longest training row, the
    length the collator pads a batch to at most);
 3. times LoRA with liger-kernel's Llama kernels applied (``apply_liger_kernel_to_llama``, done
-   by this script: the studio has no liger switch) against the LoRA run of step 2;
+   by this script: the studio has no liger switch; the loss is then liger's fused linear
+   cross-entropy instead of the studio's label-only loss) against the LoRA run of step 2;
 4. answers one Compare prompt for the base and two trained LoRA adapters in one batched
    ``generate`` (``studio.chat.ChatEngine``);
 5. exports the LoRA run merged, verified by a clean reload (``studio.export.export_run``);
@@ -214,7 +215,23 @@ def liger_stage(ctx: dict, plain: Row | None) -> Row:
     # Patches transformers' Llama classes for every model built from now on (RMSNorm, RoPE,
     # SwiGLU, fused linear cross-entropy): run after the plain methods, never before.
     apply_liger_kernel_to_llama()
-    row, _ = train_method(ctx, "lora", stage="liger-kernel on", name="lora + liger")
+    # Liger's fused linear cross-entropy and the studio's label-only loss are two ways to avoid
+    # the full logits; they cannot be stacked (the patched forward returns no logits to verify
+    # the label-only path against). The studio's switch for its full-logits path hands the loss
+    # to the model, i.e. to liger. Without the switch the studio would fall back by itself after
+    # verifying the first batch (and say so in the log), one step later.
+    try:
+        from studio.worker.label_loss import FULL_LOGITS_ENV
+    except ImportError:  # a studio without the label-only loss: the model's loss is liger's already
+        FULL_LOGITS_ENV = None
+    if FULL_LOGITS_ENV:
+        os.environ[FULL_LOGITS_ENV] = "1"
+    try:
+        row, _ = train_method(ctx, "lora", stage="liger-kernel on", name="lora + liger")
+    finally:
+        if FULL_LOGITS_ENV:
+            os.environ.pop(FULL_LOGITS_ENV, None)
+    row.status += "; loss: liger's fused linear cross-entropy"
     if plain is not None and plain.steps_per_s and row.steps_per_s:
         row.status += (f"; ×{row.steps_per_s / plain.steps_per_s:.2f} the steps/s of LoRA without it "
                        f"(plain run: {plain.status})")

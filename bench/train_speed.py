@@ -51,6 +51,7 @@ REFERENCE = Path(__file__).resolve().with_name("plain_lora.py")
 # The reference's LoRA; the studio gets the same values for every setting its method has.
 LORA_SETTINGS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_preset": "all-linear"}
 MIB = 2**20
+FACTS_NAME = "system-facts.json"  # studio.sysinfo's measured facts, beside the history
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,12 +130,40 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Path]
         paths[split] = work / f"features-{split}"
         features.save_to_disk(str(paths[split]))
     db.close()
+    print(probe_precision(args, folder), flush=True)
     return folder, paths
+
+
+def probe_precision(args: argparse.Namespace, folder: Path) -> str:
+    """Run the studio's CPU precision probe once, now, as a user's first training does; every
+    studio run of this benchmark then reads that decision from its home's system facts (copied
+    by ``new_home``), as a user's later runs read it from theirs. Each fresh home would otherwise
+    measure again inside its worker, under the benchmark's own load, and the rounds could even
+    decide differently. Measured afresh by every benchmark (into the preparation home, not the
+    kept ``--cache``): a decision taken on a busy machine must not outlive it."""
+    if args.precision != "auto":
+        return f"studio precision forced: {args.precision}"
+    import torch
+
+    if torch.cuda.is_available():
+        return "studio precision auto on a GPU: no probe"
+    try:
+        from studio.worker.precision import decide_cpu
+    except ImportError as exc:  # a studio without the probe: nothing to share
+        return f"no precision probe to run ahead ({exc})"
+    from studio import models
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the probe times what the workers will run
+    decision = decide_cpu(models.load_config(str(folder)))
+    return (f"studio precision probe (run once here, shared by the studio's runs): "
+            f"{decision.precision}, {decision.reason}")
 
 
 def new_home(work: Path, name: str, args: argparse.Namespace, folder: Path) -> Path:
     """A fresh studio home; the converted embedded model hard-linked into its model cache (as
-    the test suite does), so no process pays the conversion."""
+    the test suite does), so no process pays the conversion, and the system facts measured by
+    ``probe_precision``."""
     home = work / name
     if args.model == "default":
         cache = folder.resolve()
@@ -146,6 +175,10 @@ def new_home(work: Path, name: str, args: argparse.Namespace, folder: Path) -> P
             shutil.copytree(cache, dest)
     else:
         home.mkdir(parents=True)
+    facts = work / "prep-home" / "projects" / FACTS_NAME  # see probe_precision
+    if facts.is_file():
+        (home / "projects").mkdir(exist_ok=True)
+        shutil.copy2(facts, home / "projects" / FACTS_NAME)
     return home
 
 
