@@ -16,8 +16,16 @@ import nothing heavy. Every term is a named field with its formula; the sources:
   one reciprocal root; a *frozen* Linear keeps nothing of its input, a trainable one keeps it).
   ``activation_elements`` lists the rules. Gradient checkpointing keeps one hidden state per
   layer plus one layer's activations while it is recomputed.
-* logits: batch × seq × vocab, as model output (compute dtype), fp32 log-softmax saved for the
-  loss, and its fp32 gradient: the largest term for small models with large vocabularies.
+* logits: the training loss is computed only at labelled positions, a chunk of positions at a
+  time (``studio/worker/label_loss.py``), so b·s·V logits never exist. Term = chunk × V × (W + 4
+  + 4) B (one chunk's logits in the compute width W, its fp32 log-softmax and fp32 gradient;
+  chunk = ``label_chunks.chunk_positions(V)``, 64 MiB of fp32 logits, or b·s if fewer) + b·s × d
+  × W B (the labelled hidden states gathered and kept for backward) + b × V × W B (the one
+  logits row per sequence the model still returns). It assumes every position carries a label:
+  an upper bound, since with the loss on the assistant turn only fewer do, and an estimate must
+  not fall short. (The old full-logits path, b·s × V × (W + 4 + 4), remains only where the
+  studio falls back to the model's own loss: ``PEFT_STUDIO_FULL_LOGITS_LOSS=1`` or a model that
+  soft-caps or scales its logits; there this term is short.)
 * runtime overhead: a fixed allowance for the CUDA context and allocator fragmentation.
 """
 
@@ -268,8 +276,15 @@ def estimate_training(arch: ArchInfo, method: str, p: Any, trainable: int,
         text = f"L × per-layer = {layers} × {per_layer:,.0f} elements + final norm {outside:,.0f}"
     terms.append(Term("activations", int(kept * width), f"{text}, × {width} B"))
     vocab = arch.vocab_size
-    logits = tokens * vocab * (width + 4 + 4)
-    terms.append(Term("logits", logits, f"b·s × V × ({width} + 4 + 4) B = {tokens:,} × {vocab:,} × {width + 8}"))
+    from studio.label_chunks import chunk_positions  # the label-only loss's chunk (module docstring)
+
+    chunk = min(chunk_positions(vocab), tokens)  # every position labelled: an upper bound
+    logits = (chunk * vocab * (width + 4 + 4) + tokens * arch.hidden_size * width
+              + setup.batch_size * vocab * width)
+    terms.append(Term("logits", logits, (
+        f"label-only, in chunks: chunk × V × ({width} + 4 + 4) B + b·s × d × {width} B "
+        f"+ b × V × {width} B = {chunk:,} × {vocab:,} × {width + 8} + {tokens:,} × "
+        f"{arch.hidden_size} × {width} + {setup.batch_size} × {vocab:,} × {width}")))
     overhead = CUDA_OVERHEAD if setup.device == "cuda" else 0
     terms.append(Term("overhead", overhead, "CUDA context + allocator" if overhead else "none on CPU"))
     saved = int((layers * per_layer + outside) * width) + tokens * vocab * 4

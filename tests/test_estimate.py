@@ -76,7 +76,10 @@ def test_sgd_keeps_no_state_and_logits_scale_with_vocab():
     est = estimate_training(arch, "lora", params, trainable_count(model),
                             TrainSetup(2, 32, "fp32", optimizer="sgd", device="cpu"))
     assert est.term("optimizer").bytes == state_bytes(model, "sgd")["optimizer"] == 0
-    assert est.term("logits").bytes == 2 * 32 * cfg.vocab_size * (4 + 4 + 4)
+    # The label-only loss: one chunk (here all 64 positions) + the labelled hidden states + one
+    # logits row per sequence (test_label_loss.py measures it).
+    assert est.term("logits").bytes == 2 * 32 * cfg.vocab_size * (4 + 4 + 4) + 2 * 32 * cfg.hidden_size * 4 \
+        + 2 * cfg.vocab_size * 4
 
 
 def test_quantised_and_checkpointed_estimates_shrink_the_right_terms():

@@ -231,3 +231,33 @@ def test_logits_post_processing_is_refused_and_caught_by_the_first_call_check():
         out = model(**batch, logits_to_keep=1)
     assert label_loss.verify(model, capture, out) is None
     torch.testing.assert_close(out.loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_the_estimates_logits_term_follows_the_label_only_path(one_thread):
+    """The memory estimate's logits term against the measured peak of a label-only training
+    step (all 2 × 512 positions labelled, V = 32,000: chunks of 524 and 500 positions). The old
+    b·s × V × 12 B term would be twice the measurement."""
+    from transformers import AutoModelForCausalLM
+
+    from studio.estimate import TrainSetup, estimate_training
+    from studio.measure_peak import peak_tensor_bytes
+
+    vocab = 32_000
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=vocab))
+    arch = ArchInfo.from_model(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    ids = torch.randint(0, vocab, (2, 512), generator=torch.Generator().manual_seed(7))
+
+    def step():
+        with label_loss.label_only(model):  # the default chunk rule, as in training
+            out = model(input_ids=ids, labels=ids, logits_to_keep=1)
+        out.loss.backward()
+
+    measured = peak_tensor_bytes(step)  # the loss's tensors plus this tiny model's activations
+    lora = get_method("lora")
+    term = estimate_training(arch, "lora", lora.params(), 1, TrainSetup(2, 512, "fp32", device="cpu")
+                             ).term("logits").bytes
+    assert 0.95 * term <= measured <= 1.15 * term, (measured, term)

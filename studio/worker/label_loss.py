@@ -47,18 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from studio.label_chunks import chunk_positions
+
 FULL_LOGITS_ENV = "PEFT_STUDIO_FULL_LOGITS_LOSS"  # "1": always the model's own (full-logits) loss
-CHUNK_LOGIT_BYTES = 64 * 2**20  # fp32 logits of one chunk: 341 positions at V = 49,152
 IGNORE_INDEX = -100
 # Config fields of transformers models that change the logits after the output layer: the
 # verification would catch them too, this names the reason in the log.
-LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
-
-
-def chunk_positions(vocab_size: int) -> int:
-    """Positions projected at once: as many as keep one chunk's fp32 logits ≤ 64 MiB. Large
-    enough for an efficient matmul (341 × d × 49,152 for SmolLM2), small beside b·s·V."""
-    return max(1, CHUNK_LOGIT_BYTES // (4 * vocab_size))
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                        "output_multiplier")
 
 
 def _chunk_loss_sum(output_layer: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -145,7 +141,8 @@ def label_only(model: Any, chunk: int | None = None) -> Iterator[Capture]:
     capture = Capture()
 
     def keep_hidden(_module, _args, output):
-        capture.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        hidden = getattr(output, "last_hidden_state", None)
+        capture.hidden = hidden if hidden is not None else output[0]
 
     def loss_function(logits=None, labels=None, vocab_size=None, num_items_in_batch=None,
                       ignore_index=IGNORE_INDEX, shift_labels=None, **_kwargs):
