@@ -2,7 +2,10 @@
 
 GPU facts come from ``torch.cuda``, but the UI process must not import torch (it costs seconds
 and memory before the user needs a model), so they are read in a short-lived child process once
-and cached. RAM and disk come from psutil in-process.
+and cached. RAM and disk come from psutil in-process. Facts that are slow to measure and true of
+the machine for good (the worker's precision probe: ``worker/precision.py``) are kept on disk in
+``system-facts.json`` beside the history (``cached_fact`` / ``store_fact``), keyed by what they
+depend on (the CPU model is part of every such key: a home moved to another machine re-measures).
 """
 
 from __future__ import annotations
@@ -50,6 +53,54 @@ def probe_accelerators(timeout: float = 120.0) -> dict[str, Any]:
             return {"torch": None, "cuda": None, "gpus": [], "error": f"probe failed: {exc}"}
         _cached = info
         return info
+
+
+FACTS_NAME = "system-facts.json"
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Platinum 8481C ..."), for keys of measured facts.
+    ``platform.processor()`` is often just "x86_64" on Linux: /proc/cpuinfo says more."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _facts_path():
+    return config.projects_dir() / FACTS_NAME
+
+
+def cached_fact(key: str) -> Any:
+    """A measured fact stored by ``store_fact``, or None. An unreadable file counts as empty:
+    the fact is measured again."""
+    try:
+        return json.loads(_facts_path().read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def store_fact(key: str, value: Any) -> None:
+    """Store a measured fact (JSON-able); written atomically (a temporary file, then a rename),
+    so two workers never leave half a file. Best effort: a fact that cannot be saved is
+    measured again next time."""
+    path = _facts_path()
+    try:
+        facts = json.loads(path.read_text(encoding="utf-8"))
+        facts = facts if isinstance(facts, dict) else {}
+    except (OSError, ValueError):
+        facts = {}
+    facts[key] = value
+    tmp = path.with_name(f".{FACTS_NAME}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(facts, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def host_summary() -> dict[str, Any]:

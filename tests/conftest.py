@@ -20,6 +20,9 @@ def studio_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFT_STUDIO_HOME", str(home))
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # precision "auto" on the CPU would time a bf16 probe in every fresh home (and may pick bf16):
+    # the suite keeps fp32 unless a test asks (test_precision.py runs the real probe).
+    monkeypatch.setenv("PEFT_STUDIO_PRECISION_PROBE", "fp32")
     yield home
     _reap_workers(home)
 

@@ -18,6 +18,7 @@ from studio.db import Database, Run, RunStatus
 from studio.runspec import RunSpec
 from studio.ui import labels
 from studio.worker import launch
+from studio.worker.precision_record import describe, read_record
 
 LOG_LINES = 12
 LOSS_SERIES = {"loss": "train loss", "eval_loss": "eval loss"}
@@ -122,11 +123,23 @@ RESULTS = (("loss", "final train loss", ".4f"), ("eval_loss", "eval loss", ".4f"
            ("eval_exact_match", "eval exact match", ".1%"))
 
 
-def summary_markdown(run: Run, points: dict[str, list[tuple[int, float]]], step: int, total: int | None) -> str:
+def precision_line(db: Database, run: Run) -> str:
+    """Which precision the worker chose and why (``precision.json``), or "" before it decided."""
+    try:
+        record = read_record(launch.run_folder(db, run))
+    except (OSError, ValueError):  # a project folder gone or renamed: nothing to say
+        record = None
+    return describe(record) if record else ""
+
+
+def summary_markdown(run: Run, points: dict[str, list[tuple[int, float]]], step: int, total: int | None,
+                     precision: str = "") -> str:
     rows = [(label, f"{points[name][-1][1]:{fmt}}" if points.get(name) else "—") for name, label, fmt in RESULTS]
     rows.append(("steps", f"{step} / {total}" if total else str(step)))
     if run.started_at and run.finished_at:
         rows.append(("duration", duration((run.finished_at - run.started_at).total_seconds())))
+    if precision:
+        rows.append(("precision", precision.replace("|", "/")))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     text = f"### Run #{run.id} {run.status}\n| result | value |\n|---|---|\n{table}"
     return text + (f"\n\n**What went wrong:**\n```\n{run.error.strip()}\n```" if run.error else "")
@@ -155,9 +168,12 @@ def render_run(db: Database, run_id: int | None) -> RunView:
                  for name, label, fmt in RESULTS[1:] if points.get(name)]
         if evals:  # one eval point draws no line yet: say it in words
             status += "  \nLatest " + " · ".join(evals)
+    precision = precision_line(db, run)
+    if running and precision:
+        status += f"  \n{html.escape(precision)}"
     log = clean_log(db, run, LOG_LINES)
     finished = run.status not in (RunStatus.RUNNING.value, RunStatus.QUEUED.value)
-    summary = summary_markdown(run, points, step, total) if finished else ""
+    summary = summary_markdown(run, points, step, total, precision) if finished else ""
     plots_key = (run.id, sum(len(v) for v in points.values()))
     key = (plots_key, (plots_key, status, run.status, log[-300:]))
     return RunView(run, status, progress_html(step, total, eta, run.status),

@@ -3,7 +3,7 @@ method applied, and the tokenised train / eval data with their collator."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,21 +19,38 @@ from studio.runspec import RunSpec
 class Compute:
     device: str  # "cuda" or "cpu"
     load_dtype: str  # dtype the weights are loaded in
-    bf16: bool
+    bf16: bool  # the Trainer's mixed precision (autocast)
     fp16: bool
+    # What was chosen and why (``precision.Decision.as_dict``), recorded with the run.
+    decision: dict[str, Any] = field(default_factory=dict)
 
 
 def choose_compute(spec: RunSpec) -> Compute:
-    """CUDA when present, else CPU; ``auto`` precision: bf16 where the GPU supports it, fp16 on
-    older GPUs, fp32 on the CPU (CPU bf16 matmuls are slower than fp32 on most desktop chips)."""
+    """CUDA when present, else CPU. ``auto``: bf16 where the GPU supports it, fp16 on older GPUs;
+    on the CPU a bf16-stored base only when a measured bf16 training step of the model's shapes is
+    clearly faster than fp32 (``precision.decide_cpu``: on many desktop CPUs it is slower).
+    ``bf16`` / ``fp32`` / ``fp16`` force one.
+
+    A bf16 run on the CPU stores the base in bf16 and runs without autocast: every matmul is
+    already bf16 (the LoRA updates through ``precision.compute_adapters_in``), and autocast would
+    only add accelerate's fp32 copy of the b × s × V logits. On a GPU the Trainer's autocast stays
+    (fp16 needs its loss scaling; bf16 as before)."""
+    from studio.worker import precision as probe
+
     cuda = torch.cuda.is_available()
-    precision = spec.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if not cuda and precision == "fp16":
+    chosen = spec.precision
+    decision = probe.Decision(chosen, "set in the run's settings")
+    if chosen == "auto" and cuda:
+        chosen = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        decision = probe.Decision(chosen, "GPU: bf16 where supported, else fp16")
+    elif chosen == "auto":
+        decision = probe.decide_cpu(models.load_config(spec.model, spec.trust_remote_code))
+        chosen = decision.precision
+    if not cuda and chosen == "fp16":
         raise ValueError("fp16 training needs a GPU; use fp32 or bf16 on the CPU")
-    load = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float32"}[precision]
-    return Compute("cuda" if cuda else "cpu", load, precision == "bf16", precision == "fp16")
+    load = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float32"}[chosen]
+    return Compute("cuda" if cuda else "cpu", load, chosen == "bf16" and cuda, chosen == "fp16",
+                   decision.as_dict())
 
 
 def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, Any]:
@@ -59,6 +76,10 @@ def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, An
         model = apply_prompt(model, arch, params, tokenizer_path=str(models.tokenizer_folder(spec.model)))
     else:
         model = method.apply(model, arch, params)
+    if compute.device == "cpu" and compute.load_dtype == "bfloat16":
+        from studio.worker.precision import compute_adapters_in
+
+        compute_adapters_in(model, torch.bfloat16)  # no per-layer activation casts (see there)
     if spec.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):

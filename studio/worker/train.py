@@ -192,6 +192,9 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     """Trains; returns (final status, the run's other fields to record with it)."""
     torch.manual_seed(spec.seed)
     compute = prepare.choose_compute(spec)
+    from studio.worker.precision_record import record
+
+    record(folder, compute.decision)  # what precision and why: the Train tab shows it
     run = db.get_run(run_id)
     patient = Patient(db)  # importing the sample task writes rows: it may meet a lock too
     dataset_id = prepare.dataset_for(patient, spec, run.project_id)
