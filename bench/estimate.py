@@ -5,8 +5,9 @@
 1. Time of one full estimate (settings parsing + closed-form count + memory terms) for the
    Llama-3-70B config, median of 1,000 calls, against the 100 ms-per-change budget.
 2. For every method on a tiny Llama and on the SmolLM2-135M architecture (random weights; the
-   shapes are what matter), fp32 on CPU, batch 2: saved activations (estimate / measured with
-   saved_tensors_hooks), and parameter + gradient + AdamW-state bytes (estimate == measured).
+   shapes are what matter), fp32 and bf16 on CPU, a padded batch of 2: saved activations
+   (estimate / measured with saved_tensors_hooks), and parameter + every gradient + AdamW-state
+   bytes (estimate == measured).
 3. With CUDA: for the embedded model, bf16, one training step per method, the estimate's total
    (without the runtime allowance) vs ``torch.cuda.max_memory_allocated()``.
 Prints Markdown tables (the figures in docs/benchmarks.md).
@@ -27,7 +28,7 @@ from conftest import CONFIGS, tiny_llama_config  # noqa: E402
 
 from studio.arch import ArchInfo  # noqa: E402
 from studio.estimate import TrainSetup, estimate_training  # noqa: E402
-from studio.measure import saved_activation_bytes, state_bytes  # noqa: E402
+from studio.measure import padding_mask, saved_activation_bytes, state_bytes  # noqa: E402
 from studio.methods import ORDER, get_method  # noqa: E402
 from studio.methods.base import trainable_count  # noqa: E402
 from studio.models import load_config  # noqa: E402
@@ -46,11 +47,12 @@ def time_70b() -> None:
           f"= {median / 0.1:.4f} of the 100 ms budget; max {max(samples) * 1e3:.3f} ms\n")
 
 
-def compare(label: str, cfg, batch: int, seq: int) -> None:
+def compare(label: str, cfg, batch: int, seq: int, dtype: str = "fp32") -> None:
     from transformers import AutoModelForCausalLM
 
     arch = ArchInfo.from_config(cfg)
-    print(f"### {label} (batch {batch} × {seq} tokens, fp32, CPU)\n")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    print(f"### {label} (padded batch {batch} × {seq} tokens, {dtype}, CPU)\n")
     print("| method | trainable | activations est / measured (MB) | ratio | weights+grads+AdamW est == measured |")
     print("|---|---|---|---|---|")
     for name in ORDER:
@@ -59,12 +61,14 @@ def compare(label: str, cfg, batch: int, seq: int) -> None:
         spec = get_method(name)
         params = spec.params()
         torch.manual_seed(0)
-        model = spec.apply(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa"), arch, params)
+        base = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch_dtype)
+        model = spec.apply(base, arch, params)
         est = estimate_training(arch, name, params, trainable_count(model),
-                                TrainSetup(batch_size=batch, seq_len=seq, dtype="fp32", device="cpu"))
-        measured = saved_activation_bytes(model, torch.randint(0, cfg.vocab_size, (batch, seq)))
+                                TrainSetup(batch_size=batch, seq_len=seq, dtype=dtype, device="cpu"))
+        measured = saved_activation_bytes(model, torch.randint(0, cfg.vocab_size, (batch, seq)),
+                                          padding_mask(batch, seq))
         state = state_bytes(model)
-        est_state = sum(est.term(t).bytes for t in ("weights", "trainable", "gradients", "optimizer"))
+        est_state = sum(est.term(t).bytes for t in ("weights", "trainable", "optimizer")) + est.gradient_bytes
         ok = est_state == sum(state.values())
         print(f"| {name} | {trainable_count(model):,} | {est.saved_activation_bytes / 1e6:.2f} / "
               f"{measured / 1e6:.2f} | {est.saved_activation_bytes / measured:.3f} | "
@@ -118,9 +122,10 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     time_70b()
-    compare("tiny Llama (d=64, L=2, GQA 4/2, vocab 512)", tiny_llama_config(), 2, 32)
-    if not args.skip_135m:
-        compare("SmolLM2-135M architecture", load_config(str(CONFIGS / "smollm2-135m.json")), 2, 64)
+    for dtype in ("fp32", "bf16"):
+        compare("tiny Llama (d=64, L=2, GQA 4/2, vocab 512)", tiny_llama_config(), 2, 32, dtype)
+        if not args.skip_135m:
+            compare("SmolLM2-135M architecture", load_config(str(CONFIGS / "smollm2-135m.json")), 2, 64, dtype)
     if torch.cuda.is_available():
         gpu_check()
     else:

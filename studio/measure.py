@@ -12,14 +12,24 @@ from typing import Any
 import torch
 
 
-def saved_activation_bytes(model: Any, input_ids: torch.Tensor) -> int:
+def padding_mask(batch: int, seq_len: int) -> torch.Tensor:
+    """An attention mask as a collator pads to the longest: row i loses its last i tokens (the
+    first row is full length), so the batch is masked the way real training batches are."""
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    for row in range(1, batch):
+        mask[row, seq_len - min(row, seq_len - 1):] = 0
+    return mask
+
+
+def saved_activation_bytes(model: Any, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor | None = None) -> int:
     """Bytes of distinct storages that autograd holds for backward after one training forward.
 
     Every tensor packed for backward is recorded with a weak reference; only those still alive
     when the forward ends count (some graphs are built and dropped inside the forward, e.g.
     DoRA's detached weight-norm product, and their memory is reused). Storages are counted once
     however many views of them are saved; parameters are excluded (they are weights, not
-    activations).
+    activations). With ``attention_mask`` (see ``padding_mask``) SDPA runs as on a padded batch.
     """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     packed: list[tuple[weakref.ref, int, int]] = []
@@ -37,7 +47,7 @@ def saved_activation_bytes(model: Any, input_ids: torch.Tensor) -> int:
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=input_ids, labels=input_ids.clone())
+        out = model(input_ids=input_ids, labels=input_ids.clone(), attention_mask=attention_mask)
     alive: dict[int, int] = {}
     for ref, key, nbytes in packed:
         if ref() is not None and key not in params:

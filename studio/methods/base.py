@@ -62,6 +62,9 @@ class MethodSpec:
     notes: str = ""
     # Sizes of the trainable tensors as (numel, how many): what an optimizer allocates state for.
     tensors: Callable[[ArchInfo, Any], list[tuple[int, int]]] | None = None
+    # Its trainable modules take the base's dtype (bf16 on a GPU) instead of PEFT's fp32
+    # adapters (autocast_adapter_dtype): what the memory estimate counts per trainable value.
+    adapter_in_base_dtype: bool = False
 
     def default_params(self) -> Any:
         return self.params_cls()

@@ -47,5 +47,6 @@ HOULSBY = MethodSpec(
              "stack per task. Costs a little latency at inference because it cannot merge.",
     params_cls=HoulsbyParams, count=houlsby_count, apply=apply_houlsby, tensors=houlsby_tensors,
     notes="Cannot merge: the adapter has a non-linearity between its two projections.",
+    adapter_in_base_dtype=True,  # our modules are built in the dtype of the layer they follow
 )
 SPECS = [HOULSBY]
