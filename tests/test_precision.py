@@ -127,6 +127,27 @@ def test_forced_precision_is_obeyed(tiny_chat_model, monkeypatch):
         fast = any(isinstance(m, precision.WeightCastLinear) for m in model.modules())
         assert fast == (forced == "bf16")
         assert not compute.bf16  # the CPU runs the bf16 base without autocast
+        # Eager attention for a short bf16 step (faster than SDPA's CPU flash kernel in bf16).
+        assert model.config._attn_implementation == ("eager" if forced == "bf16" else "sdpa")
+    long = prepare.choose_compute(tiny_spec(tiny_chat_model, precision="bf16", max_length=512))
+    assert long.decision["attention"] is None  # past EAGER_MAX_LENGTH: SDPA (memory, and speed)
+
+
+def test_eager_bf16_attention_keeps_packed_examples_apart():
+    """The packed path stays exact with the attention chosen for bf16: a packed row's logits
+    equal each example's own (transformers builds the block-diagonal mask from position_ids)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(), attn_implementation="eager",
+                                             dtype=torch.bfloat16)
+    a, b = torch.randint(0, 512, (1, 7)), torch.randint(0, 512, (1, 5))
+    positions = torch.tensor([list(range(7)) + list(range(5))])
+    with torch.no_grad():  # use_cache off, as in training: with a cache no packing is detected
+        packed = model(input_ids=torch.cat([a, b], 1), position_ids=positions, use_cache=False).logits
+        alone = torch.cat([model(input_ids=a, use_cache=False).logits,
+                           model(input_ids=b, use_cache=False).logits], 1)
+    assert torch.equal(packed, alone)
 
 
 def test_forced_bf16_run_trains_and_records(db, tiny_chat_model):

@@ -32,6 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Attention for a bf16 step on the CPU. Measured (one attention layer of the 135M shape, forward +
+# backward, batch 8, 1 thread, loaded machine; bench/bf16_step.py for the whole step): SDPA's CPU
+# flash kernel in bf16 took 67-72 ms at length 128 and 140-150 ms at 256, eager (bmm + softmax)
+# 23 ms and 66-73 ms; at 512 flash won (374 ms against 713). fp32 SDPA: 40-47 and 138-149 ms.
+EAGER_MAX_LENGTH = 256
 THRESHOLD = 1.15  # bf16 must be clearly faster: a few % is within the noise of a busy machine
 PROBE_ENV = "PEFT_STUDIO_PRECISION_PROBE"
 PROBE_LAYERS, PROBE_BATCH, PROBE_LENGTH, PROBE_ROUNDS = 2, 2, 128, 2
@@ -70,6 +75,16 @@ def compute_adapters_in(model: Any, dtype: torch.dtype) -> int:
     return changed
 
 
+def attention_for(device: str, load_dtype: str, max_length: int) -> str | None:
+    """``attn_implementation`` for the model, or None for transformers' default (SDPA). Eager
+    attention keeps its b × heads × s × s probabilities for the backward (about 6 bytes each per
+    layer: the fp32 softmax and its bf16 copy), 28 MB per layer at batch 8 × 256, which is why it
+    is only chosen up to ``EAGER_MAX_LENGTH``, where it is also the faster one."""
+    if device == "cpu" and load_dtype == "bfloat16" and max_length <= EAGER_MAX_LENGTH:
+        return "eager"
+    return None
+
+
 @dataclass
 class Decision:
     """What ``auto`` chose on this machine, and why; saved with the run as ``precision.json``."""
@@ -79,6 +94,7 @@ class Decision:
     bf16_ms: float | None = None
     ratio: float | None = None  # fp32_ms / bf16_ms: how many times faster bf16 is
     cached: bool = False
+    attention: str | None = None  # the attention implementation chosen with it (None: default)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

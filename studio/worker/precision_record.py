@@ -32,5 +32,6 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 def describe(decision: dict[str, Any]) -> str:
     """One line: "precision bf16: measured: a bf16 training step is 1.62× as fast ..."."""
-    return f"precision {decision.get('precision')}: {decision.get('reason')}" + (
-        " (cached)" if decision.get("cached") else "")
+    return (f"precision {decision.get('precision')}: {decision.get('reason')}"
+            + (" (cached)" if decision.get("cached") else "")
+            + (f"; {decision['attention']} attention" if decision.get("attention") else ""))

@@ -33,8 +33,9 @@ def choose_compute(spec: RunSpec) -> Compute:
 
     A bf16 run on the CPU stores the base in bf16 and runs without autocast: every matmul is
     already bf16 (the LoRA updates through ``precision.compute_adapters_in``), and autocast would
-    only add accelerate's fp32 copy of the b × s × V logits. On a GPU the Trainer's autocast stays
-    (fp16 needs its loss scaling; bf16 as before)."""
+    only add accelerate's fp32 copy of the b × s × V logits; and with eager attention up to
+    ``precision.EAGER_MAX_LENGTH`` tokens (SDPA's CPU flash backward is slow in bf16). On a GPU
+    the Trainer's autocast stays (fp16 needs its loss scaling; bf16 as before)."""
     from studio.worker import precision as probe
 
     cuda = torch.cuda.is_available()
@@ -49,8 +50,9 @@ def choose_compute(spec: RunSpec) -> Compute:
     if not cuda and chosen == "fp16":
         raise ValueError("fp16 training needs a GPU; use fp32 or bf16 on the CPU")
     load = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float32"}[chosen]
-    return Compute("cuda" if cuda else "cpu", load, chosen == "bf16" and cuda, chosen == "fp16",
-                   decision.as_dict())
+    device = "cuda" if cuda else "cpu"
+    decision.attention = probe.attention_for(device, load, spec.max_length)
+    return Compute(device, load, chosen == "bf16" and cuda, chosen == "fp16", decision.as_dict())
 
 
 def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, Any]:
@@ -65,6 +67,8 @@ def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, An
         kwargs["quantization_config"] = quantization_config(params)
         if compute.device == "cuda":
             kwargs["device_map"] = {"": 0}
+    if compute.decision.get("attention"):  # eager for a short bf16 step on the CPU (precision.py)
+        kwargs["attn_implementation"] = compute.decision["attention"]
     model = models.load_model(spec.model, dtype=compute.load_dtype,
                               device=None if method.quantized else compute.device,
                               trust_remote_code=spec.trust_remote_code, **kwargs)
