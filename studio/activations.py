@@ -30,7 +30,8 @@ fp32 first, so what an adapter keeps is F-wide, not W-wide):
   LoRA-like on a Linear in → out: r × F (input of B) + the input: with dropout > 0 the dropout
     output and its mask (2·in × F); without dropout the input itself: in fp32 models the shared
     tensor, once per distinct input; under a narrower base each module's own fp32 copy.
-  DoRA: + 2·out per token. LoHa / LoKr: the input + the materialised ΔW (in·out) per module.
+  DoRA: + 2·out per token; with dropout under a narrower base, + an fp32 copy of each adapted
+    weight (in·out × F). LoHa / LoKr: the input + the materialised ΔW (in·out) per module.
   VeRA: r + out per token and the shared A, B once.
   IA3: an attention target keeps its (W-wide) output to scale; a feed-forward target keeps its
     input, cast to fp32 (in × F).
@@ -123,6 +124,10 @@ def adapter_bytes(arch: ArchInfo, method: str, p: Any, width: int) -> tuple[floa
                 per_token += _distinct_inputs(arch, targets) * FP32
         if method == "dora" or getattr(p, "use_dora", False):
             per_token += sum(g.count * 2 * g.out_features for g in targets) / layers * FP32
+            if width < FP32 and dropout:
+                # With dropout PEFT recomputes the base output as F.linear(x, W.to(fp32)), and
+                # that fp32 copy of each adapted weight is kept for backward (peft lora/dora.py).
+                per_model += sum(g.count * g.in_features * g.out_features for g in targets) * FP32
         return per_token, per_model
     if method == "ia3":
         from studio.methods.ia3 import resolved

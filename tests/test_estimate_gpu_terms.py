@@ -60,12 +60,13 @@ def test_bf16_training_state_is_exact(method):
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "padded"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-@pytest.mark.parametrize("method", OURS)
+@pytest.mark.parametrize("method", OURS + ["dora"])
 def test_saved_activations_within_5_percent(method, dtype, masked):
     """What autograd holds after the forward (saved_tensors_hooks) against the estimate, for the
     methods whose rules were wrong in bf16: prompt, prefix, IA3 (15-17 % low at 3B) and the
-    whole-model ones; on a padded batch the estimate must include k and v repeated to every
-    head and the additive mask SDPA keeps per layer."""
+    whole-model ones; DoRA with dropout, which keeps an fp32 copy of each adapted weight under a
+    bf16 base; on a padded batch the estimate must include k and v repeated to every head and
+    the additive mask SDPA keeps per layer."""
     cfg, arch, params, model = build(method, dtype)
     ids = torch.randint(0, cfg.vocab_size, (2, 32))
     est = estimate_training(arch, method, params, trainable_count(model),
@@ -107,6 +108,9 @@ PUBLISHED = {
     "prefix": ({"num_virtual_tokens": "200"}, 11_468_800, 20_912_799_744,
                "prefixtuning--llama-3.2-3B-lr_0.001.json"),
     "ia3": ({}, 286_720, 23_137_878_016, "ia3--llama-3.2-3B-default.json"),  # k, v, down (ff)
+    # A later run (January 2026: peft 0.18.1, transformers 4.57.1, torch 2.9.0), same settings.
+    "dora": ({"r": "32", "lora_alpha": "64", "lora_dropout": "0", "target_modules": "q_proj,v_proj"},
+             9_289_728, 24_540_872_704, "lora--llama-3.2-3B-rank32-dora.json"),
 }
 
 
