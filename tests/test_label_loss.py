@@ -261,3 +261,29 @@ def test_the_estimates_logits_term_follows_the_label_only_path(one_thread):
     term = estimate_training(arch, "lora", lora.params(), 1, TrainSetup(2, 512, "fp32", device="cpu")
                              ).term("logits").bytes
     assert 0.95 * term <= measured <= 1.15 * term, (measured, term)
+
+
+def test_gradient_checkpointing_and_a_batch_without_any_label(tiny_dir):
+    """With the decoder's gradient checkpointing on (the run's switch), the label-only loss still
+    equals the full loss. A micro-batch with no label at all (possible under gradient
+    accumulation) gives 0 and zero gradients with ``num_items_in_batch``, NaN without, as the
+    model's own loss does."""
+    model = tiny_model("lora", tiny_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    batch = padded_batch()
+    full_loss, full_grads = loss_and_grads(model, batch, False)
+    fast_loss, fast_grads = loss_and_grads(model, batch, True)
+    torch.testing.assert_close(fast_loss, full_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in full_grads.items():
+        assert (fast_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max().clamp_min(1e-12), name
+
+    empty = {**batch, "labels": torch.full_like(batch["labels"], IGNORE)}
+    count = {"num_items_in_batch": torch.tensor(7)}
+    full_loss, full_grads = loss_and_grads(model, empty, False, **count)
+    fast_loss, fast_grads = loss_and_grads(model, empty, True, **count)
+    assert float(fast_loss) == float(full_loss) == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in fast_grads.values())
+    with label_loss.label_only(model):
+        nan = model(**empty, logits_to_keep=1).loss
+    assert torch.isnan(nan) and torch.isnan(model(**empty).loss)
