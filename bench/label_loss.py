@@ -86,13 +86,13 @@ def main() -> None:
     def full(b):
         out = model(**b)
         out.loss.backward()
-        return float(out.loss)
+        return float(out.loss.detach())
 
     def fast(b):
         with label_loss.label_only(model):
             out = model(**b, logits_to_keep=1)
         out.loss.backward()
-        return float(out.loss)
+        return float(out.loss.detach())
 
     seconds = {"full": 0.0, "fast": 0.0}
     worst = 0.0
