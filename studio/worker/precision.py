@@ -162,7 +162,8 @@ class ProbeStep:
 
 
 def depth(config: Any) -> int:
-    return int(getattr(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers", PROBE_LAYERS))
+    text = getattr(config, "get_text_config", lambda: config)()
+    return int(getattr(text, "num_hidden_layers", PROBE_LAYERS))
 
 
 def measure(config: Any, rounds: int = PROBE_ROUNDS) -> Decision:
