@@ -189,7 +189,7 @@ def test_auto_records_its_decision_through_a_real_worker(db, tiny_chat_model, mo
 def test_the_probe_measures_once_and_is_cached(monkeypatch):
     """The real probe on a tiny shape: both steps timed, the choice follows the threshold, and
     the second call reads the cache instead of measuring (a new shape measures again)."""
-    monkeypatch.delenv(precision.PROBE_ENV, raising=False)
+    monkeypatch.setenv(precision.PROBE_ENV, "measure")
     config = tiny_llama_config()
     first = precision.decide_cpu(config)
     assert not first.cached and first.fp32_ms > 0 and first.bf16_ms > 0
