@@ -15,7 +15,9 @@ LoRA, and the table says so.
 Every training runs in a process of its own, in a temporary ``PEFT_STUDIO_HOME`` of its own
 (the embedded model is converted once into ``--cache`` and hard-linked into each home), in the
 order reference, studio, studio, reference, ... (ABBA: a machine that speeds up or slows down
-during the benchmark is charged to both sides alike).
+during the benchmark is charged to both sides alike). With ``--precision auto`` the studio's CPU
+precision probe runs once before the rounds and every studio home gets its decision, as a
+user's runs share one (``probe_precision``).
 
 The figures, with one definition for both sides:
 - tokens/s: ``attention_mask == 1`` tokens of the training steps over the time spent inside
@@ -27,6 +29,7 @@ The figures, with one definition for both sides:
   ``peak_rss_bytes``; on a GPU, ``peak_cuda_allocated_bytes`` instead, labelled so).
 - loss: the training loss logged at the last step, and the loss on the 50 eval rows.
 - exact match: ``studio.evaluate.score_task`` on the task's eval rows (the same scorer).
+- tokens: equal totals on both sides mean both trained on the same rows in the same order.
 
 ``--smoke`` is a quick end-to-end check (2 steps, 4 exact-match rows), not a benchmark.
 """
