@@ -26,17 +26,29 @@ def history_path() -> str:
     return str(config.studio_home() / "projects" / "studio.db")
 
 
+def exception_chain(error: BaseException):
+    """``error`` and everything it wraps, each once: ``__cause__``, ``__context__`` and
+    SQLAlchemy's ``orig`` (the driver's own exception). Libraries wrap the error that says what
+    happened (an OSError's errno, SQLite's code) in their own, so a diagnosis must look at all."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        yield exc
+        pending += [getattr(exc, "orig", None), exc.__cause__, exc.__context__]
+
+
 def is_out_of_space(exc: BaseException) -> bool:
     """An error that means the disk (or a size limit) is full, from whichever layer raised it:
     OSError's errno, SQLite's "database or disk is full", safetensors' Rust "StorageFull"."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+    for link in exception_chain(exc):
+        if isinstance(link, OSError) and link.errno in NO_SPACE:
             return True
-        if any(word in str(exc).lower() for word in NO_SPACE_WORDS):
+        if any(word in str(link).lower() for word in NO_SPACE_WORDS):
             return True
-        exc = exc.__cause__ or exc.__context__ or getattr(exc, "orig", None)
     return False
 
 

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from studio.errors import exception_chain
 from studio.worker.resilient import say
 
 RESERVE_NAME = ".disk-reserve"
@@ -74,20 +75,8 @@ class Reserve:
         self.held = False
 
 
-def _chain(error: BaseException):
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        exc = pending.pop()
-        if exc is None or id(exc) in seen:
-            continue
-        seen.add(id(exc))
-        yield exc
-        pending += [exc.__cause__, exc.__context__, getattr(exc, "orig", None)]
-
-
 def says_disk_full(error: BaseException) -> bool:
-    for exc in _chain(error):
+    for exc in exception_chain(error):
         if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
             return True
         if any(text in str(exc).lower() for text in FULL_TEXTS):
@@ -97,7 +86,7 @@ def says_disk_full(error: BaseException) -> bool:
 
 def looks_like_write_error(error: BaseException) -> bool:
     return any(isinstance(exc, OSError) or any(t in str(exc).lower() for t in WRITE_TEXTS)
-               for exc in _chain(error))
+               for exc in exception_chain(error))
 
 
 def free_bytes(path: Path) -> int | None:

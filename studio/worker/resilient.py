@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from studio.db import Database
+from studio.errors import exception_chain
 
 # SQLite's primary result codes that mean "not now" rather than "never": the file is locked
 # by another connection (BUSY, LOCKED) or the disk is full (FULL; space may come back, and the
@@ -50,13 +51,7 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
 def transient_reason(error: BaseException) -> str | None:
     """Why SQLite said "not now" ("locked" or "full") if ``error`` or what it wraps is such a
     refusal, else None."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        exc = pending.pop()
-        if exc is None or id(exc) in seen:
-            continue
-        seen.add(id(exc))
+    for exc in exception_chain(error):
         if type(exc).__name__ == "DatabaseLockedError":  # studio.db's name for a locked file
             return "locked"
         if isinstance(exc, sqlite3.Error):
@@ -67,8 +62,6 @@ def transient_reason(error: BaseException) -> str | None:
             for message in TRANSIENT_MESSAGES:
                 if message in text:
                     return "full" if "full" in message else "locked"
-        # SQLAlchemy's DBAPIError keeps the driver's exception in ``orig``.
-        pending += [getattr(exc, "orig", None), exc.__cause__, exc.__context__]
     return None
 
 
