@@ -18,7 +18,10 @@ import sys
 from studio import config
 
 NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # EFBIG: a file-size limit, as good as full
-NO_SPACE_WORDS = ("no space left", "disk is full", "storagefull", "file too large", "quota exceeded")
+# The same said in text, by libraries that wrap the errno away: SQLite ("database or disk is
+# full"), safetensors' Rust errors ("StorageFull", "os error 28"; 122 is EDQUOT).
+NO_SPACE_WORDS = ("no space left", "disk is full", "storagefull", "file too large", "quota exceeded",
+                  "os error 28", "os error 122")
 
 
 def history_path() -> str:

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from studio.errors import exception_chain
+from studio.errors import exception_chain, is_out_of_space
 from studio.worker.resilient import say
 
 RESERVE_NAME = ".disk-reserve"
@@ -32,8 +32,6 @@ RESERVE_BYTES = 4 * 2**20  # a status write takes a few pages of WAL; 4 MiB is a
 MIN_FREE_BYTES = 2**20  # with no estimate, a write error with less free than this is a full disk
 EXTRA_STATE_BYTES = 256 * 2**10  # configs, trainer state, scheduler, RNG state: tens of KiB
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-FULL_TEXTS = ("no space left on device", "disk quota exceeded", "database or disk is full",
-              "os error 28", "os error 122")
 WRITE_TEXTS = ("write", "i/o", "serializ", "unexpected pos", "iostream")
 
 
@@ -76,12 +74,8 @@ class Reserve:
 
 
 def says_disk_full(error: BaseException) -> bool:
-    for exc in exception_chain(error):
-        if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
-            return True
-        if any(text in str(exc).lower() for text in FULL_TEXTS):
-            return True
-    return False
+    """The error itself says so (an errno or a library's words: ``errors.is_out_of_space``)."""
+    return is_out_of_space(error)
 
 
 def looks_like_write_error(error: BaseException) -> bool:
