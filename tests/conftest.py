@@ -27,6 +27,18 @@ def studio_home(tmp_path, monkeypatch):
     _reap_workers(home)
 
 
+def module_home(tmp_path_factory, name: str):
+    """A studio home shared by a whole module (for a module-scoped, autouse ``studio_home`` that
+    replaces the per-test one: trained runs then live in one history), with the same
+    environment as ``studio_home``. Use as ``yield from module_home(tmp_path_factory, name)``."""
+    home = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PEFT_STUDIO_HOME", str(home))
+        patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield home
+
+
 @pytest.fixture
 def db(studio_home):
     """This test's history (a real SQLite file in its home). Runs it queued or started are

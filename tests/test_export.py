@@ -13,6 +13,7 @@ import gc
 import os
 
 import pytest
+from conftest import module_home
 import torch
 
 from studio.db import Database
@@ -41,12 +42,7 @@ def trained_run(db: Database, model_dir, method: str, **settings) -> int:
 def studio_home(tmp_path_factory):
     """One studio home for the module (replaces conftest's per-test home): the shared trained
     runs live in its history."""
-    home = tmp_path_factory.mktemp("export-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PEFT_STUDIO_HOME", str(home))
-        patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield home
+    yield from module_home(tmp_path_factory, "export-home")
 
 
 @pytest.fixture(scope="module")

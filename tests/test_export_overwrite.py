@@ -15,6 +15,7 @@ import os
 import shutil
 
 import pytest
+from conftest import module_home
 
 from studio import cli
 from studio.db import Database
@@ -31,12 +32,7 @@ MARKER = ".peft-studio-export.json"  # the name is part of the contract: users s
 def studio_home(tmp_path_factory):
     """One studio home for the module (replaces conftest's per-test home): the trained run
     lives in its history."""
-    home = tmp_path_factory.mktemp("export-overwrite-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PEFT_STUDIO_HOME", str(home))
-        patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield home
+    yield from module_home(tmp_path_factory, "export-overwrite-home")
 
 
 @pytest.fixture(scope="module")
