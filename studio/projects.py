@@ -21,12 +21,18 @@ def project_dir(project: Project) -> Path:
 
 def create_project(db: Database, name: str, model_source: str = config.DEFAULT_MODEL) -> Project:
     project = db.create_project(name, model_source=model_source)
+    _make_folder(db, project, exist_ok=False)
+    return project
+
+
+def _make_folder(db: Database, project: Project, exist_ok: bool) -> None:
+    """The new project's folder; if it cannot be made, the row goes too (never one without the
+    other)."""
     try:
-        project_dir(project).mkdir(parents=True, exist_ok=False)
+        project_dir(project).mkdir(parents=True, exist_ok=exist_ok)
     except Exception:
         db.delete_project(project.id)
         raise
-    return project
 
 
 def get_or_create_project(db: Database, name: str, model_source: str = config.DEFAULT_MODEL) -> Project:
@@ -37,13 +43,9 @@ def get_or_create_project(db: Database, name: str, model_source: str = config.DE
         return found
     project, created = db.get_or_create_project(name, model_source=model_source)
     if created:
-        try:
-            # exist_ok: the folder name was free when the row was made, so if it exists now it
-            # was made by another process that read our row and is creating a run inside it.
-            project_dir(project).mkdir(parents=True, exist_ok=True)
-        except Exception:
-            db.delete_project(project.id)
-            raise
+        # exist_ok: the folder name was free when the row was made, so if it exists now it was
+        # made by another process that read our row and is creating a run inside it.
+        _make_folder(db, project, exist_ok=True)
     return project
 
 
