@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from chat_helpers import save_peft_adapter  # noqa: E402  (random LoRA adapter folders)
 
 from studio import models  # noqa: E402
-from studio.chat import BASE, ChatEngine  # noqa: E402
-from studio.chat_generate import generate_rows  # noqa: E402
-from studio.chat_settings import GenerationSettings  # noqa: E402
+from studio.compare.engine import BASE, ChatEngine  # noqa: E402
+from studio.compare.generate import generate_rows  # noqa: E402
+from studio.compare.settings import GenerationSettings  # noqa: E402
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 

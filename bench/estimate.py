@@ -28,7 +28,7 @@ from conftest import CONFIGS, tiny_llama_config  # noqa: E402
 
 from studio.arch import ArchInfo  # noqa: E402
 from studio.estimate import TrainSetup, estimate_training  # noqa: E402
-from studio.measure import padding_mask, saved_activation_bytes, state_bytes  # noqa: E402
+from studio.memory_measure import padding_mask, saved_activation_bytes, state_bytes  # noqa: E402
 from studio.methods import ORDER, get_method  # noqa: E402
 from studio.methods.base import trainable_count  # noqa: E402
 from studio.models import load_config  # noqa: E402

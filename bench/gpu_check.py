@@ -17,7 +17,7 @@ that would overrun is skipped and says so). It
    by this script: the studio has no liger switch; the loss is then liger's fused linear
    cross-entropy instead of the studio's label-only loss) against the LoRA run of step 2;
 4. answers one Compare prompt for the base and two trained LoRA adapters in one batched
-   ``generate`` (``studio.chat.ChatEngine``);
+   ``generate`` (``studio.compare.engine.ChatEngine``);
 5. exports the LoRA run merged, verified by a clean reload (``studio.export.export_run``);
 
 and prints one Markdown table (also written to ``--out``). Every stage runs in try/except: a
@@ -171,7 +171,8 @@ def train_method(ctx: dict, method: str, **extra) -> tuple[Row, int]:
     from studio.estimate import TrainSetup
     from studio.planner import plan
     from studio.runspec import RunSpec
-    from studio.worker import launch, train
+    from studio.runs import launch
+from studio.worker import train
 
     args, db = ctx["args"], ctx["db"]
     spec = RunSpec(model=args.model, method=method, sample_task="dates", max_steps=args.steps,
@@ -240,8 +241,8 @@ def liger_stage(ctx: dict, plain: Row | None) -> Row:
 
 def compare_stage(ctx: dict, adapters: list[Path]) -> Row:
     """One Compare answer for the base and two LoRA adapters: one batched generate."""
-    from studio.chat import BASE, ChatEngine
-    from studio.chat_settings import GenerationSettings
+    from studio.compare.engine import BASE, ChatEngine
+    from studio.compare.settings import GenerationSettings
 
     args = ctx["args"]
     row = Row("compare", "base + 2 LoRA")
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def models_folder(db, run_id: int) -> Path:
-    from studio.worker.launch import run_folder
+    from studio.runs.launch import run_folder
 
     return run_folder(db, db.get_run(run_id))
 

@@ -3,7 +3,7 @@
 Pure arithmetic over ``ArchInfo`` (no torch), called by ``studio.estimate``. The rules are counted
 op by op for a pre-norm decoder block (the approach of Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models", §4, adapted to what transformers 5 and
-PEFT 0.21 really save) and held to account by ``studio.measure.saved_activation_bytes`` in
+PEFT 0.21 really save) and held to account by ``studio.memory_measure.saved_activation_bytes`` in
 tests/test_estimate.py and tests/test_estimate_gpu_terms.py, in fp32 *and* bf16.
 
 Notation, per token of one layer: d hidden, a = heads × head_dim (attention width), kv key/value

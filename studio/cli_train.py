@@ -79,7 +79,7 @@ def train(args: argparse.Namespace) -> int:
 def _precheck(db, spec, project_name: str) -> None:
     """Every refusal that needs no run row, before there is one."""
     from studio.models import ModelSourceError, parse_source
-    from studio.worker import launch
+    from studio.runs import launch
 
     try:
         source = parse_source(spec.model)
@@ -112,7 +112,7 @@ def _conflict(busy) -> str:
 
 def _create_and_start(db, spec, project_name: str, name: str | None):
     from studio import projects
-    from studio.worker import launch
+    from studio.runs import launch
 
     _precheck(db, spec, project_name)
     try:
@@ -157,7 +157,7 @@ def _forget(db, run) -> None:
     ``create_run`` accepts a folder that was there before, and nothing the user or an older run
     put there is ours to delete."""
     from studio import config
-    from studio.worker import launch
+    from studio.runs import launch
 
     run = db.get_run(run.id)
     db.delete_run(run.id)
@@ -187,7 +187,7 @@ def _detached(run) -> int:
 def _follow(db, run) -> int:
     """Stream the worker's log until the run ends; Ctrl-C or a lost database stops following
     only, and says so."""
-    from studio.worker import launch
+    from studio.runs import launch
 
     log = launch.run_folder(db, run) / launch.LOG_NAME
     project = db.get_project(run.project_id)
@@ -219,7 +219,7 @@ def _follow(db, run) -> int:
 
 def stop(args: argparse.Namespace) -> int:
     from studio.db import Database
-    from studio.worker import launch
+    from studio.runs import launch
 
     db = Database()
     run = db.get_run(args.run_id)

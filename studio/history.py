@@ -24,7 +24,7 @@ from studio import config
 from studio.db import NAME_MAX, Database, Run, RunStatus, utcnow
 from studio.db.summary import MetricSummary, metric_summaries
 from studio.runspec import RunSpec
-from studio.worker import launch
+from studio.runs import launch
 
 NOTE_MAX = 10_000
 MISSING = "(not set)"  # a field one runspec has and another lacks, as the diff shows it

@@ -120,7 +120,7 @@ def smollm2_lora_run(tmp_path_factory, smollm2_dir) -> tuple[Path, int]:
     from studio.db import Database
     from studio.projects import create_project
     from studio.runspec import RunSpec
-    from studio.worker import launch
+    from studio.runs import launch
 
     home = tmp_path_factory.mktemp("smollm2-lora-home")
     with pytest.MonkeyPatch.context() as patch:

@@ -16,7 +16,7 @@ import psutil
 from studio import projects
 from studio.db import Database, RunStatus
 from studio.runspec import RunSpec
-from studio.worker import launch
+from studio.runs import launch
 from worker_helpers import wait_for  # noqa: F401  (the queue tests import it from here)
 
 FAST = dict(method="lora", sample_task="dates", max_steps=2, batch_size=2, max_length=64,

@@ -14,7 +14,7 @@ from queue_helpers import explain, wait_for
 from studio.bakeoff import (MEASURED, Budget, build_rows, is_finished, refresh, start_bakeoff,
                             to_csv, to_markdown)
 from studio.bakeoff.measure import weights_bytes
-from studio.worker import launch
+from studio.runs import launch
 
 METHODS = ["lora", "houlsby", "prompt"]  # merged PEFT, our own adapter, a prompt-learning method
 

@@ -222,7 +222,7 @@ def test_two_trains_at_once_on_a_new_project_then_ctrl_c_then_stop(db, tiny_chat
 
 
 def launch_log(db, run) -> str:
-    from studio.worker import launch
+    from studio.runs import launch
 
     return launch.log_tail(db, db.get_run(run.id))
 

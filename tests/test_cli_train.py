@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from studio.db import Database
-from studio.worker import launch
+from studio.runs import launch
 from worker_helpers import explain, metrics, reap_workers, tiny_spec, train_here  # noqa: F401
 
 

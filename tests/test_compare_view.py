@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from studio.chat_settings import ColumnAnswer, GenerationSettings
+from studio.compare.settings import ColumnAnswer, GenerationSettings
 from studio.ui import compare_view as view
 
 

@@ -20,7 +20,8 @@ from studio.db import Database
 from studio.evaluate import eval_examples, generate_answers, normalise_answer
 from studio.projects import create_project
 from studio.runspec import RunSpec
-from studio.worker import launch, train
+from studio.runs import launch
+from studio.worker import train
 from worker_helpers import explain, folder_of, metrics, tiny_spec, train_here
 
 PROJECT = "worker tests"  # the project worker_helpers.new_run puts runs in

@@ -19,7 +19,7 @@ from queue_helpers import (explain, new_runs, project_id, status_of, tiny_spec,
                            wait_for)
 from studio.db import Database, RunStatus
 from studio.runspec import RunSpec
-from studio.worker import launch
+from studio.runs import launch
 
 SPEC = RunSpec(sample_task="dates").to_dict()
 

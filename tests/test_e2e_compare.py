@@ -19,7 +19,7 @@ FAST = dict(sample_task="dates", max_steps=3, batch_size=4, max_length=64, eval_
 
 def train(db, project_id: int, model, method: str, name: str):
     from studio.runspec import RunSpec
-    from studio.worker import launch
+    from studio.runs import launch
 
     run = launch.create_run(db, project_id, RunSpec(model=str(model), method=method, **FAST), name=name)
     launch.start(db, run.id)

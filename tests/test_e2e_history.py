@@ -21,7 +21,7 @@ from studio.db import Database, RunStatus, utcnow
 from studio.methods import get_method
 from studio.runspec import RunSpec
 from studio.ui import history_view, labels
-from studio.worker import launch
+from studio.runs import launch
 
 pytestmark = pytest.mark.e2e
 

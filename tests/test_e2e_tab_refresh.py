@@ -19,7 +19,7 @@ from studio import projects
 from studio.data import import_dataset
 from studio.db import Database
 from studio.runspec import RunSpec
-from studio.worker import launch
+from studio.runs import launch
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ import torch
 from conftest import CONFIGS, tiny_llama_config
 from studio.arch import ArchInfo
 from studio.estimate import TrainSetup, estimate_chat, estimate_training, verdict
-from studio.measure import saved_activation_bytes, state_bytes
+from studio.memory_measure import saved_activation_bytes, state_bytes
 from studio.methods import ORDER, get_method
 from studio.methods.base import trainable_count
 from studio.models import load_config

@@ -15,7 +15,7 @@ import torch
 from conftest import CONFIGS, tiny_llama_config
 from studio.arch import ArchInfo
 from studio.estimate import TrainSetup, estimate_training
-from studio.measure import padding_mask, saved_activation_bytes, state_bytes
+from studio.memory_measure import padding_mask, saved_activation_bytes, state_bytes
 from studio.methods import get_method
 from studio.methods.base import trainable_count
 from studio.models import load_config

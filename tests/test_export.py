@@ -20,7 +20,7 @@ from studio.db import Database
 from studio.export import ExportError, export_run
 from studio.projects import create_project
 from studio.runspec import RunSpec
-from studio.worker import launch
+from studio.runs import launch
 from studio.worker.train import train
 
 SETTINGS = {"adalora": {"total_step": 3}, "houlsby": {"r": 8}, "qlora": {"bnb_4bit_compute_dtype": "float32"}}

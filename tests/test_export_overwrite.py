@@ -22,7 +22,7 @@ from studio.db import Database
 from studio.export import ExportError, export_run
 from studio.projects import create_project
 from studio.runspec import RunSpec
-from studio.worker import launch
+from studio.runs import launch
 from studio.worker.train import train
 
 MARKER = ".peft-studio-export.json"  # the name is part of the contract: users see the file

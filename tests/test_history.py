@@ -17,7 +17,7 @@ from studio import history, projects
 from studio.db import Database, utcnow
 from studio.runspec import RunSpec
 from studio.ui import history_view
-from studio.worker import launch
+from studio.runs import launch
 
 
 def make_run(db: Database, project_id: int, name: str, metrics: dict[str, list[float]] | None = None,

@@ -15,7 +15,7 @@ from studio import projects
 from studio.db import Database, utcnow
 from studio.runspec import RunSpec
 from studio.ui import history_tab, history_view, param_widgets, train_tab
-from studio.worker import launch
+from studio.runs import launch
 
 
 def make_run(db, project_id, name, losses, evals=(), score=None, **spec_fields):

@@ -18,7 +18,7 @@ from fault_helpers import hold_write_lock, make_read_only, release
 from studio import projects
 from studio.db import Database, RunStatus, utcnow
 from studio.runspec import RunSpec, RunSpecError
-from studio.worker import launch
+from studio.runs import launch
 from worker_helpers import reap_workers, wait_for  # noqa: F401  (the fixture kills leftovers)
 
 SPEC = dict(method="lora", sample_task="dates", max_steps=2, batch_size=2, max_length=64,

@@ -175,7 +175,7 @@ def test_auto_records_its_decision_through_a_real_worker(db, tiny_chat_model, mo
     """``auto`` (the probe forced by the environment, which the worker inherits): the decision is
     in precision.json and the log, and the Train tab shows it."""
     from studio.ui.train_view import render_run
-    from studio.worker import launch
+    from studio.runs import launch
 
     monkeypatch.setenv(precision.PROBE_ENV, "bf16")
     run = run_through_worker(db, tiny_spec(tiny_chat_model, max_steps=2))

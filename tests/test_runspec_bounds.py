@@ -151,7 +151,7 @@ def test_valid_specs_and_the_edges_of_every_range_still_validate(tmp_path):
 
 def test_a_refused_spec_creates_no_run_row_or_folder(db):
     from studio import projects
-    from studio.worker import launch
+    from studio.runs import launch
 
     project = projects.create_project(db, "Bounds")
     for bad in (dict(batch_size=10**9), dict(seed=2**70), dict(weight_decay=math.nan),

@@ -17,7 +17,7 @@ from studio import projects
 from studio.db import Database, RunStatus
 from studio.ui import train_tab
 from studio.ui import train_view
-from studio.worker import launch
+from studio.runs import launch
 
 FAST = {"max_steps": 6, "eval_steps": 3, "exact_match_limit": 5}
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from studio.db import Database
-from studio.worker import launch
+from studio.runs import launch
 from worker_helpers import (FAST, explain, folder_of, metrics, new_run, reap_workers,  # noqa: F401
                             run_through_worker, tiny_spec, wait_finished, wait_for)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from studio.db import Database
-from studio.worker import diskspace, launch
+from studio.runs import launch
+from studio.worker import diskspace
 from worker_helpers import (explain, folder_of, metrics, new_run, reap_workers,  # noqa: F401
                             tiny_spec, wait_finished, wait_for)
 

@@ -20,7 +20,8 @@ import torch
 from transformers import TrainerCallback
 
 from studio.db import Database
-from studio.worker import launch, train
+from studio.runs import launch
+from studio.worker import train
 from worker_helpers import explain, folder_of, metrics, new_run, tiny_spec, train_here
 
 # ------------------------------------------------------------------------------- methods

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from studio.db import Database, utcnow
-from studio.worker import launch
+from studio.runs import launch
 from worker_helpers import (explain, metrics, new_run, reap_workers, tiny_spec,  # noqa: F401
                             wait_finished, wait_for)
 

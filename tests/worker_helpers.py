@@ -21,7 +21,8 @@ import pytest
 from studio import projects
 from studio.db import Database
 from studio.runspec import RunSpec
-from studio.worker import launch, train
+from studio.runs import launch
+from studio.worker import train
 
 FAST = dict(method="lora", sample_task="dates", max_steps=4, batch_size=4, max_length=64,
             eval_steps=0, save_steps=0, exact_match_limit=0, learning_rate=1e-2, warmup_ratio=0.0)

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from studio import config, projects
     from studio.bakeoff import core, table
     from studio.db import Database
-    from studio.worker import launch
+    from studio.runs import launch
 
     db = Database()
     try:  # get-or-create in one transaction: two bake-offs naming a new project both get it

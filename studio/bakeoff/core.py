@@ -74,7 +74,7 @@ def start_bakeoff(db: Database, project_id: int, methods: list[str], budget: Bud
 
     Nothing is created when a method or the budget is invalid. If another run is training, the
     bake-off waits in the queue behind it."""
-    from studio.worker import launch
+    from studio.runs import launch
 
     methods = list(dict.fromkeys(methods))  # once each, in the order given
     if not methods:
@@ -98,7 +98,7 @@ def start_bakeoff(db: Database, project_id: int, methods: list[str], budget: Bud
 def cancel_bakeoff(db: Database, bakeoff_id: int) -> int:
     """Cancel the runs still waiting and stop (keeping nothing) the one training; returns how
     many runs were affected."""
-    from studio.worker import launch
+    from studio.runs import launch
 
     row = db.get_bakeoff(bakeoff_id)
     touched = 0

@@ -79,7 +79,7 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
         raise ExportError(f"{method.title} cannot be merged: {method.notes} Export the adapter only.")
     if kind == "adapter" and spec.method in WHOLE_MODEL_METHODS:
         raise ExportError(f"{method.title} trains the model itself: there is no adapter; export merged")
-    from studio.worker.launch import run_folder
+    from studio.runs.launch import run_folder
 
     adapter = run_folder(db, run) / "adapter"
     if not adapter.is_dir():

@@ -10,9 +10,9 @@ import gradio as gr
 
 from studio import projects
 from studio.db import Database
-from studio.worker import launch
+from studio.runs import launch
 from studio.ui import (bakeoff_tab, compare_tab, data_tab, export_tab, history_tab, labels, method_tab,
-                       placeholders, projects_panel, system_panel, train_tab)
+                       projects_panel, system_panel, train_tab)
 
 
 CSS = """
@@ -57,7 +57,6 @@ def build_app(db: Database | None = None) -> gr.Blocks:
                             if name == "Export":
                                 export_tab.build(demo, db, picker, tab)
                                 continue
-                            placeholders.build(name)
                 if attach_train_timer is not None:
                     attach_train_timer()
             with gr.Column(scale=1, min_width=260):

@@ -26,7 +26,7 @@ from studio.db import Database
 from studio.methods import all_methods
 from studio.ui.train_tab import data_choices
 from studio.ui.train_view import nice_limits
-from studio.worker import launch
+from studio.runs import launch
 
 TXT = {
     "intro": ("**Bake-off:** the same data and budget for several methods, one table. One run per method "

@@ -1,6 +1,6 @@
 """The Compare tab: the base model and up to six adapters answering the same message side by side.
 
-The widgets only; the models live in ``studio.chat`` (one ``ChatEngine`` per app process, loaded
+The widgets only; the models live in ``studio.compare.engine`` (one ``ChatEngine`` per app process, loaded
 when the user asks, so the UI process imports torch only once this tab is used). Each browser
 session keeps its own conversations in a ``gr.State``.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from studio.chat_sources import chat_memory_refusal, project_adapters
+from studio.compare.sources import chat_memory_refusal, project_adapters
 from studio.db import Database
 from studio.samples import SAMPLE_TASKS
 from studio.ui import compare_view as view
@@ -26,7 +26,7 @@ def engine():
 
 
 def _adapter_sources(db: Database, project_id: int | None):
-    from studio.worker.launch import run_folder
+    from studio.runs.launch import run_folder
 
     if project_id is None:
         return []
@@ -115,7 +115,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         from studio.models import IMPORT_LOCK
 
         with IMPORT_LOCK:  # transformers' lazy imports race with other tabs' handler threads
-            from studio.chat import ChatEngine
+            from studio.compare.engine import ChatEngine
 
         source_v = (source_v or "default").strip()
         refusal = chat_memory_refusal(db, source_v)

@@ -15,11 +15,11 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from studio.chat_settings import ColumnAnswer, GenerationSettings
+from studio.compare.settings import ColumnAnswer, GenerationSettings
 
-SLOTS = 7  # the base + up to six adapters (studio.chat.MAX_ADAPTERS)
+SLOTS = 7  # the base + up to six adapters (studio.compare.engine.MAX_ADAPTERS)
 BASE_LABEL = "Base model"
-ENGINE_BASE = "__base__"  # studio.chat.BASE, repeated here so this module needs no torch
+ENGINE_BASE = "__base__"  # studio.compare.engine.BASE, repeated here so this module needs no torch
 SETTING_COLUMNS = ["column", "decoding", "temperature", "top_p", "max_new_tokens", "seed"]
 
 

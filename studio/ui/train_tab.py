@@ -24,7 +24,7 @@ from studio.db import Database, RunStatus
 from studio.runspec import SCHEDULES, PRECISIONS, RunSpec, RunSpecError
 from studio.samples import SAMPLE_TASKS
 from studio.ui import labels, param_widgets
-from studio.worker import launch
+from studio.runs import launch
 from studio.ui.train_view import LOG_LINES, nice_limits, render_run
 
 GIB = 2**30

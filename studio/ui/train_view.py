@@ -17,7 +17,7 @@ import pandas as pd
 from studio.db import Database, Run, RunStatus
 from studio.runspec import RunSpec
 from studio.ui import labels
-from studio.worker import launch
+from studio.runs import launch
 from studio.worker.precision_record import describe, read_record
 
 LOG_LINES = 12

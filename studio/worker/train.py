@@ -356,7 +356,7 @@ def dispatch_next(db: Database) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    from studio.worker import launch
+    from studio.runs import launch
 
     try:
         started = launch.dispatch(db)

@@ -34,9 +34,9 @@ import torch
 from peft import PeftModel
 
 from studio.adapters import bottleneck
-from studio.chat_generate import generate_rows, render
-from studio.chat_settings import ColumnAnswer, GenerationSettings, Messages
-from studio.chat_sources import AdapterSourceError, batchable, detect_method
+from studio.compare.generate import generate_rows, render
+from studio.compare.settings import ColumnAnswer, GenerationSettings, Messages
+from studio.compare.sources import AdapterSourceError, batchable, detect_method
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch, and our base column's name
 MAX_ADAPTERS = 6

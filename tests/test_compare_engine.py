@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from chat_helpers import save_bottleneck_adapter, save_peft_adapter
-from studio.chat import BASE, ChatEngine, share_base
-from studio.chat_settings import GenerationSettings
-from studio.chat_sources import AdapterSourceError, detect_method
+from studio.compare.engine import BASE, ChatEngine, share_base
+from studio.compare.settings import GenerationSettings
+from studio.compare.sources import AdapterSourceError, detect_method
 from studio.evaluate import generate_answers
 from studio.models import load_config, load_model, load_tokenizer
 
@@ -139,7 +139,7 @@ def test_removed_and_bad_adapters(tiny_chat_model, adapter_dirs, tmp_path):
 
 def test_detect_method_names_each_kind(adapter_dirs):
     from studio.adapters import bottleneck
-    from studio.chat_sources import BOTTLENECK_CONFIG
+    from studio.compare.sources import BOTTLENECK_CONFIG
 
     assert BOTTLENECK_CONFIG == bottleneck.CONFIG_NAME
     assert [detect_method(adapter_dirs[n]) for n in ("lora1", "dora", "ia3", "prompt", "prefix", "bottleneck")] \
@@ -235,7 +235,7 @@ def test_eval_set_can_be_an_imported_dataset(tiny_chat_model, adapter_dirs, tmp_
 def test_chat_is_refused_when_it_would_not_fit_beside_a_training_run():
     from conftest import CONFIGS
     from studio.arch import ArchInfo
-    from studio.chat_sources import chat_fits_beside_training
+    from studio.compare.sources import chat_fits_beside_training
     from studio.estimate import TrainSetup, estimate_chat, estimate_training
     from studio.methods import get_method
 

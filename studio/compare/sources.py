@@ -83,7 +83,7 @@ def batchable(folder: str | Path) -> bool:
 def project_adapters(db: Database, project_id: int, folder_of) -> list[AdapterSource]:
     """Every attachable adapter of a project: each finished run's final adapter, then its checkpoints.
 
-    ``folder_of(run)`` gives a run's folder (``studio.worker.launch.run_folder``), passed in so
+    ``folder_of(run)`` gives a run's folder (``studio.runs.launch.run_folder``), passed in so
     that listing adapters does not import the worker package."""
     sources: list[AdapterSource] = []
     for run in db.list_runs(project_id):
@@ -131,7 +131,7 @@ def chat_memory_refusal(db: Database, source: str, context: int = 2048, columns:
     from studio.planner import arch_for, plan
     from studio.runspec import RunSpec
     from studio.sysinfo import probe_accelerators
-    from studio.worker.launch import active_run
+    from studio.runs.launch import active_run
 
     gpus = probe_accelerators().get("gpus") or []
     if not gpus:

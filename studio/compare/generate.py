@@ -1,6 +1,6 @@
 """Generation plumbing for the Compare tab: settings, prompts, a per-row streamer, a stop switch.
 
-Kept apart from ``studio.chat`` (which owns the models) so each file does one job: this one turns
+Kept apart from ``studio.compare.engine`` (which owns the models) so each file does one job: this one turns
 one ``generate`` call over a batch of conversations into per-row answers with token counts and
 per-row finish times, streaming the partial tokens of every row while it runs.
 """
@@ -16,7 +16,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from studio.chat_settings import GenerationSettings, Messages
+from studio.compare.settings import GenerationSettings, Messages
 
 
 class StopSwitch(StoppingCriteria):
