@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import CONFIGS, tiny_llama_config  # noqa: E402
 
+from studio.methods.base import ApplyContext
 from studio.arch import ArchInfo  # noqa: E402
 from studio.estimate import TrainSetup, estimate_training  # noqa: E402
 from studio.memory_measure import padding_mask, saved_activation_bytes, state_bytes  # noqa: E402
@@ -62,7 +63,7 @@ def compare(label: str, cfg, batch: int, seq: int, dtype: str = "fp32") -> None:
         params = spec.params()
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch_dtype)
-        model = spec.apply(base, arch, params)
+        model = spec.apply(base, arch, params, ApplyContext())
         est = estimate_training(arch, name, params, trainable_count(model),
                                 TrainSetup(batch_size=batch, seq_len=seq, dtype=dtype, device="cpu"))
         measured = saved_activation_bytes(model, torch.randint(0, cfg.vocab_size, (batch, seq)),
@@ -99,7 +100,7 @@ def gpu_check(batch: int = 4, seq: int = 256) -> None:
             kwargs["quantization_config"] = quantization_config(params)
         model = load_model("default", dtype="bfloat16", device=None if spec.quantized else "cuda",
                            device_map="cuda" if spec.quantized else None, **kwargs)
-        model = spec.apply(model, arch, params)
+        model = spec.apply(model, arch, params, ApplyContext())
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")

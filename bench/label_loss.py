@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from studio.methods.base import ApplyContext
 from studio.measure_peak import peak_tensor_bytes  # noqa: E402
 from studio.worker import label_loss  # noqa: E402
 
@@ -79,7 +80,7 @@ def main() -> None:
     model.config.use_cache = False
     spec = get_method(args.method)
     settings = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0} if "lora" in args.method else {}
-    model = spec.apply(model, ArchInfo.from_model(model), spec.params(settings))
+    model = spec.apply(model, ArchInfo.from_model(model), spec.params(settings), ApplyContext())
     model.train()
     data = batches(tokenizer, args.task, args.batch, args.steps)
 

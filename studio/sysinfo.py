@@ -28,8 +28,10 @@ gpus = []
 if torch.cuda.is_available():
     for i in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(i)
+        with torch.cuda.device(i):  # the worker's test for precision auto (studio.run_setup)
+            bf16 = torch.cuda.is_bf16_supported()
         gpus.append({"index": i, "name": torch.cuda.get_device_name(i), "free_bytes": free,
-                     "total_bytes": total})
+                     "total_bytes": total, "bf16": bf16})
 print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus}))
 """
 

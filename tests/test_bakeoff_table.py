@@ -10,11 +10,12 @@ import math
 import pytest
 
 from studio import projects
-from studio.bakeoff import (COLUMNS, METHOD_LR, Budget, build_rows, method_spec, refresh,
+from studio.bakeoff import (COLUMNS, Budget, build_rows, method_spec, refresh,
                             scatter_points, to_csv, to_markdown)
 from studio.bakeoff.table import quality_label
 from studio.db import Database
 from studio.runspec import RunSpec
+from studio.methods import get_method
 
 LORA = {"trainable_params": 4_884_480, "adapter_bytes": 19_560_000, "peak_rss_bytes": 1_234_567_890,
         "train_seconds": 123.45, "train_tokens_per_s": 151.234, "eval_loss": 0.31234,
@@ -103,7 +104,7 @@ def test_method_specs_share_the_budget_and_use_each_methods_rate():
     specs = {m: method_spec("default", m, budget, sample_task="dates") for m in ("lora", "prompt", "ia3")}
     for name, spec in specs.items():
         assert (spec.max_steps, spec.batch_size, spec.max_length, spec.exact_match_limit, spec.seed) == (7, 3, 96, 5, 1)
-        assert spec.learning_rate == METHOD_LR[name] and spec.eval_steps == 0 and spec.save_steps == 0
+        assert spec.learning_rate == get_method(name).default_learning_rate and spec.eval_steps == 0 and spec.save_steps == 0
     assert method_spec("default", "prompt", Budget(learning_rate=1e-3), sample_task="dates").learning_rate == 1e-3
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         method_spec("default", "nope", budget, sample_task="dates")

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_llama_config
+from studio.methods.base import ApplyContext
 from studio.adapters.bottleneck import (CONFIG_NAME, WEIGHTS_NAME, is_bottleneck_folder, load_bottleneck,
                                         output_projections, save_bottleneck, set_enabled)
 from studio.arch import ArchInfo
@@ -26,7 +27,7 @@ def test_adapters_start_as_identity_then_train_and_round_trip(tmp_path):
     arch = ArchInfo.from_model(model)
     spec = get_method("houlsby")
     params = spec.params({"r": 8})
-    model = spec.apply(model, arch, params)
+    model = spec.apply(model, arch, params, ApplyContext())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)  # up-projection starts at zero
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, tiny_llama_config
+from studio.methods.base import ApplyContext
 from studio.arch import ArchInfo
 from studio.estimate import TrainSetup, estimate_chat, estimate_training, verdict
 from studio.memory_measure import saved_activation_bytes, state_bytes
@@ -28,7 +29,7 @@ def build(cfg, method: str, settings: dict):
     arch = ArchInfo.from_config(cfg)
     spec = get_method(method)
     params = spec.params(settings)
-    model = spec.apply(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa"), arch, params)
+    model = spec.apply(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa"), arch, params, ApplyContext())
     return arch, params, model
 
 
@@ -151,7 +152,7 @@ def test_activations_on_the_135m_architecture(method, smollm2_shaped):
     spec = get_method(method)
     params = spec.params({})
     torch.manual_seed(0)
-    model = spec.apply(copy.deepcopy(base), arch, params)
+    model = spec.apply(copy.deepcopy(base), arch, params, ApplyContext())
     est = estimate_training(arch, method, params, trainable_count(model),
                             TrainSetup(batch_size=2, seq_len=64, dtype="fp32", device="cpu", masked=False))
     measured = saved_activation_bytes(model, torch.randint(0, cfg.vocab_size, (2, 64)))
@@ -169,7 +170,7 @@ def test_qlora_on_cpu_sends_gradient_to_the_first_layer(tiny_llama_dir):
     model = load_model(str(tiny_llama_dir), quantization_config=quantization_config(params))
     assert getattr(model, "is_loaded_in_4bit", False)
     arch = ArchInfo.from_model(model)
-    model = spec.apply(model, arch, params)
+    model = spec.apply(model, arch, params, ApplyContext())
     ids = torch.randint(0, 512, (2, 16))
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()

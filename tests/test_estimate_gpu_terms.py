@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, tiny_llama_config
+from studio.methods.base import ApplyContext
 from studio.arch import ArchInfo
 from studio.estimate import TrainSetup, estimate_training
 from studio.memory_measure import padding_mask, saved_activation_bytes, state_bytes
@@ -40,7 +41,7 @@ def build(method: str, dtype: str):
     spec = get_method(method)
     params = spec.params({})
     base = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=DTYPES[dtype])
-    return cfg, arch, params, spec.apply(base, arch, params)
+    return cfg, arch, params, spec.apply(base, arch, params, ApplyContext())
 
 
 @pytest.mark.parametrize("method", OURS + ["lora", "houlsby"])

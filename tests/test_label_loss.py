@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama_config
+from studio.methods.base import ApplyContext
 from studio.arch import ArchInfo
 from studio.methods import ORDER, get_method
 from studio.worker import label_loss
@@ -67,7 +68,7 @@ def tiny_model(method: str, folder) -> torch.nn.Module:
 
     model = load_model(str(folder), **kwargs)
     model.config.use_cache = False
-    model = spec.apply(model, ArchInfo.from_model(model), params)
+    model = spec.apply(model, ArchInfo.from_model(model), params, ApplyContext())
     torch.manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_llama_config
+from studio.methods.base import ApplyContext
 from studio.arch import ArchInfo
 from studio.methods import get_method
 
@@ -24,7 +25,7 @@ def test_loraplus_optimizer_gives_b_ratio_times_the_learning_rate():
     spec = get_method("loraplus")
     params = spec.params()
     assert params.loraplus_lr_ratio == 16.0
-    model = spec.apply(model, arch, params)
+    model = spec.apply(model, arch, params, ApplyContext())
     optimizer = loraplus_optimizer(model, params, lr=1e-4)
     names = {id(p): n for n, p in model.named_parameters()}
     rates = {}

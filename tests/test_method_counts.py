@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS
+from studio.methods.base import ApplyContext
 from studio.arch import ArchInfo, build_on_meta
 from studio.methods import ORDER, get_method
 from studio.methods.base import SettingError, trainable_count
@@ -49,7 +50,7 @@ def family(name: str) -> tuple:
 
 def built(cfg, arch, spec, params):
     with torch.device("meta"):
-        return spec.apply(build_on_meta(cfg), arch, params)
+        return spec.apply(build_on_meta(cfg), arch, params, ApplyContext())
 
 
 def built_count(cfg, arch, spec, params) -> int:

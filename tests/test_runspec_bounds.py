@@ -12,6 +12,7 @@ import math
 
 import pytest
 
+from studio.methods.base import ApplyContext
 from studio.runspec import RunSpec, RunSpecError
 
 BIG = "9" * 5000
@@ -183,6 +184,6 @@ def test_target_modules_all_linear_means_every_linear_as_in_peft(method):
     cfg = load_config(str(CONFIGS / "smollm2-135m.json"))
     arch = ArchInfo.from_config(cfg)
     with torch.device("meta"):
-        model = spec.apply(build_on_meta(cfg), arch, params)
+        model = spec.apply(build_on_meta(cfg), arch, params, ApplyContext())
     every = spec.count(arch, spec.params({"target_preset": "all-linear"})).trainable
     assert trainable_count(model) == spec.count(arch, params).trainable == every > 0

@@ -9,11 +9,11 @@ bake-off completes with the UI closed.
 Only ``measure`` imports torch; the UI imports the rest.
 """
 
-from studio.bakeoff.core import (DEFAULT_METHODS, METHOD_LR, Budget, cancel_bakeoff, is_finished,
+from studio.bakeoff.core import (DEFAULT_METHODS, Budget, cancel_bakeoff, is_finished,
                                  method_spec, progress, start_bakeoff)
 from studio.bakeoff.table import (COLUMNS, MEASURED, build_rows, refresh, scatter_points, to_csv,
                                   to_markdown)
 
-__all__ = ["COLUMNS", "DEFAULT_METHODS", "MEASURED", "METHOD_LR", "Budget", "build_rows",
+__all__ = ["COLUMNS", "DEFAULT_METHODS", "MEASURED", "Budget", "build_rows",
            "cancel_bakeoff", "is_finished", "method_spec", "progress", "refresh", "scatter_points",
            "start_bakeoff", "to_csv", "to_markdown"]

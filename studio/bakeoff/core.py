@@ -4,9 +4,10 @@ The shared budget is what makes the figures comparable: the same data, steps, ba
 length, seed and eval rows for every method. The learning rate is not shared by default: a
 rate that suits LoRA leaves prompt tuning or IA3 nearly untrained in a short run (they train a
 few thousand parameters and are usually run 10-100x hotter), which would measure the choice of
-rate rather than the method. ``METHOD_LR`` holds each family's customary rate (from the
-methods' papers and PEFT's examples, not tuned here); ``Budget.learning_rate`` overrides it
-with one rate for all. Method settings are each method's registry defaults.
+rate rather than the method. Each method's ``MethodSpec.default_learning_rate`` is its customary
+rate (from the methods' papers and PEFT's examples, not tuned here; the LoRA family shares one on
+purpose, so that rsLoRA's scale and LoRA+'s faster B are what differs); ``Budget.learning_rate``
+overrides it with one rate for all. Method settings are each method's registry defaults.
 
 Importing this module costs no torch: the UI process uses it.
 """
@@ -22,19 +23,6 @@ from studio.runspec import RunSpec
 
 DEFAULT_METHODS = ["lora", "dora", "rslora", "loraplus", "qlora", "ia3", "prompt", "prefix", "houlsby"]
 
-METHOD_LR = {
-    # The LoRA family shares one rate on purpose: rsLoRA's scale and LoRA+'s faster B are what
-    # those methods change, and a shared rate lets that difference show.
-    "lora": 2e-4, "dora": 2e-4, "rslora": 2e-4, "loraplus": 2e-4, "qlora": 2e-4,
-    "adalora": 2e-4, "loha": 2e-4, "lokr": 2e-4,
-    "vera": 4e-3,  # frozen random projections, tiny trainable vectors
-    "ia3": 3e-3,
-    "prompt": 3e-2, "prefix": 1e-2,
-    "houlsby": 1e-3,
-    "full": 2e-5, "last_n": 1e-4,
-}
-
-
 @dataclass
 class Budget:
     """What every method of a bake-off gets."""
@@ -43,7 +31,7 @@ class Budget:
     batch_size: int = 4
     max_length: int = 128
     eval_rows: int = 50  # eval rows generated for exact match (0: none)
-    learning_rate: float | None = None  # None: each method's METHOD_LR
+    learning_rate: float | None = None  # None: each method's default_learning_rate
     seed: int = 42
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,11 +47,11 @@ def method_spec(model: str, method: str, budget: Budget, *, sample_task: str | N
                 dataset_id: int | None = None) -> RunSpec:
     """The RunSpec of one bake-off run: evaluate only at the end, no checkpoints (nothing to
     resume in a short comparison), the eval rows scored once on the saved adapter."""
-    get_method(method)  # a clear error for an unknown name, before anything is created
+    rate = get_method(method).default_learning_rate  # an unknown name fails before anything exists
     return RunSpec(model=model, method=method, method_settings={}, sample_task=sample_task,
                    dataset_id=dataset_id, max_steps=budget.max_steps, batch_size=budget.batch_size,
                    max_length=budget.max_length, seed=budget.seed,
-                   learning_rate=budget.learning_rate or METHOD_LR.get(method, 2e-4),
+                   learning_rate=budget.learning_rate or rate,
                    eval_steps=0, save_steps=0, exact_match_limit=budget.eval_rows).validate()
 
 

@@ -23,10 +23,8 @@ def load_trained(spec: RunSpec, folder: Path, dtype: str = "float32", dequantize
         return models.load_model(str(folder), dtype=dtype).eval()
     method = get_method(spec.method)
     kwargs: dict[str, Any] = {}
-    if method.quantized:
-        from studio.methods.qlora import quantization_config
-
-        kwargs["quantization_config"] = quantization_config(method.params(spec.method_settings))
+    if method.quantization is not None:
+        kwargs["quantization_config"] = method.quantization(method.params(spec.method_settings))
     base = models.load_model(spec.model, dtype=dtype, **kwargs)
     if method.quantized and dequantize:
         import torch

@@ -48,7 +48,24 @@ class Count:
 
 
 @dataclass(frozen=True)
+class ApplyContext:
+    """What ``MethodSpec.apply`` may need besides the model: the tokenizer (prompt tuning starts
+    its virtual tokens from a text's embeddings), where the tokenizer lives (PEFT reloads it by
+    path), and the device and dtype the model was loaded on."""
+
+    tokenizer: Any = None
+    tokenizer_path: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"  # the load dtype, as torch names it
+
+
+@dataclass(frozen=True)
 class MethodSpec:
+    """One fine-tuning method: what it is, how to count and apply it, and the hooks through which
+    the estimate, the worker, export, Compare and the bake-off learn its particulars. Code outside
+    ``studio/methods/`` asks these fields and never compares a method's name (a new method is one
+    module plus one line in the registry)."""
+
     name: str
     title: str
     family: str
@@ -57,14 +74,55 @@ class MethodSpec:
     guidance: str  # when to use it, in one or two sentences
     params_cls: type
     count: Callable[[ArchInfo, Any], Count]
-    apply: Callable[[Any, ArchInfo, Any], Any]  # (model, arch, params) -> trainable model
-    quantized: bool = False  # the frozen base is loaded in 4-bit
+    apply: Callable[[Any, ArchInfo, Any, ApplyContext], Any]  # (model, arch, params, ctx) -> trainable model
     notes: str = ""
     # Sizes of the trainable tensors as (numel, how many): what an optimizer allocates state for.
     tensors: Callable[[ArchInfo, Any], list[tuple[int, int]]] | None = None
     # Its trainable modules take the base's dtype (bf16 on a GPU) instead of PEFT's fp32
     # adapters (autocast_adapter_dtype): what the memory estimate counts per trainable value.
     adapter_in_base_dtype: bool = False
+
+    # --- the trained artefact ---
+    # Trains the model's own tensors (full, last N): the run saves a whole model, not an adapter;
+    # the estimate counts its gradients and states in the base's dtype.
+    whole_model: bool = False
+    # Its adapter folder is PEFT's, so plain ``peft`` loads it; False: the studio's own format
+    # (bottleneck adapters), loaded with the studio. Meaningless for whole-model methods.
+    peft_adapter: bool = True
+    # The frozen base is loaded quantised: params -> transformers quantization config (4-bit).
+    quantization: Callable[[Any], Any] | None = None
+    # The same method on a 4-bit base (LoRA -> QLoRA), for the OOM advice; None: there is none.
+    quantized_variant: str | None = None
+
+    # --- training ---
+    # The customary learning rate (the methods' papers and PEFT's examples): the bake-off's rate.
+    default_learning_rate: float = 2e-4
+    # (model, params, lr, weight_decay) -> a torch optimizer with the method's parameter groups
+    # (LoRA+: B faster than A), or None for the Trainer's default optimizer.
+    optimizer: Callable[[Any, Any, float, float], Any] | None = None
+
+    # --- what the memory estimate needs (studio.estimate, studio.activations) ---
+    # (arch, params, compute width in bytes) -> (bytes per token per layer, bytes per model) the
+    # adapter adds to what autograd saves for backward; None: nothing (virtual tokens, baselines).
+    activations: Callable[[ArchInfo, Any, int], tuple[float, float]] | None = None
+    # (arch, params) -> (bytes, formula) of non-trainable state the method adds (AdaLoRA's rank
+    # counters); None: none.
+    extra_state: Callable[[ArchInfo, Any], tuple[int, str]] | None = None
+    # params -> virtual tokens prepended to every input sequence (prompt tuning).
+    input_tokens: Callable[[Any], int] | None = None
+    # params -> virtual key/value positions in front of every layer's attention (prefix tuning).
+    prefix_tokens: Callable[[Any], int] | None = None
+    # The embedded input needs a gradient (the embeddings or virtual input tokens train).
+    input_trains: bool = False
+    # Whole-model methods: (arch, params) -> decoder blocks that train (None: all of them), and
+    # whether the final norm and output layer train too.
+    trained_blocks: Callable[[ArchInfo, Any], int] | None = None
+    trains_output_layer: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        """The frozen base is loaded quantised (4-bit)."""
+        return self.quantization is not None
 
     def default_params(self) -> Any:
         return self.params_cls()

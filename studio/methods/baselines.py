@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import NO_OVERHEAD, SELECTIVE, Count, MethodSpec, SettingError, n, param
+from studio.methods.base import NO_OVERHEAD, SELECTIVE, ApplyContext, Count, MethodSpec, SettingError, n, param
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def last_n_tensors(arch: ArchInfo, p: LastNParams) -> list[tuple[int, int]]:
     return [(numel, count * p.num_layers) for numel, count in arch.block_tensors]
 
 
-def apply_full(model: Any, arch: ArchInfo, p: FullParams) -> Any:
+def apply_full(model: Any, arch: ArchInfo, p: FullParams, ctx: ApplyContext) -> Any:
     for param_ in model.parameters():
         param_.requires_grad_(True)
     return model
@@ -64,7 +64,7 @@ def decoder_blocks(model: Any, num_layers: int) -> Any:
     raise SettingError("could not find the model's list of decoder blocks")
 
 
-def apply_last_n(model: Any, arch: ArchInfo, p: LastNParams) -> Any:
+def apply_last_n(model: Any, arch: ArchInfo, p: LastNParams, ctx: ApplyContext) -> Any:
     for param_ in model.parameters():
         param_.requires_grad_(False)
     for block in list(decoder_blocks(model, arch.num_layers))[-p.num_layers:]:
@@ -80,6 +80,7 @@ FULL = MethodSpec(
              "states and gradients, and saves a whole model per task.",
     params_cls=FullParams, count=full_count, apply=apply_full, tensors=full_tensors,
     notes="Nothing to merge: the result is a whole model.",
+    whole_model=True, input_trains=True, trains_output_layer=True, default_learning_rate=2e-5,
 )
 LAST_N = MethodSpec(
     name="last_n", title="Last N layers", family=SELECTIVE, mergeable=True,
@@ -88,5 +89,6 @@ LAST_N = MethodSpec(
              "states; usually below LoRA for the same budget.",
     params_cls=LastNParams, count=last_n_count, apply=apply_last_n, tensors=last_n_tensors,
     notes="Nothing to merge: the trained blocks replace the base's.",
+    whole_model=True, trained_blocks=lambda arch, p: p.num_layers, default_learning_rate=1e-4,
 )
 SPECS = [FULL, LAST_N]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import ADDITIVE, EXTRA_MODULES, Count, MethodSpec, n, param
+from studio.methods.base import ADDITIVE, EXTRA_MODULES, ApplyContext, Count, MethodSpec, n, param
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def houlsby_tensors(arch: ArchInfo, p: HoulsbyParams) -> list[tuple[int, int]]:
     return [(d * r, 2 * adapters), (r, adapters), (d, adapters)]
 
 
-def apply_houlsby(model: Any, arch: ArchInfo, p: HoulsbyParams) -> Any:
+def apply_houlsby(model: Any, arch: ArchInfo, p: HoulsbyParams, ctx: ApplyContext) -> Any:
     from studio.adapters.bottleneck import add_bottleneck_adapters
 
     return add_bottleneck_adapters(model, arch.hidden_size, p.r, p.activation)
@@ -48,5 +48,7 @@ HOULSBY = MethodSpec(
     params_cls=HoulsbyParams, count=houlsby_count, apply=apply_houlsby, tensors=houlsby_tensors,
     notes="Cannot merge: the adapter has a non-linearity between its two projections.",
     adapter_in_base_dtype=True,  # our modules are built in the dtype of the layer they follow
+    peft_adapter=False,  # saved as bottleneck_config.json + safetensors: loads with the studio
+    default_learning_rate=1e-3,
 )
 SPECS = [HOULSBY]

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import (ADDITIVE, SCALES, Count, MethodSpec, SettingError, grouped_formula,
-                                 param)
+from studio.methods.base import (ADDITIVE, SCALES, ApplyContext, Count, MethodSpec, SettingError,
+                                 grouped_formula, param)
 
 KEY_VALUE_LEAVES = ("k_proj", "v_proj", "key", "value", "c_attn", "query_key_value", "qkv_proj", "Wqkv")
 
@@ -67,7 +67,7 @@ def ia3_tensors(arch: ArchInfo, p: IA3Params) -> list[tuple[int, int]]:
     return [(g.in_features if id(g) in ff else g.out_features, g.count) for g in arch.matching(targets)]
 
 
-def apply_ia3(model: Any, arch: ArchInfo, p: IA3Params) -> Any:
+def apply_ia3(model: Any, arch: ArchInfo, p: IA3Params, ctx: ApplyContext) -> Any:
     from peft import IA3Config, get_peft_model
 
     targets, feedforward = resolved(arch, p)
@@ -80,5 +80,6 @@ IA3 = MethodSpec(
     guidance="The fewest parameters of any method here (tens of thousands): for many tasks on one "
              "base, tiny files, and few examples; usually below LoRA in quality.",
     params_cls=IA3Params, count=ia3_count, apply=apply_ia3, tensors=ia3_tensors,
+    default_learning_rate=3e-3,
 )
 SPECS = [IA3]

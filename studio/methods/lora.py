@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Count, MethodSpec, n, param,
+from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, ApplyContext, Count, MethodSpec, n, param,
                                  per_module_sum, per_module_tensors, resolve_targets, with_defaults)
 
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
@@ -93,7 +93,7 @@ def loraplus_optimizer(model: Any, p: Any, lr: float, weight_decay: float = 0.0,
                                      loraplus_lr_ratio=p.loraplus_lr_ratio, weight_decay=weight_decay)
 
 
-def apply_lora(model: Any, arch: ArchInfo, p: Any) -> Any:
+def apply_lora(model: Any, arch: ArchInfo, p: Any, ctx: ApplyContext) -> Any:
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(arch, p))
@@ -115,7 +115,8 @@ def _spec(name: str, title: str, **defaults: Any) -> MethodSpec:
     return MethodSpec(
         name=name, title=title, family=REPARAMETERISATION, mergeable=True,
         inference_overhead=NO_OVERHEAD, guidance=GUIDANCE[name], params_cls=params_cls,
-        count=lora_count, apply=apply_lora, tensors=lora_tensors,
+        count=lora_count, apply=apply_lora, tensors=lora_tensors, optimizer=loraplus_optimizer,
+        quantized_variant="qlora",
     )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Count, MethodSpec, SettingError,
+from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, ApplyContext, Count, MethodSpec, SettingError,
                                  param, per_module_sum, per_module_tensors, resolve_targets)
 from studio.methods.lora import TARGET_PRESETS
 
@@ -142,7 +142,7 @@ def vera_tensors(arch: ArchInfo, p: VeraParams) -> list[tuple[int, int]]:
 
 
 def _apply(make_config: Any) -> Any:
-    def apply(model: Any, arch: ArchInfo, p: Any) -> Any:
+    def apply(model: Any, arch: ArchInfo, p: Any, ctx: ApplyContext) -> Any:
         from peft import get_peft_model
 
         return get_peft_model(model, make_config(arch, p))
@@ -175,10 +175,10 @@ def _vera_config(arch: ArchInfo, p: VeraParams):
 
 
 def _spec(name: str, title: str, guidance: str, params_cls: type, count: Any, make_config: Any,
-          tensors: Any) -> MethodSpec:
+          tensors: Any, **hooks: Any) -> MethodSpec:
     return MethodSpec(name=name, title=title, family=REPARAMETERISATION, mergeable=True,
                       inference_overhead=NO_OVERHEAD, guidance=guidance, params_cls=params_cls,
-                      count=count, apply=_apply(make_config), tensors=tensors)
+                      count=count, apply=_apply(make_config), tensors=tensors, **hooks)
 
 
 SPECS = [
@@ -192,5 +192,5 @@ SPECS = [
           "popular for diffusion models, less tested on LLMs.", LokrParams, lokr_count, _lokr_config, lokr_tensors),
     _spec("vera", "VeRA", "Ten times fewer parameters than LoRA: shared frozen random matrices with "
           "tiny per-layer scales. Lower quality ceiling.", VeraParams, vera_count, _vera_config,
-          vera_tensors),
+          vera_tensors, default_learning_rate=4e-3),  # frozen random projections, tiny vectors
 ]

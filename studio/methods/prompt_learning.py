@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import ADDITIVE, LONGER_CONTEXT, Count, MethodSpec, n, param
+from studio.methods.base import ADDITIVE, LONGER_CONTEXT, ApplyContext, Count, MethodSpec, n, param
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def prompt_count(arch: ArchInfo, p: PromptParams) -> Count:
     return Count(total, f"p × d = {p.num_virtual_tokens} × {arch.hidden_size} = {n(total)}")
 
 
-def apply_prefix(model: Any, arch: ArchInfo, p: PrefixParams) -> Any:
+def apply_prefix(model: Any, arch: ArchInfo, p: PrefixParams, ctx: ApplyContext) -> Any:
     from peft import PrefixTuningConfig, get_peft_model
 
     kwargs = {"encoder_hidden_size": p.encoder_hidden_size} if p.encoder_hidden_size else {}
@@ -76,13 +76,13 @@ def apply_prefix(model: Any, arch: ArchInfo, p: PrefixParams) -> Any:
     return get_peft_model(model, config)
 
 
-def apply_prompt(model: Any, arch: ArchInfo, p: PromptParams, tokenizer_path: str | None = None) -> Any:
+def apply_prompt(model: Any, arch: ArchInfo, p: PromptParams, ctx: ApplyContext) -> Any:
     from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
     kwargs: dict[str, Any] = {}
     if p.init_text:
-        if tokenizer_path is None:
-            tokenizer_path = getattr(model, "name_or_path", None)
+        # PEFT loads the tokenizer itself, by path, to embed the text.
+        tokenizer_path = ctx.tokenizer_path or getattr(model, "name_or_path", None)
         kwargs = dict(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=p.init_text,
                       tokenizer_name_or_path=tokenizer_path)
     config = PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type="CAUSAL_LM", **kwargs)
@@ -96,6 +96,7 @@ PREFIX = MethodSpec(
              "tasks. Start with the projection on: random prefixes start far from the base.",
     params_cls=PrefixParams, count=prefix_count, apply=apply_prefix, tensors=prefix_tensors,
     notes="Cannot merge: the learned keys/values are extra context, not a weight change.",
+    prefix_tokens=lambda p: p.num_virtual_tokens, default_learning_rate=1e-2,
 )
 PROMPT = MethodSpec(
     name="prompt", title="Prompt tuning", family=ADDITIVE, mergeable=False,
@@ -104,5 +105,6 @@ PROMPT = MethodSpec(
              "on small models expect less than LoRA. Text initialisation helps.",
     params_cls=PromptParams, count=prompt_count, apply=apply_prompt, tensors=prompt_tensors,
     notes="Cannot merge: the virtual tokens are extra input, not a weight change.",
+    input_tokens=lambda p: p.num_virtual_tokens, input_trains=True, default_learning_rate=3e-2,
 )
 SPECS = [PREFIX, PROMPT]

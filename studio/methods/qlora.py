@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import NO_OVERHEAD, REPARAMETERISATION, MethodSpec, param
-from studio.methods.lora import LoraParams, apply_lora, lora_count, lora_tensors
+from studio.methods.base import NO_OVERHEAD, REPARAMETERISATION, ApplyContext, MethodSpec, param
+from studio.methods.lora import LoraParams, apply_lora, lora_count, lora_tensors, loraplus_optimizer
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def quantization_config(p: QLoraParams):
     )
 
 
-def apply_qlora(model: Any, arch: ArchInfo, p: QLoraParams) -> Any:
+def apply_qlora(model: Any, arch: ArchInfo, p: QLoraParams, ctx: ApplyContext) -> Any:
     """LoRA on a model already loaded with ``quantization_config(p)``."""
     from peft import prepare_model_for_kbit_training
 
@@ -51,7 +51,7 @@ def apply_qlora(model: Any, arch: ArchInfo, p: QLoraParams) -> Any:
         # training and makes the input embeddings' output require grad. Checkpointing is the
         # trainer's choice, not forced here.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return apply_lora(model, arch, p)
+    return apply_lora(model, arch, p, ctx)
 
 
 QLORA = MethodSpec(
@@ -60,6 +60,7 @@ QLORA = MethodSpec(
     guidance="When the model does not fit in GPU memory for LoRA: the frozen base in 4-bit uses "
              "about a quarter of the memory, at some speed cost. Merging goes into a de-quantised "
              "base.",
-    params_cls=QLoraParams, count=lora_count, apply=apply_qlora, quantized=True, tensors=lora_tensors,
+    params_cls=QLoraParams, count=lora_count, apply=apply_qlora, quantization=quantization_config,
+    tensors=lora_tensors, optimizer=loraplus_optimizer,
 )
 SPECS = [QLORA]

@@ -12,6 +12,7 @@ from studio import models
 from studio.arch import ArchInfo
 from studio.db import Database
 from studio.methods import get_method
+from studio.methods.base import ApplyContext
 from studio.runspec import RunSpec
 
 
@@ -61,10 +62,8 @@ def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, An
     params = method.params(spec.method_settings)
     tokenizer = models.load_tokenizer(spec.model, spec.trust_remote_code)
     kwargs: dict[str, Any] = {}
-    if method.quantized:
-        from studio.methods.qlora import quantization_config
-
-        kwargs["quantization_config"] = quantization_config(params)
+    if method.quantization is not None:
+        kwargs["quantization_config"] = method.quantization(params)
         if compute.device == "cuda":
             kwargs["device_map"] = {"": 0}
     if compute.decision.get("attention"):  # eager for a short bf16 step on the CPU (precision.py)
@@ -74,12 +73,9 @@ def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, An
                               trust_remote_code=spec.trust_remote_code, **kwargs)
     model.config.use_cache = False  # training: no KV cache (and packing needs it off)
     arch = ArchInfo.from_model(model)
-    if spec.method == "prompt" and params.init_text:
-        from studio.methods.prompt_learning import apply_prompt
-
-        model = apply_prompt(model, arch, params, tokenizer_path=str(models.tokenizer_folder(spec.model)))
-    else:
-        model = method.apply(model, arch, params)
+    context = ApplyContext(tokenizer=tokenizer, tokenizer_path=str(models.tokenizer_folder(spec.model)),
+                           device=compute.device, dtype=compute.load_dtype)
+    model = method.apply(model, arch, params, context)
     if compute.device == "cpu" and compute.load_dtype == "bfloat16":
         from studio.worker.precision import compute_adapters_in
 
