@@ -49,97 +49,104 @@ from studio.arch import ArchInfo
 
 FP32 = 4
 GATED_LEAVES = ("gate_proj", "w1", "gate_up_proj")
-WHOLE_BLOCK = ("full", "last_n")
-INPUT_TRAINS = ("full", "prompt")  # the embedded input itself needs a gradient
 
 
-def activation_bytes(arch: ArchInfo, method: str, p: Any, tokens: int, seq_len: int, batch: int,
+def activation_bytes(arch: ArchInfo, spec: Any, p: Any, tokens: int, seq_len: int, batch: int,
                      width: int, masked: bool) -> tuple[float, float]:
     """(bytes per layer, bytes outside the layers) saved for backward; see the module rules.
 
-    ``masked``: the batch carries an attention mask (padding or packing), so SDPA gets k and v
-    repeated to every query head."""
+    ``spec``: the method's ``MethodSpec``, whose hooks say what differs from a frozen block
+    (``whole_model``, ``trained_blocks``, ``activations``, ``prefix_tokens``, ``input_trains``,
+    ``trains_output_layer``). ``masked``: the batch carries an attention mask (padding or
+    packing), so SDPA gets k and v repeated to every query head."""
     d, kv, f, h = arch.hidden_size, arch.kv_dim, arch.intermediate_size, arch.num_heads
     a = arch.num_heads * arch.head_dim
     gated = any(g.leaf in GATED_LEAVES for g in arch.block_linears)
     mlp_kept = 3 * f if gated else 2 * f
-    prefix = method == "prefix"
+    prefix = spec.prefix_tokens is not None
     kv_saved = a if (masked or prefix) else kv
     norms = 2 * (d + 1) * FP32
     attention = (2 * a + (0 if prefix else 2 * kv_saved)) * width + h * FP32
     frozen_block = norms + attention + mlp_kept * width
-    if method in WHOLE_BLOCK:
+    if spec.whole_model:
         trainable_block = frozen_block + (4 * d + (f if gated else 0)) * width
-        # Last N: the blocks below the trained ones need no gradient, so they keep nothing.
-        share = p.num_layers / arch.num_layers if method == "last_n" else 1.0
-        per_token = trainable_block * share
+        # Only some blocks train (last N): the blocks below them need no gradient, keep nothing.
+        blocks = spec.trained_blocks(arch, p) if spec.trained_blocks else arch.num_layers
+        per_token = trainable_block * (blocks / arch.num_layers)
         adapter_model = 0.0
     else:
-        adapter_token, adapter_model = adapter_bytes(arch, method, p, width)
+        adapter_token, adapter_model = spec.activations(arch, p, width) if spec.activations else (0.0, 0.0)
         per_token = frozen_block + adapter_token
     per_layer = per_token * tokens
     if prefix:  # k, v over prefix + sequence, a wide; and the additive mask
-        virtual = p.num_virtual_tokens
+        virtual = spec.prefix_tokens(p)
         per_layer += (2 * a * (seq_len + virtual) * batch + batch * seq_len * (seq_len + virtual)) * width
     elif masked:  # SDPA turns the boolean mask into an additive one per call and keeps it
         per_layer += batch * seq_len * seq_len * width
     outside = tokens * (d + 1) * FP32 + adapter_model
-    if method not in INPUT_TRAINS:  # the first trained block's input norm sees no gradient
+    if not spec.input_trains:  # the first trained block's input norm sees no gradient
         outside -= tokens * (d + 1) * FP32
-    if method == "full":  # the final norm's weight and the output layer train
+    if spec.trains_output_layer:  # the final norm's weight and the output layer train
         outside += tokens * 2 * d * width
     return per_layer, outside
 
 
-def adapter_bytes(arch: ArchInfo, method: str, p: Any, width: int) -> tuple[float, float]:
-    """(bytes per token per layer, bytes per model) an adapter adds to what is saved."""
-    from studio.methods import get_method  # registry: cheap, no torch
+# ---- what an adapter adds: (bytes per token per layer, bytes per model); methods pick one ----
 
+def _inputs(arch: ArchInfo, groups: list, width: int, dropout: bool) -> float:
+    """What adapters on ``groups`` keep of their inputs, per token per layer (module rules)."""
     layers = arch.num_layers
-    if method in ("lora", "dora", "rslora", "loraplus", "qlora", "adalora", "loha", "lokr", "vera"):
-        from studio.methods.base import resolve_targets
+    if dropout:  # the dropout output and its mask
+        return sum(g.count * 2 * g.in_features for g in groups) / layers * FP32
+    if width < FP32:  # each module casts the shared input to fp32 for itself
+        return sum(g.count * g.in_features for g in groups) / layers * FP32
+    return _distinct_inputs(arch, groups) * FP32
 
-        targets = arch.matching(resolve_targets(arch, p.target_preset, p.target_modules))
-        rank = getattr(p, "r", getattr(p, "init_r", 8))
-        modules = sum(g.count for g in targets)
-        per_token = 0.0
-        per_model = 0.0
-        dropout = getattr(p, "lora_dropout", 0) > 0
-        if method in ("loha", "lokr"):
-            per_model = sum(g.count * g.in_features * g.out_features for g in targets) * FP32
-        elif method == "vera":
-            # x·A with A a frozen buffer keeps no input; λ_d and λ_b keep their operands.
-            per_token = sum(g.count * (rank + g.out_features) for g in targets) / layers * FP32
-            # The slices are views of one shared pair: stored once, at the largest shapes.
-            per_model = rank * (max(g.in_features for g in targets)
-                                + max(g.out_features for g in targets)) * FP32
-        else:
-            per_token = modules * rank / layers * FP32
-        if dropout:
-            per_token += sum(g.count * 2 * g.in_features for g in targets) / layers * FP32
-        elif method != "vera":
-            if width < FP32:  # each module casts the shared input to fp32 for itself
-                per_token += sum(g.count * g.in_features for g in targets) / layers * FP32
-            else:
-                per_token += _distinct_inputs(arch, targets) * FP32
-        if method == "dora" or getattr(p, "use_dora", False):
-            per_token += sum(g.count * 2 * g.out_features for g in targets) / layers * FP32
-            if width < FP32 and dropout:
-                # With dropout PEFT recomputes the base output as F.linear(x, W.to(fp32)), and
-                # that fp32 copy of each adapted weight is kept for backward (peft lora/dora.py).
-                per_model += sum(g.count * g.in_features * g.out_features for g in targets) * FP32
-        return per_token, per_model
-    if method == "ia3":
-        from studio.methods.ia3 import resolved
 
-        targets, feedforward = resolved(arch, p)
-        ff = {id(g) for g in arch.matching(feedforward)}
-        return sum(g.count * (g.in_features * FP32 if id(g) in ff else g.out_features * width)
-                   for g in arch.matching(targets)) / layers, 0.0
-    if method == "houlsby":
-        return 2 * (arch.hidden_size + 2 * p.r) * width, 0.0
-    get_method(method)  # raises for unknown names
-    return 0.0, 0.0  # prompt / prefix: the frozen block, with a longer sequence
+def low_rank(arch: ArchInfo, targets: list[str], rank: int, width: int, *, dropout: bool = False,
+             dora: bool = False) -> tuple[float, float]:
+    """LoRA-like (B·A x, AdaLoRA too): r × F for B's input + the input; DoRA's extra terms."""
+    groups = arch.matching(targets)
+    layers = arch.num_layers
+    per_token = sum(g.count for g in groups) * rank / layers * FP32 + _inputs(arch, groups, width, dropout)
+    per_model = 0.0
+    if dora:
+        per_token += sum(g.count * 2 * g.out_features for g in groups) / layers * FP32
+        if width < FP32 and dropout:
+            # With dropout PEFT recomputes the base output as F.linear(x, W.to(fp32)), and
+            # that fp32 copy of each adapted weight is kept for backward (peft lora/dora.py).
+            per_model += sum(g.count * g.in_features * g.out_features for g in groups) * FP32
+    return per_token, per_model
+
+
+def materialised_delta(arch: ArchInfo, targets: list[str], width: int) -> tuple[float, float]:
+    """LoHa / LoKr: the input, and the update ΔW (in × out, fp32) built once per module."""
+    groups = arch.matching(targets)
+    return (_inputs(arch, groups, width, False),
+            sum(g.count * g.in_features * g.out_features for g in groups) * FP32)
+
+
+def shared_projections(arch: ArchInfo, targets: list[str], rank: int) -> tuple[float, float]:
+    """VeRA: x·A with A a frozen buffer keeps no input; λ_d and λ_b keep their operands (r + out);
+    the slices are views of one shared pair, stored once at the largest shapes."""
+    groups = arch.matching(targets)
+    per_token = sum(g.count * (rank + g.out_features) for g in groups) / arch.num_layers * FP32
+    per_model = rank * (max(g.in_features for g in groups) + max(g.out_features for g in groups)) * FP32
+    return per_token, per_model
+
+
+def scales(arch: ArchInfo, targets: list[str], feedforward: list[str], width: int) -> tuple[float, float]:
+    """IA3: an attention target keeps its (W-wide) output to scale; a feed-forward target keeps
+    its input, cast to fp32."""
+    ff = {id(g) for g in arch.matching(feedforward)} if feedforward else set()
+    return sum(g.count * (g.in_features * FP32 if id(g) in ff else g.out_features * width)
+               for g in arch.matching(targets)) / arch.num_layers, 0.0
+
+
+def bottleneck(arch: ArchInfo, r: int, width: int) -> tuple[float, float]:
+    """Two bottleneck adapters per block, in the base's dtype: each keeps its input (d), the
+    down-projection's output and its activation (2r)."""
+    return 2 * (arch.hidden_size + 2 * r) * width, 0.0
 
 
 def _distinct_inputs(arch: ArchInfo, targets: list) -> float:

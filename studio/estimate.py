@@ -47,7 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from studio.activations import WHOLE_BLOCK, activation_bytes
+from studio.activations import activation_bytes
 from studio.arch import ArchInfo
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -152,30 +152,27 @@ def estimate_training(arch: ArchInfo, method: str, p: Any, trainable: int,
     if setup.optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_BYTES)}")
     width = DTYPE_BYTES[setup.dtype]
-    in_base = trainable if method in WHOLE_BLOCK else 0
-    frozen_base = method not in WHOLE_BLOCK
-    terms = [_weights_term(arch, setup, frozen_base, in_base)]
+    from studio.methods import get_method  # the registry: cheap, no torch
+
+    spec = get_method(method)
+    in_base = trainable if spec.whole_model else 0
+    terms = [_weights_term(arch, setup, not spec.whole_model, in_base)]
     adapters = trainable - in_base
     # PEFT keeps adapter weights in fp32 even over a bf16/fp16 base (autocast_adapter_dtype);
     # a method whose modules take the base's dtype (our bottleneck adapters) says so.
-    from studio.methods import get_method
-
-    aw = width if get_method(method).adapter_in_base_dtype else 4
+    aw = width if spec.adapter_in_base_dtype else 4
     text = f"adapter parameters {adapters:,} × {aw} B"
-    counters = 0
-    if method == "adalora":  # plus one fp32 rank counter per adapted module
-        from studio.methods.base import resolve_targets
-
-        targets = resolve_targets(arch, p.target_preset, p.target_modules)
-        counters = sum(g.count for g in arch.matching(targets))
-        text += f" + {counters:,} rank counters × 4 B"
-    terms.append(Term("trainable", adapters * aw + counters * 4, text))
+    extra = 0
+    if spec.extra_state is not None:  # non-trainable state beside the adapter (AdaLoRA's counters)
+        extra, extra_text = spec.extra_state(arch, p)
+        text += f" + {extra_text}"
+    terms.append(Term("trainable", adapters * aw + extra, text))
     # A gradient has its parameter's dtype: W-wide for base tensors, fp32 for PEFT adapters.
     terms.append(Term("gradients", in_base * width + adapters * aw,
                       f"base {in_base:,} × {width} B + adapters {adapters:,} × {aw} B"))
     opt = OPTIMIZER_BYTES[setup.optimizer]
     if setup.optimizer == "adamw8bit":
-        tensors = get_method(method).tensors(arch, p)
+        tensors = spec.tensors(arch, p)
         terms.append(Term("optimizer", adamw8bit_bytes(tensors),
                           f"adamw8bit over {sum(c for _, c in tensors):,} tensors: 2 B per value "
                           f"+ block absmax + maps (fp32 states below {BNB_MIN_8BIT_SIZE} values)"))
@@ -187,10 +184,10 @@ def estimate_training(arch: ArchInfo, method: str, p: Any, trainable: int,
                           f"{setup.optimizer}: base {in_base:,} × {per_base:g} B + adapters "
                           f"{adapters:,} × {per_adapter:g} B"))
 
-    seq = setup.seq_len + (p.num_virtual_tokens if method == "prompt" else 0)
+    seq = setup.seq_len + (spec.input_tokens(p) if spec.input_tokens else 0)  # prompt tuning's tokens
     tokens = setup.batch_size * seq
     masked = setup.masked and setup.batch_size > 1  # one sequence is never padded
-    per_layer, outside = activation_bytes(arch, method, p, tokens, seq, setup.batch_size, width, masked)
+    per_layer, outside = activation_bytes(arch, spec, p, tokens, seq, setup.batch_size, width, masked)
     layers = arch.num_layers
     if setup.grad_checkpointing:
         kept = layers * tokens * arch.hidden_size * width + per_layer + outside
@@ -214,20 +211,20 @@ def estimate_training(arch: ArchInfo, method: str, p: Any, trainable: int,
     terms.append(Term("overhead", overhead, "CUDA context + allocator" if overhead else "none on CPU"))
     gradient_bytes = next(t.bytes for t in terms if t.name == "gradients")
     if in_base:
-        terms = _whole_model_gradients(terms, arch, method, p, in_base, width, setup.optimizer)
+        terms = _whole_model_gradients(terms, arch, spec, p, in_base, width, setup.optimizer)
     saved = int(layers * per_layer + outside) + tokens * vocab * 4
     return Estimate(tuple(terms), trainable, saved_activation_bytes=saved,
                     gradient_bytes=gradient_bytes)
 
 
-def _whole_model_gradients(terms: list[Term], arch: ArchInfo, method: str, p: Any, in_base: int,
+def _whole_model_gradients(terms: list[Term], arch: ArchInfo, spec: Any, p: Any, in_base: int,
                            width: int, optimizer: str) -> list[Term]:
     """The gradients term of whole-model training: what gradients add to the *peak*.
 
     Gradients and activations are not held at once. Trainer frees the gradients after each step
     (``zero_grad(set_to_none=True)``), so the forward runs without them; the backward writes a
     block's gradients as it frees that block's activations, starting with the output layer's
-    (V × d). Two moments bound the peak, and it is the larger:
+    (V × d; without a trained output layer, the top trained block's). Two moments bound the peak, and it is the larger:
       start of backward:  weights + states + activations + logits + V·d·W (output layer's grad)
       optimizer step:     weights + states + all gradients + one parameter-sized temporary
                           (torch's foreach AdamW computes sqrt(v) for the whole group at once;
@@ -241,7 +238,8 @@ def _whole_model_gradients(terms: list[Term], arch: ArchInfo, method: str, p: An
     grads = by["gradients"].bytes
     temporary = in_base * width if optimizer == "adamw" else 0
     dynamic = by["activations"].bytes + by["logits"].bytes
-    first = (arch.vocab_size * arch.hidden_size if method == "full" else in_base // p.num_layers) * width
+    blocks = spec.trained_blocks(arch, p) if spec.trained_blocks else arch.num_layers
+    first = (arch.vocab_size * arch.hidden_size if spec.trains_output_layer else in_base // blocks) * width
     held = max(first, grads + temporary - dynamic)
     text = (f"held at the peak: max(first gradient {first:,}, all {grads:,} + step temporary "
             f"{temporary:,} − activations − logits {dynamic:,}) B")

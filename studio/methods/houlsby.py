@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from studio import activations
 from studio.arch import ArchInfo
 from studio.methods.base import ADDITIVE, EXTRA_MODULES, ApplyContext, Count, MethodSpec, n, param
 
@@ -50,5 +51,6 @@ HOULSBY = MethodSpec(
     adapter_in_base_dtype=True,  # our modules are built in the dtype of the layer they follow
     peft_adapter=False,  # saved as bottleneck_config.json + safetensors: loads with the studio
     default_learning_rate=1e-3,
+    activations=lambda arch, p, width: activations.bottleneck(arch, p.r, width),
 )
 SPECS = [HOULSBY]

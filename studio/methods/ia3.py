@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from studio import activations
 from studio.arch import ArchInfo
 from studio.methods.base import (ADDITIVE, SCALES, ApplyContext, Count, MethodSpec, SettingError,
                                  grouped_formula, param)
@@ -81,5 +82,6 @@ IA3 = MethodSpec(
              "base, tiny files, and few examples; usually below LoRA in quality.",
     params_cls=IA3Params, count=ia3_count, apply=apply_ia3, tensors=ia3_tensors,
     default_learning_rate=3e-3,
+    activations=lambda arch, p, width: activations.scales(arch, *resolved(arch, p), width),
 )
 SPECS = [IA3]

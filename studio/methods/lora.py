@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from studio import activations
 from studio.arch import ArchInfo
 from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, ApplyContext, Count, MethodSpec, n, param,
                                  per_module_sum, per_module_tensors, resolve_targets, with_defaults)
@@ -93,6 +94,11 @@ def loraplus_optimizer(model: Any, p: Any, lr: float, weight_decay: float = 0.0,
                                      loraplus_lr_ratio=p.loraplus_lr_ratio, weight_decay=weight_decay)
 
 
+def lora_activations(arch: ArchInfo, p: Any, width: int) -> tuple[float, float]:
+    return activations.low_rank(arch, targets(arch, p), p.r, width, dropout=p.lora_dropout > 0,
+                                dora=p.use_dora)
+
+
 def apply_lora(model: Any, arch: ArchInfo, p: Any, ctx: ApplyContext) -> Any:
     from peft import get_peft_model
 
@@ -116,7 +122,7 @@ def _spec(name: str, title: str, **defaults: Any) -> MethodSpec:
         name=name, title=title, family=REPARAMETERISATION, mergeable=True,
         inference_overhead=NO_OVERHEAD, guidance=GUIDANCE[name], params_cls=params_cls,
         count=lora_count, apply=apply_lora, tensors=lora_tensors, optimizer=loraplus_optimizer,
-        quantized_variant="qlora",
+        activations=lora_activations, quantized_variant="qlora",
     )
 
 

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from studio import activations
 from studio.arch import ArchInfo
 from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, ApplyContext, Count, MethodSpec, SettingError,
                                  param, per_module_sum, per_module_tensors, resolve_targets)
@@ -141,6 +142,12 @@ def vera_tensors(arch: ArchInfo, p: VeraParams) -> list[tuple[int, int]]:
     return per_module_tensors(arch, _targets(arch, p), lambda g: [g.out_features, p.r])
 
 
+def adalora_counters(arch: ArchInfo, p: AdaLoraParams) -> tuple[int, str]:
+    """PEFT keeps one fp32 rank counter (``ranknum``) per adapted module, not trained."""
+    counters = sum(g.count for g in arch.matching(_targets(arch, p)))
+    return counters * 4, f"{counters:,} rank counters × 4 B"
+
+
 def _apply(make_config: Any) -> Any:
     def apply(model: Any, arch: ArchInfo, p: Any, ctx: ApplyContext) -> Any:
         from peft import get_peft_model
@@ -184,13 +191,17 @@ def _spec(name: str, title: str, guidance: str, params_cls: type, count: Any, ma
 SPECS = [
     _spec("adalora", "AdaLoRA", "LoRA that moves rank to the layers that need it during training; "
           "worth it when a fixed budget must go far. Needs the total step count.",
-          AdaLoraParams, adalora_count, _adalora_config, adalora_tensors),
+          AdaLoraParams, adalora_count, _adalora_config, adalora_tensors, extra_state=adalora_counters,
+          activations=lambda arch, p, width: activations.low_rank(arch, _targets(arch, p), p.init_r, width)),
     _spec("loha", "LoHa", "A higher effective rank than LoRA for the same r (Hadamard of two "
           "low-rank products), at twice LoRA's parameters and more compute.",
-          LohaParams, loha_count, _loha_config, loha_tensors),
+          LohaParams, loha_count, _loha_config, loha_tensors,
+          activations=lambda arch, p, width: activations.materialised_delta(arch, _targets(arch, p), width)),
     _spec("lokr", "LoKr", "Very few parameters for a full-rank-capable update (Kronecker product); "
-          "popular for diffusion models, less tested on LLMs.", LokrParams, lokr_count, _lokr_config, lokr_tensors),
+          "popular for diffusion models, less tested on LLMs.", LokrParams, lokr_count, _lokr_config, lokr_tensors,
+          activations=lambda arch, p, width: activations.materialised_delta(arch, _targets(arch, p), width)),
     _spec("vera", "VeRA", "Ten times fewer parameters than LoRA: shared frozen random matrices with "
           "tiny per-layer scales. Lower quality ceiling.", VeraParams, vera_count, _vera_config,
-          vera_tensors, default_learning_rate=4e-3),  # frozen random projections, tiny vectors
+          vera_tensors, default_learning_rate=4e-3,
+          activations=lambda arch, p, width: activations.shared_projections(arch, _targets(arch, p), p.r)),  # frozen random projections, tiny vectors
 ]

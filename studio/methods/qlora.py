@@ -18,7 +18,8 @@ from typing import Any
 
 from studio.arch import ArchInfo
 from studio.methods.base import NO_OVERHEAD, REPARAMETERISATION, ApplyContext, MethodSpec, param
-from studio.methods.lora import LoraParams, apply_lora, lora_count, lora_tensors, loraplus_optimizer
+from studio.methods.lora import (LoraParams, apply_lora, lora_activations, lora_count, lora_tensors,
+                                 loraplus_optimizer)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,6 @@ QLORA = MethodSpec(
              "about a quarter of the memory, at some speed cost. Merging goes into a de-quantised "
              "base.",
     params_cls=QLoraParams, count=lora_count, apply=apply_qlora, quantization=quantization_config,
-    tensors=lora_tensors, optimizer=loraplus_optimizer,
+    tensors=lora_tensors, optimizer=loraplus_optimizer, activations=lora_activations,
 )
 SPECS = [QLORA]
