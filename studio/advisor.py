@@ -4,7 +4,8 @@ It is a decision table (the rules below, each with its reason) applied on top of
 estimate: a method whose estimated training memory exceeds the GPU drops to the bottom whatever
 else it has going for it. Scores are additive so every rule that fired shows in the reasons.
 
-Rules (from the methods' papers and common practice, summarised in each spec's guidance):
+Rules (from the methods' papers and common practice, summarised in each spec's guidance; the
+per-method points live on the methods, ``MethodSpec.advice``):
 * fits the GPU (+3) / tight (+1) / exceeds (-10); unknown GPU: no change. A method that exceeds
   is re-estimated with gradient checkpointing; if that fits, it is scored so (-1 for the speed).
 * must merge into the base for deployment: non-mergeable methods -10.
@@ -26,10 +27,6 @@ from studio.estimate import TrainSetup
 from studio.methods import all_methods
 from studio.methods.base import SettingError
 from studio.planner import plan
-
-LORA_FAMILY = {"lora", "dora", "rslora", "loraplus", "qlora", "adalora"}
-VIRTUAL_TOKENS = {"prefix", "prompt"}
-WHOLE_MODEL = {"full", "last_n"}
 
 
 @dataclass(frozen=True)
@@ -95,21 +92,15 @@ def _score(spec: Any, estimate: dict[str, Any], c: Constraints) -> tuple[int, li
     if c.many_tasks:
         if small:
             rule(2, "small per-task files over one base")
-        if spec.name in WHOLE_MODEL:
+        if spec.whole_model:
             rule(-3, "a whole model per task")
-    if c.quality_first:
-        if spec.name == "dora":
-            rule(4, "closest to full fine-tuning at low rank")
-        elif spec.name in ("lora", "rslora", "loraplus"):
-            rule(2, "strong quality")
-        elif spec.name == "full" and fit in ("fits", "unknown"):
-            rule(4, "the quality reference")
-        elif spec.name in VIRTUAL_TOKENS:
-            rule(-2, "weaker on small and mid-size models")
+    advice = spec.advice
+    if c.quality_first and advice.quality and (not advice.quality_needs_fit or fit in ("fits", "unknown")):
+        rule(advice.quality, advice.quality_reason)
     if c.examples < 1000 and small:
         rule(2, f"few trainable parameters suit {c.examples:,} examples")
-    if c.examples > 50_000 and (spec.name in LORA_FAMILY or spec.name == "full"):
+    if c.examples > 50_000 and advice.large_data:
         rule(1, "capacity for a large dataset")
-    if spec.name == "lora":
+    if advice.default_choice:
         rule(1, "the well-trodden default")
     return score, reasons

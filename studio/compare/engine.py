@@ -36,7 +36,7 @@ from peft import PeftModel
 from studio.adapters import bottleneck
 from studio.compare.generate import generate_rows, render
 from studio.compare.settings import ColumnAnswer, GenerationSettings, Messages
-from studio.compare.sources import AdapterSourceError, batchable, detect_method
+from studio.compare.sources import AdapterSourceError, adapter_format, batchable, detect_method
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch, and our base column's name
 MAX_ADAPTERS = 6
@@ -100,13 +100,14 @@ class ChatEngine:
         folder = Path(folder).expanduser()
         detected = detect_method(folder)  # raises AdapterSourceError with the reason
         method = method or detected
+        kind = adapter_format(folder)
         self._keys += 1
         key = f"column_{self._keys}"
         try:
-            if detected == "houlsby":
+            if kind == "bottleneck":
                 attached = Attached(name, key, method, folder, "switched",
                                     bottleneck.load_bottleneck(share_base(self.base), folder).eval())
-            elif detected in ("lora", "rslora", "dora"):
+            elif kind == "peft_lora":
                 attached = Attached(name, key, method, folder, "batched" if batchable(folder) else "switched",
                                     self._load_into_lora_view(key, folder))
             else:

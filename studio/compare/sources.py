@@ -13,17 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.db import Database, RunStatus
+from studio.methods import SettingError, all_methods, get_method
 
 # studio.adapters.bottleneck.CONFIG_NAME, spelled out: that module imports torch, and the UI lists
 # adapters at start-up without it (tests/test_chat.py checks the two agree).
 BOTTLENECK_CONFIG = "bottleneck_config.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-WHOLE_MODEL_METHODS = ("full", "last_n")
-
-# PEFT's peft_type -> our method name (LoRA variants are told apart by their config flags).
-_PEFT_TYPES = {"IA3": "ia3", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix", "LOHA": "loha",
-               "LOKR": "lokr", "VERA": "vera", "ADALORA": "adalora"}
 
 
 class AdapterSourceError(ValueError):
@@ -45,7 +41,7 @@ def detect_method(folder: str | Path) -> str:
     if not folder.is_dir():
         raise AdapterSourceError(f"{folder}: not a folder")
     if (folder / BOTTLENECK_CONFIG).is_file():
-        return "houlsby"
+        return _recognised(folder / BOTTLENECK_CONFIG)
     config_path = folder / PEFT_CONFIG
     if not config_path.is_file():
         if (folder / "config.json").is_file():
@@ -56,16 +52,32 @@ def detect_method(folder: str | Path) -> str:
     if not (folder / PEFT_WEIGHTS).is_file():
         # Only safetensors: a pickled adapter_model.bin is never loaded.
         raise AdapterSourceError(f"{folder} has no {PEFT_WEIGHTS} (pickled .bin adapters are not loaded)")
+    return _recognised(config_path)
+
+
+def _recognised(config_path: Path) -> str:
+    """The first registered method (in the registry's order) that recognises this config."""
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise AdapterSourceError(f"{config_path}: unreadable ({exc})") from exc
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type == "LORA":
-        return "dora" if config.get("use_dora") else "rslora" if config.get("use_rslora") else "lora"
-    if peft_type in _PEFT_TYPES:
-        return _PEFT_TYPES[peft_type]
-    raise AdapterSourceError(f"{config_path}: peft_type {peft_type or '(none)'} is not one the studio serves")
+    if not isinstance(config, dict):
+        raise AdapterSourceError(f"{config_path}: not a JSON object")
+    for spec in all_methods():
+        if spec.recognises is not None and spec.recognises(config):
+            return spec.name
+    kind = config.get("peft_type") or config.get("method") or "(none)"
+    raise AdapterSourceError(f"{config_path}: {kind} is not an adapter kind the studio serves")
+
+
+def adapter_format(folder: str | Path) -> str:
+    """How a recognised adapter folder is attached: "bottleneck" (the studio's own modules),
+    "peft_lora" (a PEFT LoRA-type adapter: they share one view) or "peft" (any other PEFT adapter)."""
+    folder = Path(folder)
+    if (folder / BOTTLENECK_CONFIG).is_file():
+        return "bottleneck"
+    config = json.loads((folder / PEFT_CONFIG).read_text())
+    return "peft_lora" if str(config.get("peft_type", "")).upper() == "LORA" else "peft"
 
 
 def batchable(folder: str | Path) -> bool:
@@ -87,7 +99,7 @@ def project_adapters(db: Database, project_id: int, folder_of) -> list[AdapterSo
     that listing adapters does not import the worker package."""
     sources: list[AdapterSource] = []
     for run in db.list_runs(project_id):
-        if run.method in WHOLE_MODEL_METHODS or run.status == RunStatus.RUNNING.value or not run.folder:
+        if _whole_model(run.method) or run.status == RunStatus.RUNNING.value or not run.folder:
             continue
         root = folder_of(run)
         final = root / "adapter"
@@ -99,6 +111,14 @@ def project_adapters(db: Database, project_id: int, folder_of) -> list[AdapterSo
                 sources.append(AdapterSource(f"#{run.id} {run.name} @ step {checkpoint.step}", path,
                                              run.method, run.id, checkpoint.step))
     return sources
+
+
+def _whole_model(method: str) -> bool:
+    """The run saved a whole model, not an adapter (full, last N)."""
+    try:
+        return get_method(method).whole_model
+    except SettingError:  # a method this version does not know: its folder decides (detect_method)
+        return False
 
 
 def _is_adapter(folder: Path) -> bool:
@@ -129,21 +149,18 @@ def chat_memory_refusal(db: Database, source: str, context: int = 2048, columns:
     spec; the chat figure covers weights + KV cache for every column in one batch."""
     from studio.estimate import TrainSetup, estimate_chat
     from studio.planner import arch_for, plan
-    from studio.runspec import RunSpec
-    from studio.sysinfo import probe_accelerators
+    from studio.run_setup import device_facts, training_setup
     from studio.runs.launch import active_run
+    from studio.runspec import RunSpec
 
-    gpus = probe_accelerators().get("gpus") or []
-    if not gpus:
+    device = device_facts()
+    if device.kind != "cuda" or not device.total_bytes:
         return None
-    total = int(gpus[0]["total_bytes"])
     chat = estimate_chat(arch_for(source), TrainSetup(dtype="bf16", device="cuda"), context, columns).total_bytes
     run = active_run(db)
     training = 0
-    if run is not None:
+    if run is not None:  # estimated in the precision the run trains in (run_setup: fp32 stays fp32)
         spec = RunSpec.from_dict(run.spec)
-        dtype = spec.precision if spec.precision != "auto" else "bf16"
-        setup = TrainSetup(batch_size=spec.batch_size, seq_len=spec.max_length, dtype=dtype, device="cuda",
-                           grad_checkpointing=spec.grad_checkpointing, optimizer=spec.optimizer)
+        setup = training_setup(spec, device).setup
         training = plan(arch_for(spec.model), spec.method, spec.method_settings, setup)["total_bytes"]
-    return chat_fits_beside_training(chat, training, total)
+    return chat_fits_beside_training(chat, training, device.total_bytes)

@@ -60,6 +60,17 @@ class ApplyContext:
 
 
 @dataclass(frozen=True)
+class Advice:
+    """What the method advisor (``studio.advisor``) weighs for a method besides its estimate."""
+
+    quality: int = 0  # points when quality comes first (DoRA +4, LoRA +2, virtual tokens -2)
+    quality_reason: str = ""
+    quality_needs_fit: bool = False  # those points only when it fits (or the GPU is unknown)
+    large_data: bool = False  # has the capacity for a large dataset (+1 above 50,000 examples)
+    default_choice: bool = False  # the well-trodden default (+1)
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """One fine-tuning method: what it is, how to count and apply it, and the hooks through which
     the estimate, the worker, export, Compare and the bake-off learn its particulars. Code outside
@@ -91,8 +102,13 @@ class MethodSpec:
     peft_adapter: bool = True
     # The frozen base is loaded quantised: params -> transformers quantization config (4-bit).
     quantization: Callable[[Any], Any] | None = None
+    # (the saved adapter_config.json, or the studio's bottleneck_config.json) -> this method saved
+    # it: how Compare names an adapter folder. None: its folders look like another method's
+    # (LoRA+ and QLoRA save plain LoRA adapters).
+    recognises: Callable[[dict], bool] | None = None
     # The same method on a 4-bit base (LoRA -> QLoRA), for the OOM advice; None: there is none.
     quantized_variant: str | None = None
+    advice: Advice = Advice()  # what the advisor weighs besides the estimate
 
     # --- training ---
     # The customary learning rate (the methods' papers and PEFT's examples): the bake-off's rate.
@@ -133,6 +149,15 @@ class MethodSpec:
 
     def fields(self) -> list[dataclasses.Field]:
         return list(dataclasses.fields(self.params_cls))
+
+
+def peft_type_is(peft_type: str, **flags: bool) -> Callable[[dict], bool]:
+    """``recognises`` for a PEFT adapter: its ``peft_type``, and config flags that must be set
+    (True) or not set (False), e.g. ``use_dora=True``."""
+    def recognises(config: dict) -> bool:
+        return (str(config.get("peft_type", "")).upper() == peft_type
+                and all(bool(config.get(k)) == v for k, v in flags.items()))
+    return recognises
 
 
 class SettingError(ValueError):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import NO_OVERHEAD, SELECTIVE, ApplyContext, Count, MethodSpec, SettingError, n, param
+from studio.methods.base import NO_OVERHEAD, SELECTIVE, Advice, ApplyContext, Count, MethodSpec, SettingError, n, param
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ FULL = MethodSpec(
     params_cls=FullParams, count=full_count, apply=apply_full, tensors=full_tensors,
     notes="Nothing to merge: the result is a whole model.",
     whole_model=True, input_trains=True, trains_output_layer=True, default_learning_rate=2e-5,
+    advice=Advice(4, "the quality reference", quality_needs_fit=True, large_data=True),
 )
 LAST_N = MethodSpec(
     name="last_n", title="Last N layers", family=SELECTIVE, mergeable=True,

@@ -16,7 +16,7 @@ from typing import Any
 from studio import activations
 from studio.arch import ArchInfo
 from studio.methods.base import (ADDITIVE, SCALES, ApplyContext, Count, MethodSpec, SettingError,
-                                 grouped_formula, param)
+                                 grouped_formula, param, peft_type_is)
 
 KEY_VALUE_LEAVES = ("k_proj", "v_proj", "key", "value", "c_attn", "query_key_value", "qkv_proj", "Wqkv")
 
@@ -81,7 +81,7 @@ IA3 = MethodSpec(
     guidance="The fewest parameters of any method here (tens of thousands): for many tasks on one "
              "base, tiny files, and few examples; usually below LoRA in quality.",
     params_cls=IA3Params, count=ia3_count, apply=apply_ia3, tensors=ia3_tensors,
-    default_learning_rate=3e-3,
+    default_learning_rate=3e-3, recognises=peft_type_is("IA3"),
     activations=lambda arch, p, width: activations.scales(arch, *resolved(arch, p), width),
 )
 SPECS = [IA3]

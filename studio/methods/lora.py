@@ -19,8 +19,9 @@ from typing import Any
 
 from studio import activations
 from studio.arch import ArchInfo
-from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, ApplyContext, Count, MethodSpec, n, param,
-                                 per_module_sum, per_module_tensors, resolve_targets, with_defaults)
+from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Advice, ApplyContext, Count, MethodSpec, n, param,
+                                 peft_type_is, per_module_sum, per_module_tensors, resolve_targets,
+                                 with_defaults)
 
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
 
@@ -115,6 +116,22 @@ GUIDANCE = {
 }
 
 
+# What each variant's saved adapter_config.json says; LoRA+ saves a plain LoRA config.
+RECOGNISES = {
+    "lora": peft_type_is("LORA", use_dora=False, use_rslora=False),
+    "dora": peft_type_is("LORA", use_dora=True),
+    "rslora": peft_type_is("LORA", use_dora=False, use_rslora=True),
+}
+
+
+STRONG = Advice(2, "strong quality", large_data=True)
+ADVICE = {
+    "lora": Advice(2, "strong quality", large_data=True, default_choice=True),
+    "dora": Advice(4, "closest to full fine-tuning at low rank", large_data=True),
+    "rslora": STRONG, "loraplus": STRONG,
+}
+
+
 def _spec(name: str, title: str, **defaults: Any) -> MethodSpec:
     """A registered LoRA variant: LoRA's parameters with some switches on by default."""
     params_cls = with_defaults(LoraParams, f"{title.replace('+', 'Plus')}Params", **defaults)
@@ -122,7 +139,8 @@ def _spec(name: str, title: str, **defaults: Any) -> MethodSpec:
         name=name, title=title, family=REPARAMETERISATION, mergeable=True,
         inference_overhead=NO_OVERHEAD, guidance=GUIDANCE[name], params_cls=params_cls,
         count=lora_count, apply=apply_lora, tensors=lora_tensors, optimizer=loraplus_optimizer,
-        activations=lora_activations, quantized_variant="qlora",
+        activations=lora_activations, quantized_variant="qlora", recognises=RECOGNISES.get(name),
+        advice=ADVICE[name],
     )
 
 

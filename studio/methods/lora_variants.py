@@ -21,8 +21,8 @@ from typing import Any
 
 from studio import activations
 from studio.arch import ArchInfo
-from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, ApplyContext, Count, MethodSpec, SettingError,
-                                 param, per_module_sum, per_module_tensors, resolve_targets)
+from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Advice, ApplyContext, Count, MethodSpec, SettingError,
+                                 param, peft_type_is, per_module_sum, per_module_tensors, resolve_targets)
 from studio.methods.lora import TARGET_PRESETS
 
 
@@ -185,13 +185,14 @@ def _spec(name: str, title: str, guidance: str, params_cls: type, count: Any, ma
           tensors: Any, **hooks: Any) -> MethodSpec:
     return MethodSpec(name=name, title=title, family=REPARAMETERISATION, mergeable=True,
                       inference_overhead=NO_OVERHEAD, guidance=guidance, params_cls=params_cls,
-                      count=count, apply=_apply(make_config), tensors=tensors, **hooks)
+                      count=count, apply=_apply(make_config), tensors=tensors,
+                      recognises=peft_type_is(name.upper()), **hooks)
 
 
 SPECS = [
     _spec("adalora", "AdaLoRA", "LoRA that moves rank to the layers that need it during training; "
           "worth it when a fixed budget must go far. Needs the total step count.",
-          AdaLoraParams, adalora_count, _adalora_config, adalora_tensors, extra_state=adalora_counters,
+          AdaLoraParams, adalora_count, _adalora_config, adalora_tensors, extra_state=adalora_counters, advice=Advice(large_data=True),
           activations=lambda arch, p, width: activations.low_rank(arch, _targets(arch, p), p.init_r, width)),
     _spec("loha", "LoHa", "A higher effective rank than LoRA for the same r (Hadamard of two "
           "low-rank products), at twice LoRA's parameters and more compute.",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import ADDITIVE, LONGER_CONTEXT, ApplyContext, Count, MethodSpec, n, param
+from studio.methods.base import ADDITIVE, LONGER_CONTEXT, Advice, ApplyContext, Count, MethodSpec, n, param, peft_type_is
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ def apply_prompt(model: Any, arch: ArchInfo, p: PromptParams, ctx: ApplyContext)
     return get_peft_model(model, config)
 
 
+WEAKER = Advice(-2, "weaker on small and mid-size models")
 PREFIX = MethodSpec(
     name="prefix", title="Prefix tuning", family=ADDITIVE, mergeable=False,
     inference_overhead=LONGER_CONTEXT,
@@ -97,6 +98,7 @@ PREFIX = MethodSpec(
     params_cls=PrefixParams, count=prefix_count, apply=apply_prefix, tensors=prefix_tensors,
     notes="Cannot merge: the learned keys/values are extra context, not a weight change.",
     prefix_tokens=lambda p: p.num_virtual_tokens, default_learning_rate=1e-2,
+    recognises=peft_type_is("PREFIX_TUNING"), advice=WEAKER,
 )
 PROMPT = MethodSpec(
     name="prompt", title="Prompt tuning", family=ADDITIVE, mergeable=False,
@@ -106,5 +108,6 @@ PROMPT = MethodSpec(
     params_cls=PromptParams, count=prompt_count, apply=apply_prompt, tensors=prompt_tensors,
     notes="Cannot merge: the virtual tokens are extra input, not a weight change.",
     input_tokens=lambda p: p.num_virtual_tokens, input_trains=True, default_learning_rate=3e-2,
+    recognises=peft_type_is("PROMPT_TUNING"), advice=WEAKER,
 )
 SPECS = [PREFIX, PROMPT]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import NO_OVERHEAD, REPARAMETERISATION, ApplyContext, MethodSpec, param
+from studio.methods.base import NO_OVERHEAD, REPARAMETERISATION, Advice, ApplyContext, MethodSpec, param
 from studio.methods.lora import (LoraParams, apply_lora, lora_activations, lora_count, lora_tensors,
                                  loraplus_optimizer)
 
@@ -63,5 +63,6 @@ QLORA = MethodSpec(
              "base.",
     params_cls=QLoraParams, count=lora_count, apply=apply_qlora, quantization=quantization_config,
     tensors=lora_tensors, optimizer=loraplus_optimizer, activations=lora_activations,
+    advice=Advice(large_data=True),
 )
 SPECS = [QLORA]
