@@ -131,21 +131,24 @@ def test_a_file_where_the_run_folder_goes_is_refused_and_kept(db, tmp_path, caps
 
 
 def test_a_conflict_after_the_check_deletes_the_run_it_made(db, tmp_path, sleeper, capsys, monkeypatch):
-    """The race: another train claims the device between our check and our start. The claim is
-    atomic, so ours is refused; the row and folder we made are deleted again."""
-    from studio import cli_train
+    """The race: another train claims the device between our check and our start (here: just
+    after our row and folder were made). The claim is atomic, so ours is refused; the row and
+    folder we made are deleted again (no orphan queued run)."""
+    from studio.runs import launch
 
-    real_precheck = cli_train._precheck
+    real_create = launch.create_run
     taken = []
 
-    def precheck_then_lose_the_race(database, *args):
-        real_precheck(database, *args)  # the device is free now...
-        taken.append(busy_run(database, sleeper.pid))  # ...and taken before our start
+    def create_then_lose_the_race(database, *args, **kwargs):
+        run = real_create(database, *args, **kwargs)  # the device was free at the check...
+        taken.append(busy_run(database, sleeper.pid))  # ...and is taken before our start
+        return run
 
-    monkeypatch.setattr(cli_train, "_precheck", precheck_then_lose_the_race)
+    monkeypatch.setattr(launch, "create_run", create_then_lose_the_race)
     code = cli.main(["train", spec_file(tmp_path), "--project", "racer"])
     err = capsys.readouterr().err
     assert code == 2 and "is training on this machine" in err and "Traceback" not in err, err
+    assert taken, "the race was not staged: the start never reached create_run"
     assert [r.id for r in db.list_runs()] == taken
     assert run_folders() == []
 

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from studio import config, projects
     from studio.bakeoff import core, table
-    from studio.db import Database
+    from studio.db import Database, RunStatus
     from studio.runs import launch
 
     db = Database()
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         launch.dispatch(db)  # after a crash nobody else would advance the queue
         rows = table.refresh(db, row.id)
         for r in rows:
-            if r["status"] not in ("queued", "running") and r["run_id"] not in reported:
+            done = r["status"] not in (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
+            if done and r["run_id"] not in reported:
                 reported.add(r["run_id"])
                 print(f"[{time.monotonic() - started:7.0f} s] {r['method']}: {r['status']}; "
                       f"exact match {r['exact_match']}, eval loss {r['eval_loss']}, "
@@ -83,4 +84,4 @@ def run(args: argparse.Namespace) -> int:
         Path(args.csv).write_text(table.to_csv(rows), encoding="utf-8")
     if args.markdown:
         Path(args.markdown).write_text(text, encoding="utf-8")
-    return 0 if all(r["status"] == "completed" for r in rows) else 1
+    return 0 if all(r["status"] == RunStatus.COMPLETED.value for r in rows) else 1
