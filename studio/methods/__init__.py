@@ -8,18 +8,9 @@ GaLore (low-rank gradient projection) is not registered: see ``UNAVAILABLE``.
 
 from __future__ import annotations
 
-from studio.methods import baselines, houlsby, ia3, lora, lora_variants, prompt_learning, qlora
+import importlib
+
 from studio.methods.base import Count, MethodSpec, SettingError
-
-REGISTRY: dict[str, MethodSpec] = {
-    spec.name: spec
-    for module in (lora, qlora, houlsby, prompt_learning, ia3, lora_variants, baselines)
-    for spec in module.SPECS
-}
-
-ORDER = ["lora", "dora", "rslora", "loraplus", "qlora", "houlsby", "prefix", "prompt", "ia3",
-         "adalora", "loha", "lokr", "vera", "full", "last_n"]
-assert sorted(ORDER) == sorted(REGISTRY), "every registered method has a place in ORDER"
 
 UNAVAILABLE = {
     "galore": "GaLore is not offered: its only implementation, galore-torch (used by transformers "
@@ -28,16 +19,40 @@ UNAVAILABLE = {
 }
 
 
+# The method modules of this package, in the order the UI lists their methods. A new method is
+# one module (its MethodSpec in ``SPECS``, hooks included: see ``base.MethodSpec``) and its name
+# here.
+MODULES = ("lora", "qlora", "houlsby", "prompt_learning", "ia3", "lora_variants", "baselines")
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> None:
+    """Add a method to the registry; a name taken (or reserved in ``UNAVAILABLE``) is refused."""
+    if spec.name in REGISTRY or spec.name in UNAVAILABLE:
+        raise ValueError(f"a method named '{spec.name}' is already registered or reserved")
+    REGISTRY[spec.name] = spec
+
+
+for _module in MODULES:
+    for _spec in importlib.import_module(f"studio.methods.{_module}").SPECS:
+        register(_spec)
+
+ORDER = list(REGISTRY)  # the built-in methods' names, in the order listed
+
+
 def get_method(name: str) -> MethodSpec:
     try:
         return REGISTRY[name]
     except KeyError:
         hint = f" ({UNAVAILABLE[name]})" if name in UNAVAILABLE else ""
-        raise SettingError(f"unknown method '{name}'{hint}; choose one of: {', '.join(ORDER)}") from None
+        raise SettingError(f"unknown method '{name}'{hint}; choose one of: {', '.join(REGISTRY)}") from None
 
 
 def all_methods() -> list[MethodSpec]:
-    return [REGISTRY[name] for name in ORDER]
+    """Every registered method, in the order listed."""
+    return list(REGISTRY.values())
 
 
-__all__ = ["Count", "MethodSpec", "SettingError", "REGISTRY", "ORDER", "get_method", "all_methods"]
+__all__ = ["Count", "MethodSpec", "SettingError", "REGISTRY", "ORDER", "MODULES", "register", "get_method",
+           "all_methods"]

@@ -17,13 +17,13 @@ Two jobs, both about one question ("does a bf16-stored base train faster here?")
    a matmul alone is not the test (issue 13: bf16 matmuls ran 3-7× faster, the whole step 1.03-1.10×).
    bf16 is chosen when its step is at least ``THRESHOLD`` times as fast. The result is cached with
    the system facts (``sysinfo.cached_fact``) under the model's shape, the torch version and the CPU
-   model, so it is measured once per machine and model. ``PEFT_STUDIO_PRECISION_PROBE=bf16|fp32``
-   skips the measurement (tests, or a user who knows); ``measure`` (or unset) measures.
+   model (``run_setup.probe_key``), so it is measured once per machine and model.
+   ``PEFT_STUDIO_PRECISION_PROBE=bf16|fp32`` skips the measurement (tests, or a user who knows);
+   ``measure`` (or unset) measures.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studio.run_setup import PROBE_ENV, forced_cpu_precision, probe_key
+
 # Attention for a bf16 step on the CPU. Measured (one attention layer of the 135M shape, forward +
 # backward, batch 8, 1 thread, loaded machine; bench/bf16_step.py for the whole step): SDPA's CPU
 # flash kernel in bf16 took 67-72 ms at length 128 and 140-150 ms at 256, eager (bmm + softmax)
 # 23 ms and 66-73 ms; at 512 flash won (374 ms against 713). fp32 SDPA: 40-47 and 138-149 ms.
 EAGER_MAX_LENGTH = 256
 THRESHOLD = 1.15  # bf16 must be clearly faster: a few % is within the noise of a busy machine
-PROBE_ENV = "PEFT_STUDIO_PRECISION_PROBE"
 # The quality check behind measuring by default (bench/train_speed.py, idle machine, SmolLM2-135M,
 # dates, batch 8 x 128, 30 steps, lr 2e-4, seed 42): a bf16 base trained x2.02 as fast as the
 # fp32 reference with 0.76 of its peak RSS; last-step loss 0.0238 vs 0.0249 (-4.7 %), exact match
@@ -103,14 +104,6 @@ class Decision:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def shape_key(config: Any) -> str:
-    """What the probe's timings depend on: the layer shapes (not the depth, not the weights)."""
-    text = getattr(config, "get_text_config", lambda: config)()
-    fields = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "vocab_size")
-    return "/".join(f"{getattr(text, f, None)}" for f in fields)
 
 
 def probe_config(config: Any, layers: int = PROBE_LAYERS) -> Any:
@@ -204,14 +197,17 @@ def measure(config: Any, rounds: int = PROBE_ROUNDS) -> Decision:
                             f"({verdict} {THRESHOLD}×)", fp32_s * 1e3, bf16_s * 1e3, ratio)
 
 
-def decide_cpu(config: Any) -> Decision:
-    """``auto`` on the CPU: the environment's answer, the cached measurement, or a new one."""
-    forced = os.environ.get(PROBE_ENV, "").strip().lower()
-    if forced in ("bf16", "fp32"):
+def decide_cpu(config: Any, trust_remote_code: bool = False) -> Decision:
+    """``auto`` on the CPU: the environment's answer, the cached measurement, or a new one. The
+    cache key is ``run_setup.probe_key``, which the UI computes too (from the cached ``ArchInfo``,
+    without torch) to estimate with the precision the run will get."""
+    forced = forced_cpu_precision()
+    if forced is not None:
         return Decision(forced, f"{PROBE_ENV}={forced} (not measured)")
     from studio import sysinfo
+    from studio.arch import ArchInfo
 
-    key = "precision-probe/" + "/".join([shape_key(config), torch.__version__, sysinfo.cpu_model()])
+    key = probe_key(ArchInfo.from_config(config, trust_remote_code), torch.__version__, sysinfo.cpu_model())
     known = sysinfo.cached_fact(key)
     if isinstance(known, dict) and known.get("precision") in ("bf16", "fp32"):
         return Decision(**{**known, "cached": True})

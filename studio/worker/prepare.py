@@ -3,7 +3,7 @@ method applied, and the tokenised train / eval data with their collator."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from studio.arch import ArchInfo
 from studio.db import Database
 from studio.methods import get_method
 from studio.methods.base import ApplyContext
+from studio.run_setup import DeviceFacts, training_setup
 from studio.runspec import RunSpec
 
 
@@ -24,36 +25,42 @@ class Compute:
     fp16: bool
     # What was chosen and why (``precision.Decision.as_dict``), recorded with the run.
     decision: dict[str, Any] = field(default_factory=dict)
+    facts: DeviceFacts | None = None  # the device as the run started (free memory before loading)
+
+
+def device_now() -> DeviceFacts:
+    """This process's device as ``run_setup`` describes devices (the CPU probe not yet asked)."""
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return DeviceFacts("cuda", int(free), torch.cuda.is_bf16_supported(), None, int(total))
+    return DeviceFacts("cpu", None, False, None)
 
 
 def choose_compute(spec: RunSpec) -> Compute:
-    """CUDA when present, else CPU. ``auto``: bf16 where the GPU supports it, fp16 on older GPUs;
-    on the CPU a bf16-stored base only when a measured bf16 training step of the model's shapes is
-    clearly faster than fp32 (``precision.decide_cpu``: on many desktop CPUs it is slower).
-    ``bf16`` / ``fp32`` / ``fp16`` force one.
+    """CUDA when present, else CPU; the precision is ``run_setup.training_setup``'s, the rule the
+    estimates use too. ``auto`` on the CPU measures first when it was never measured: a bf16-stored
+    base only when a bf16 training step of the model's shapes is clearly faster than fp32
+    (``precision.decide_cpu``: on many desktop CPUs it is slower).
 
     A bf16 run on the CPU stores the base in bf16 and runs without autocast: every matmul is
     already bf16 (the LoRA updates through ``precision.compute_adapters_in``), and autocast would
     only add accelerate's fp32 copy of the b × s × V logits; and with eager attention up to
     ``precision.EAGER_MAX_LENGTH`` tokens (SDPA's CPU flash backward is slow in bf16). On a GPU
-    the Trainer's autocast stays (fp16 needs its loss scaling; bf16 as before)."""
+    the Trainer's autocast stays (fp16 needs its loss scaling, over fp32 weights; bf16 as before)."""
     from studio.worker import precision as probe
 
-    cuda = torch.cuda.is_available()
-    chosen = spec.precision
-    decision = probe.Decision(chosen, "set in the run's settings")
-    if chosen == "auto" and cuda:
-        chosen = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        decision = probe.Decision(chosen, "GPU: bf16 where supported, else fp16")
-    elif chosen == "auto":
-        decision = probe.decide_cpu(models.load_config(spec.model, spec.trust_remote_code))
-        chosen = decision.precision
-    if not cuda and chosen == "fp16":
-        raise ValueError("fp16 training needs a GPU; use fp32 or bf16 on the CPU")
+    device = device_now()
+    measured = None
+    if device.kind == "cpu" and spec.precision == "auto":
+        measured = probe.decide_cpu(models.load_config(spec.model, spec.trust_remote_code),
+                                    spec.trust_remote_code)
+        device = replace(device, cpu_bf16=measured.precision == "bf16")
+    choice = training_setup(spec, device)  # SetupError for fp16 without a GPU
+    decision = measured or probe.Decision(choice.precision, choice.reason)
+    chosen, cuda = choice.precision, device.kind == "cuda"
     load = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float32"}[chosen]
-    device = "cuda" if cuda else "cpu"
-    decision.attention = probe.attention_for(device, load, spec.max_length)
-    return Compute(device, load, chosen == "bf16" and cuda, chosen == "fp16", decision.as_dict())
+    decision.attention = probe.attention_for(device.kind, load, spec.max_length)
+    return Compute(device.kind, load, chosen == "bf16" and cuda, chosen == "fp16", decision.as_dict(), device)
 
 
 def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, Any]:

@@ -17,7 +17,7 @@ import os
 import time
 import shutil
 import traceback
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,14 @@ import torch
 
 from studio import config
 from studio.db import Database, RunStatus, utcnow
+from studio.methods import get_method
+from studio.run_setup import DeviceFacts, training_setup
 from studio.runspec import RunSpec
 from studio.worker import diskspace, prepare
 from studio.worker.resilient import BackgroundWriter, Patient, say
 from studio.worker.signals import GracefulStop, StoppedBySignal
 from studio.worker.trainer import StudioCallback, StudioTrainer
+from studio.worker.warmup import WarmupFromFirstStep
 
 QUANTISED_EM_NOTE = ("exact match is measured after training for QLoRA: generating with the 4-bit "
                      "model mid-training would switch bitsandbytes to a kernel without gradients")
@@ -156,7 +159,7 @@ def train(db: Database, run_id: int, resume: bool = False, extra_callbacks: tupl
         status, fields = RunStatus.CANCELLED.value, {
             "error": f"Stopped by {exc.signal_name} before training began; there was nothing to save."}
     except torch.OutOfMemoryError as exc:
-        status, fields = RunStatus.OOM.value, {"error": f"Out of memory: {exc}\n\n{oom_advice(spec)}"}
+        status, fields = RunStatus.OOM.value, {"error": f"Out of memory: {exc}\n\n{oom_advice(spec, live.device)}"}
     except Exception as exc:  # every other failure: recorded for the user, then the process exits 1
         complete = live.complete_checkpoints(db, run_id)
         full = diskspace.diagnose(exc, folder, live.trainer, complete, live.saving_adapter)
@@ -177,6 +180,7 @@ class Live:
         self.trainer: Any = None
         self.callback: StudioCallback | None = None
         self.saving_adapter = False
+        self.device: DeviceFacts | None = None  # the device as the run started on it
 
     def complete_checkpoints(self, db: Database, run_id: int) -> set[int]:
         steps = set(self.callback.saved_steps) if self.callback is not None else set()
@@ -192,6 +196,7 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     """Trains; returns (final status, the run's other fields to record with it)."""
     torch.manual_seed(spec.seed)
     compute = prepare.choose_compute(spec)
+    live.device = compute.facts  # what the OOM advice estimates for
     from studio.worker.precision_record import record
 
     record(folder, compute.decision)  # what precision and why: the Train tab shows it
@@ -209,15 +214,14 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     scorer = None if bakeoff is not None else exact_match_scorer(
         spec, tokenizer, dataset_eval_rows(db, spec, dataset_id))
     callback = StudioCallback(db, run_id, None if quantised else scorer, writer=writer, stop=stop)
-    optimizers = (None, None)
-    if getattr(params, "loraplus_lr_ratio", 1.0) != 1.0:
-        from studio.methods.lora import loraplus_optimizer
-
-        optimizers = (loraplus_optimizer(model, params, spec.learning_rate, spec.weight_decay), None)
+    method = get_method(spec.method)
+    # The method's own parameter groups (LoRA+), or None: the Trainer builds its default optimizer.
+    optimizer = method.optimizer(model, params, spec.learning_rate, spec.weight_decay) if method.optimizer else None
+    optimizers = (optimizer, None)
     trainer = StudioTrainer(
         model=model, args=training_arguments(spec, compute, folder / "checkpoints", eval_set is not None),
-        train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
-        processing_class=tokenizer, callbacks=[callback, *extra_callbacks], optimizers=optimizers,
+        train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, processing_class=tokenizer,
+        callbacks=[callback, WarmupFromFirstStep(), *extra_callbacks], optimizers=optimizers,
     )
     callback.trainer = live.trainer = trainer
     live.callback = callback
@@ -245,9 +249,11 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
             f"step {step} was kept and Resume continues from there.")}
 
     step = trainer.state.global_step
-    from studio.bakeoff.measure import training_stats
+    final: dict[str, float] = {}
+    if bakeoff is not None:  # the bake-off's table needs these; a plain run pays for nothing extra
+        from studio.bakeoff.measure import training_stats
 
-    final = training_stats(trainer, model, wall)  # before the evaluations below raise the peak
+        final = training_stats(trainer, model, wall)  # before the evaluations below raise the peak
     if eval_set is not None:
         final.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
     # The final evaluate() above already ran the callback's exact match, unless the callback
@@ -263,7 +269,7 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     if bakeoff is not None:
         # Free the training model, optimizer and data before loading the saved adapter again.
         live.trainer = live.callback = None
-        del trainer, model, callback, optimizers, train_set, eval_set
+        del trainer, model, callback, optimizer, optimizers, train_set, eval_set
         gc.collect()
         measure_for_bakeoff(patient, run_id, bakeoff.id, spec, folder / "adapter", step,
                             dataset_eval_rows(db, spec, dataset_id))
@@ -293,34 +299,37 @@ def measure_for_bakeoff(db: Database, run_id: int, bakeoff_id: int, spec: RunSpe
     db.heartbeat(run_id)
 
 
-def oom_advice(spec: RunSpec) -> str:
-    """What would fit, computed from the estimator for the same run with one knob changed."""
-    from studio.estimate import TrainSetup
+def oom_advice(spec: RunSpec, device: DeviceFacts | None = None) -> str:
+    """What would fit, computed from the estimator for the same run with one knob changed, on
+    ``device`` as the run started (its free memory before the model was loaded; None: read now).
+    The precision is ``run_setup.training_setup``'s, the one the run trained in."""
     from studio.planner import arch_for, plan
 
     try:
+        device = device or prepare.device_now()
         arch = arch_for(spec.model)
-        free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
-        base = TrainSetup(batch_size=spec.batch_size, seq_len=spec.max_length,
-                          dtype="fp32" if spec.precision in ("auto", "fp32") and free is None else "bf16",
-                          grad_checkpointing=spec.grad_checkpointing, optimizer=spec.optimizer,
-                          device="cuda" if free else "cpu")
-        options = [("as configured", spec.method, base)]
+        base = training_setup(spec, device).setup
+        method = get_method(spec.method)
+        settings = spec.method_settings
+        options = [("as configured", spec.method, settings, base)]
         if spec.batch_size > 1:
             options.append((f"batch size {max(1, spec.batch_size // 2)} (accumulate ×{spec.grad_accum * 2})",
-                            spec.method, replace(base, batch_size=max(1, spec.batch_size // 2))))
+                            spec.method, settings, replace(base, batch_size=max(1, spec.batch_size // 2))))
         if not spec.grad_checkpointing:
-            options.append(("gradient checkpointing on", spec.method, replace(base, grad_checkpointing=True)))
-        if spec.method in ("lora", "dora", "rslora", "loraplus"):
-            options.append(("QLoRA (4-bit base)", "qlora", replace(base, quant="nf4")))
+            options.append(("gradient checkpointing on", spec.method, settings,
+                             replace(base, grad_checkpointing=True)))
+        if method.quantized_variant:
+            variant = get_method(method.quantized_variant)
+            # The run's settings, with the method's own defaults, as far as the variant has them.
+            known = {f.name for f in variant.fields()}
+            carried = {k: v for k, v in asdict(method.params(settings)).items() if k in known}
+            options.append((f"{variant.title} (4-bit base)", variant.name, carried, base))
         if spec.max_length > 128:
-            options.append((f"max length {spec.max_length // 2}", spec.method,
+            options.append((f"max length {spec.max_length // 2}", spec.method, settings,
                             replace(base, seq_len=spec.max_length // 2)))
         lines = ["Estimated memory for the same run with one change:"]
-        for label, method, setup in options:
-            settings = spec.method_settings if method == spec.method else {
-                k: v for k, v in spec.method_settings.items() if k in ("r", "lora_alpha", "lora_dropout")}
-            result = plan(arch, method, settings, setup, free)
+        for label, name, chosen, setup in options:
+            result = plan(arch, name, chosen, setup, device.free_bytes)
             lines.append(f"- {label}: {result['total_bytes'] / 2**30:.2f} GiB ({result['verdict']})")
         return "\n".join(lines)
     except Exception as exc:  # advice is best effort; the OOM itself is what matters
