@@ -313,7 +313,7 @@ def clone_spec(db: Database, run_id: int) -> RunSpec:
 
 def hidden_changes(spec: RunSpec, shown: Iterable[str]) -> dict[str, Any]:
     """Fields of ``spec`` that differ from the defaults but that no widget in ``shown`` sets: a
-    clone through the Train tab would silently lose them, so the user is told."""
+    clone keeps them in the run draft, where the user cannot see them, so the user is told."""
     default, skip = RunSpec(), set(shown) | {"model", "method", "method_settings", "dataset_id", "sample_task"}
     return {f.name: getattr(spec, f.name) for f in dataclasses.fields(RunSpec)
             if f.name not in skip and getattr(spec, f.name) != getattr(default, f.name)}

@@ -1,7 +1,8 @@
 """Browser test of the History tab: a run trained by the real worker and a recorded one appear
 with their numbers; a run opens with its curves and log; two runs ticked in "Run comparison" show
 their loss curves overlaid and exactly the configuration fields that differ; "Clone into Train
-tab" fills the Train tab (and the Method tab's settings) and switches to it.
+tab" puts the run's RunSpec into the session's run draft, switches to the Train tab, and both the
+Train and Method tabs show it.
 
 The real run trains the tiny random model (``tiny_chat_model``) for four steps: about a minute on
 two CPU cores, most of it the worker's start-up and the evaluations.
@@ -108,23 +109,31 @@ def test_history_lists_opens_compares_and_clones_runs(running_app, tmp_path, stu
         assert "4 configuration field(s) differ" in page.locator("#history-compare-message").inner_text()
         shot(page, tmp_path, "history-compare")
 
-        # Clone the DoRA run: the Train tab opens with DoRA, and the Method tab keeps rank 8.
+        # Clone the DoRA run: the Train tab opens with DoRA, and the Method tab keeps rank 8. Both
+        # tabs draw from the session's run draft, so every wait is for a state, however long the
+        # events take to arrive (a loaded CI machine).
         page.get_by_role("tab", name="Runs", exact=True).click()
         page.locator("#history-run input").first.click()
         page.get_by_role("option", name=f"#{other.id} recorded dora — completed").click()
         page.locator("#history-run-summary").get_by_text(f"#{other.id} recorded dora").wait_for()
         page.locator("#history-clone").click()
-        page.locator("#train-start").wait_for(state="visible", timeout=30_000)
+        page.locator("#train-start").wait_for(state="visible", timeout=60_000)
         title = get_method("dora").title
         page.wait_for_function(
-            "t => (document.querySelector('#train-method input') || {}).value === t", arg=title)
+            "t => (document.querySelector('#train-method input') || {}).value === t", arg=title, timeout=60_000)
         page.get_by_text(labels.TRAIN_ADVANCED).click()  # a closed accordion renders nothing inside
         page.wait_for_function(
-            "() => (document.querySelector('#train-learning-rate input') || {}).value === '0.001'")
+            "() => (document.querySelector('#train-learning-rate input') || {}).value === '0.001'",
+            timeout=60_000)
         page.get_by_role("tab", name="Method").click()
         page.wait_for_function("() => (document.querySelector('#param-r input') || {}).value === '8'",
-                               timeout=30_000)
-        assert page.locator("#method-choice input").first.input_value() == title
+                               timeout=60_000)
+        page.wait_for_function(
+            "t => (document.querySelector('#method-choice input') || {}).value === t", arg=title, timeout=60_000)
+        # Back on the Train tab: still DoRA (opening a tab redraws it from the draft, never undoes it).
+        page.get_by_role("tab", name="Train").click()
+        page.wait_for_function(
+            "t => (document.querySelector('#train-method input') || {}).value === t", arg=title, timeout=60_000)
         shot(page, tmp_path, "history-cloned")
 
         # Back in History: a note on the recorded run, then delete it after confirming. Its row

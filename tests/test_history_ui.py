@@ -1,21 +1,21 @@
 """The History tab's handlers without a browser, against a real database: the runs listing, the
-comparison (overlaid frames, colours, the config diff), clone into the Train tab (through the
-built app's own event functions), and the runs table read through two real app processes.
+comparison (overlaid frames, colours, the config diff), clone into the session's run draft and
+the Train and Method tabs (through the built app's own event wiring, ``ui_driver``), and the runs table read through two real app processes.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from types import SimpleNamespace
-
 import pytest
 
 from conftest import start_app, stop_app
 from studio import projects
 from studio.db import Database, utcnow
-from studio.runspec import RunSpec
-from studio.ui import history_tab, history_view, param_widgets, train_tab
 from studio.runs import launch
+from studio.runspec import RunSpec
+from studio.ui import history_tab, history_view
+from studio.ui.draft import RunDraft
+from ui_driver import Session
 
 
 def make_run(db, project_id, name, losses, evals=(), score=None, **spec_fields):
@@ -31,9 +31,9 @@ def make_run(db, project_id, name, losses, evals=(), score=None, **spec_fields):
 
 
 @pytest.fixture
-def setup():
+def setup(tiny_chat_model):
     db = Database()
-    project = projects.create_project(db, "UI")
+    project = projects.create_project(db, "UI", model_source=str(tiny_chat_model))
     a = make_run(db, project.id, "lora small lr", [2.0, 1.5, 1.2], [(2, 1.6), (3, 1.4)], 0.5, learning_rate=1e-4)
     b = make_run(db, project.id, "dora", [2.1, 1.4, 1.0], [(3, 1.1)], method="dora", method_settings={"r": 8})
     yield db, project, a, b
@@ -97,44 +97,49 @@ def test_comparison_overlays_both_runs_in_both_plots_and_diffs_the_config(setup)
     assert "at most 8" in history_tab.compare_message(list(range(1, 10)))
 
 
-def find_fn(demo, name):
-    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name)
-
-
-def test_clone_fills_the_train_tab_and_the_method_settings_then_switches_tab(setup):
+def test_clone_puts_the_runspec_in_the_draft_and_both_tabs_redraw_from_it(setup):
     from studio.ui.app import build_app
 
     db, project, a, b = setup
-    values = history_tab.clone_values(db, project.id, b.id)
-    assert values["data"] == "sample:dates" and values["method"] == "dora" and values["settings"] == {"r": 8}
-    # What the Train tab would start from those values is the cloned run's spec.
-    spec = train_tab.make_spec("default", values["data"], values["method"], values["settings"], values["options"])
-    assert spec.to_dict() == db.get_run(b.id).spec
+    cloned, message = history_tab.clone_draft(db, project.id, b.id, RunDraft())
+    assert cloned.data == "sample:dates" and cloned.spec.method == "dora" and cloned.spec.method_settings == {"r": 8}
+    # What Start would start from that draft is the cloned run's spec.
+    assert cloned.run_spec("default").to_dict() == db.get_run(b.id).spec
+    assert "Cloned run" in message
 
+    # Fields no widget shows are kept in the draft (and named), not dropped.
     tuned = make_run(db, project.id, "tuned", [1.0], weight_decay=0.1, lr_scheduler="constant_with_warmup")
-    message = history_tab.clone_values(db, project.id, tuned.id)["message"]
-    assert "weight_decay = 0.1" in message and "lr_scheduler = 'constant_with_warmup'" in message
+    cloned, message = history_tab.clone_draft(db, project.id, tuned.id, RunDraft())
+    assert "weight_decay = 0.1" in message and cloned.run_spec("default").weight_decay == 0.1
+    assert cloned.spec.lr_scheduler == "constant_with_warmup"
     other = projects.create_project(db, "Other")
     with pytest.raises(ValueError):
-        history_tab.clone_values(db, other.id, b.id)
+        history_tab.clone_draft(db, other.id, b.id, RunDraft())
 
+    # Through the app's own wiring: a session on LoRA clones the DoRA run.
     demo = build_app(db)
-    on_clone, on_method = find_fn(demo, "on_clone"), find_fn(demo, "on_method")
-    request = SimpleNamespace(session_hash="browser-1")
-    out = on_clone(project.id, b.id, "lora", request)
-    assert "Cloned run" in out[0]
-    assert out[1]["value"] == "sample:dates" and out[2]["value"] == "dora"
-    assert out[-1].selected == "train" and out[-2]["value"] == "dora"  # Method tab's method, then the tab switch
-    shown = [u.get("value") for u in out[3 + len(train_tab.OPTIONS):-2] if u.get("visible")]
-    assert 8 in shown and True in shown  # rank 8 and use_dora, among the visible DoRA settings
-    # The Method tab's own change event (fired by that method change) keeps the cloned settings...
-    card, *updates = on_method("dora", request)
-    assert 8 in [u.get("value") for u in updates if u.get("visible")]
-    # ...once: a later change of method shows the defaults again.
-    card, *updates = on_method("dora", request)
-    assert 8 not in [u.get("value") for u in updates if u.get("visible")]
-    assert param_widgets.take_settings("browser-1", "dora") is None
-    assert "Could not clone" in on_clone(project.id, None, "lora", request)[0]
+    page = Session(demo)
+    page.fire("project-picker", "change", project.id)
+    page.set("history-run", b.id)  # the run opened
+    page.fire("history-clone", "click")
+    assert "Cloned run" in page.value("history-message") and page.selected_tab == "train"
+    assert page.state(RunDraft).spec.method_settings == {"r": 8}
+    assert page.value("train-method") == "dora" and page.value("train-data") == "sample:dates"
+    assert page.value("method-choice") == "dora" and page.value("param-r") == 8
+    assert page.value("param-use_dora") is True
+    # Opening the tabs in any order redraws them from the draft: nothing resets the clone.
+    for tab in ("tab-method", "tab-train", "tab-method"):
+        page.fire(tab, "select")
+    assert page.value("method-choice") == "dora" and page.value("param-r") == 8
+    assert page.value("train-method") == "dora"
+    # A method the user picks afterwards starts from its own defaults, in both tabs.
+    page.fire("train-method", "input", "lora")
+    page.fire("tab-method", "select")
+    assert page.value("method-choice") == "lora" and page.value("param-r") == 16
+    assert page.state(RunDraft).spec.method_settings == {}
+    page.set("history-run", None)
+    page.fire("history-clone", "click")
+    assert "Could not clone" in page.value("history-message") and page.state(RunDraft).spec.method == "lora"
     demo.close()
 
 

@@ -1,8 +1,8 @@
 """The Train tab's handlers without a browser: a real database, real workers, the tiny model.
 
-The handlers are the functions the tab's events call (``start_run``, ``render_run``,
-``stop_run``, ``resume_run``) and, for the UI-restart case, the poll handler of a freshly built
-app, found among its registered event functions.
+The handlers are the functions the tab's events call (``train_actions.start_run`` with the
+session's run draft, ``render_run``, ``stop_run``, ``resume_run``) and, for the UI-restart case,
+the poll handler of a freshly built app, found among its registered event functions.
 """
 
 from __future__ import annotations
@@ -15,11 +15,27 @@ import pytest
 
 from studio import projects
 from studio.db import Database, RunStatus
-from studio.ui import train_tab
-from studio.ui import train_view
+from studio.run_setup import DeviceFacts
 from studio.runs import launch
+from studio.ui import estimates, train_actions, train_view
+from studio.ui.draft import RunDraft
 
 FAST = {"max_steps": 6, "eval_steps": 3, "exact_match_limit": 5}
+
+
+def draft_of(data: str = "sample:dates", method: str = "lora", settings: dict | None = None,
+             **fields) -> RunDraft:
+    """The draft a session holds after choosing ``data``, ``method``, its settings and ``fields``."""
+    draft = RunDraft().with_data(data).with_method(method)
+    for name, value in (settings or {}).items():
+        draft = draft.with_setting(name, value)
+    for name, value in fields.items():
+        draft = draft.with_field(name, value)
+    return draft
+
+
+def start(db, project_id, *args, device=None, **fields):
+    return train_actions.start_run(db, project_id, draft_of(*args, **fields), device=device)
 
 
 @pytest.fixture
@@ -70,7 +86,7 @@ def finished(db: Database, run_id: int):
 
 def test_start_trains_a_sample_task_and_renders_curves_and_summary(project):
     db, proj = project
-    message, run_id = train_tab.start_run(db, proj.id, "sample:dates", "lora", {}, FAST)
+    message, run_id = start(db, proj.id, **FAST)
     assert run_id is not None, message
     assert "Started run" in message
     view = wait_for(lambda: finished(db, run_id), 300, "the run to end")
@@ -118,7 +134,7 @@ def test_eta_and_log_cleaning_helpers(project):
     assert train_view.nice_limits(pd.Series([0.0, 2e-4, float("nan")])) == [0.0, 0.0003]
     assert train_view.nice_limits(pd.Series([float("nan")])) is None
     db, proj = project
-    run = launch.create_run(db, proj.id, train_tab.make_spec("default", "sample:dates", "lora", {}, {}))
+    run = launch.create_run(db, proj.id, draft_of().run_spec("default"))
     (launch.run_folder(db, run) / launch.LOG_NAME).write_text("load 10%\rload 50%\rload 100%\nstep 1\n\n")
     assert train_view.clean_log(db, run) == "load 100%\nstep 1"
 
@@ -128,8 +144,7 @@ def test_second_start_is_refused_then_stop_save_and_resume(project):
     results: list[tuple[str, int | None]] = []
 
     def click():
-        results.append(train_tab.start_run(db, proj.id, "sample:sentiment", "lora", {},
-                                           {**FAST, "max_steps": 400}))
+        results.append(start(db, proj.id, "sample:sentiment", **{**FAST, "max_steps": 400}))
 
     threads = [threading.Thread(target=click) for _ in range(2)]
     for thread in threads:
@@ -140,23 +155,23 @@ def test_second_start_is_refused_then_stop_save_and_resume(project):
     refused = [r for r in results if r[1] is None]
     assert len(started) == 1 and len(refused) == 1, results
     run_id = started[0][1]
-    assert "Not started" in refused[0][0] and f"run #{run_id}" in refused[0][0]
+    assert "Not started" in refused[0][0] and f"run {run_id} " in refused[0][0]
     assert "is training on this machine" in refused[0][0]
     assert [r.id for r in db.list_runs(proj.id)] == [run_id]  # the refused click created nothing
 
     wait_for(lambda: len(logged_steps(db, run_id, "loss")) >= 2, 120, "two training steps")
-    assert "Stopping run" in train_tab.stop_run(db, run_id, "save")
+    assert "Stopping run" in train_actions.stop_run(db, run_id, "save")
     view = wait_for(lambda: finished(db, run_id), 120, "the stop")
     assert view.run.status == RunStatus.CANCELLED.value
     assert "cancelled" in view.summary
     stopped_at = logged_steps(db, run_id, "loss")[-1]
     assert db.latest_checkpoint(run_id) is not None  # "save" kept one
-    assert "Nothing to stop" in train_tab.stop_run(db, run_id, "save")
+    assert "Nothing to stop" in train_actions.stop_run(db, run_id, "save")
 
     # Resume continues from the checkpoint; then stop it for good, discarding checkpoints.
-    assert "Resumed run" in train_tab.resume_run(db, run_id)
+    assert "Resumed run" in train_actions.resume_run(db, run_id)
     wait_for(lambda: logged_steps(db, run_id, "loss")[-1] > stopped_at, 120, "a step after the resume")
-    train_tab.stop_run(db, run_id, "discard")
+    train_actions.stop_run(db, run_id, "discard")
     view = wait_for(lambda: finished(db, run_id), 120, "the second stop")
     assert view.run.status == RunStatus.CANCELLED.value
     assert db.latest_checkpoint(run_id) is None
@@ -166,7 +181,7 @@ def test_ui_restart_during_a_run_shows_it_running_with_all_metrics(project):
     from studio.ui.app import build_app
 
     db, proj = project
-    _, run_id = train_tab.start_run(db, proj.id, "sample:dates", "lora", {}, {**FAST, "max_steps": 400})
+    _, run_id = start(db, proj.id, **{**FAST, "max_steps": 400})
     assert run_id is not None
     wait_for(lambda: len(logged_steps(db, run_id, "loss")) >= 3, 120, "three training steps")
 
@@ -193,7 +208,7 @@ def test_ui_restart_during_a_run_shows_it_running_with_all_metrics(project):
     assert len(steps_of(later[3]["value"], "train loss")) > len(shown)
 
     # Once nothing changes, a poll re-sends nothing: the plots are not redrawn every second.
-    train_tab.stop_run(db, run_id, "discard")
+    train_actions.stop_run(db, run_id, "discard")
     wait_for(lambda: finished(db, run_id), 120, "the stop")
     settled = poll(proj.id, run_id, poll(proj.id, run_id, later[-3])[-3])
     *updates, _state, message, stopping = settled
@@ -204,27 +219,35 @@ def test_ui_restart_during_a_run_shows_it_running_with_all_metrics(project):
     demo.close()
 
 
-def test_start_is_refused_when_the_estimate_exceeds_the_gpu_or_a_setting_is_wrong(project, monkeypatch):
+def test_start_is_refused_when_the_estimate_exceeds_the_gpu_or_a_setting_is_wrong(project):
     db, proj = project
-    monkeypatch.setattr(train_tab, "gpu_free_bytes", lambda: 2**20)  # a GPU with 1 MiB free
-    message, run_id = train_tab.start_run(db, proj.id, "sample:dates", "lora", {}, FAST)
-    assert run_id is None and "would not fit" in message and "exceeds" in message
-    monkeypatch.setattr(train_tab, "gpu_free_bytes", lambda: None)
-    message, run_id = train_tab.start_run(db, proj.id, "sample:dates", "lora", {}, {"learning_rate": 5})
+    tiny_gpu = DeviceFacts("cuda", 2**20, True, None)  # a GPU with 1 MiB free
+    message, run_id = start(db, proj.id, device=tiny_gpu, **FAST)
+    assert run_id is None and "would not fit" in message
+    cpu = DeviceFacts("cpu", None, False, False)
+    message, run_id = start(db, proj.id, device=cpu, learning_rate=5)
     assert run_id is None and "learning_rate" in message
-    message, run_id = train_tab.start_run(db, proj.id, "sample:dates", "lora", {"r": 0}, FAST)
+    message, run_id = start(db, proj.id, "sample:dates", "lora", {"r": 0}, device=cpu, **FAST)
     assert run_id is None and "Not started" in message
     assert db.list_runs(proj.id) == []
-    assert "Estimated training memory" in train_tab.estimate_text(db, proj.id, "sample:dates", "lora", {}, {})
+    text = estimates.train_estimate(draft_of(), proj.model_source, cpu)
+    assert "Estimated training memory" in text and "fp32" in text and "No GPU found" in text
+    assert "exceeds" in estimates.train_estimate(draft_of(), proj.model_source, tiny_gpu)
 
 
 def test_a_failed_run_shows_its_error(tmp_path):
     db = Database()
-    broken = projects.create_project(db, "Broken", model_source=str(tmp_path / "no-such-model"))
-    message, run_id = train_tab.start_run(db, broken.id, "sample:dates", "lora", {}, FAST)
+    missing = projects.create_project(db, "Missing", model_source=str(tmp_path / "no-such-model"))
+    message, run_id = start(db, missing.id, **FAST)  # refused before a run exists
+    assert run_id is None and "no-such-model" in message and db.list_runs(missing.id) == []
+    folder = tmp_path / "broken-model"  # a model folder the worker cannot load
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    broken = projects.create_project(db, "Broken", model_source=str(folder))
+    message, run_id = start(db, broken.id, **FAST)
     assert run_id is not None, message
     view = wait_for(lambda: finished(db, run_id), 120, "the worker to fail")
     assert view.run.status == RunStatus.FAILED.value
-    assert "What went wrong" in view.summary and "no-such-model" in view.summary
-    assert "failed" in train_tab.run_choices(db, broken.id)[0][0]
-    assert "Nothing to stop" in train_tab.stop_run(db, run_id, "save")
+    assert "What went wrong" in view.summary and view.run.error.strip()[-40:] in view.summary
+    assert "failed" in train_actions.run_choices(db, broken.id)[0][0]
+    assert "Nothing to stop" in train_actions.stop_run(db, run_id, "save")

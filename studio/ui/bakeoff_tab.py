@@ -6,7 +6,7 @@ The UI only queues runs (``studio.bakeoff.start_bakeoff``) and reads the history
 train and measure, and each finished worker starts the next run, so closing the app does not
 stop a bake-off. The poll also calls ``launch.dispatch``, which restarts the queue after a
 crash. Handlers are module functions on plain values, so tests drive them without a browser.
-The user-visible strings are in ``TXT`` (this section's part of ``labels``).
+The user-visible strings are ``labels.BAKEOFF``.
 """
 
 from __future__ import annotations
@@ -22,39 +22,13 @@ import pandas as pd
 
 from studio import bakeoff
 from studio.bakeoff import table as bt
-from studio.db import Database
+from studio.db import Database, RunStatus
 from studio.methods import all_methods
-from studio.ui.train_tab import data_choices
+from studio.ui import data_choice, labels
 from studio.ui.train_view import nice_limits
 from studio.runs import launch
 
-TXT = {
-    "intro": ("**Bake-off:** the same data and budget for several methods, one table. One run per method "
-              "is queued and trained in turn by the background worker (it continues with the app closed); "
-              "after training each adapter is reloaded, merged where the method merges, scored by exact "
-              "match on the eval split and timed generating."),
-    "data": "Data",
-    "methods": "Methods",
-    "steps": "Steps (each method)",
-    "batch": "Batch size",
-    "max_length": "Max length (tokens)",
-    "eval_rows": "Eval rows scored by exact match",
-    "lr": "Learning rate for all (0: each method's usual rate)",
-    "queue": "Queue bake-off",
-    "bakeoff": "Bake-off",
-    "cancel": "Cancel the rest",
-    "refresh": "Refresh",
-    "csv": "Download CSV",
-    "markdown": "Download Markdown",
-    "plot": "Quality against trainable parameters",
-    "no_project": "**Pick or create a project first.**",
-    "refused": "**Not queued:** {reason}",
-    "queued": ("**Bake-off #{id} queued:** {n} runs ({methods}). {state}"),
-    "started": "Run #{run} is training now.",
-    "waiting": "Another run is training; the bake-off starts after it.",
-    "none": "No bake-off in this project yet: choose methods and press **Queue bake-off**.",
-    "cancelled": "**Cancelled {n} run(s)** of bake-off #{id}.",
-}
+TXT = labels.BAKEOFF
 POLL_SECONDS = 3.0
 SCATTER_COLUMNS = ["method", "trainable parameters (log10)", "quality"]
 
@@ -70,23 +44,22 @@ def queue_bakeoff(db: Database, project_id: int | None, data: str, methods: list
     """Queue a bake-off; (message, its id, or None when refused: then nothing was created)."""
     if project_id is None or db.get_project(project_id) is None:
         return TXT["no_project"], None
-    kind, _, value = (data or "").partition(":")
     try:
+        choice = data_choice.decode(data)
         budget = bakeoff.Budget(max_steps=int(steps), batch_size=int(batch), max_length=int(max_length),
                                 eval_rows=int(eval_rows), learning_rate=float(lr) if lr else None)
         row = bakeoff.start_bakeoff(db, project_id, list(methods or []), budget,
-                                    sample_task=value if kind == "sample" else None,
-                                    dataset_id=int(value) if kind == "dataset" else None)
+                                    sample_task=choice.sample_task, dataset_id=choice.dataset_id)
     except (ValueError, TypeError, LookupError) as exc:
         return TXT["refused"].format(reason=exc), None
-    running = [r for r in row.run_ids if db.get_run(r).status == "running"]
+    running = [r for r in row.run_ids if db.get_run(r).status == RunStatus.RUNNING.value]
     state = TXT["started"].format(run=running[0]) if running else TXT["waiting"]
     return TXT["queued"].format(id=row.id, n=len(row.run_ids), methods=", ".join(row.methods), state=state), row.id
 
 
 def status_text(db: Database, row: Any) -> str:
     counts = bakeoff.progress(db, row)
-    done = sum(n for s, n in counts.items() if s not in ("queued", "running"))
+    done = sum(n for s, n in counts.items() if s not in (RunStatus.QUEUED.value, RunStatus.RUNNING.value))
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     budget = bakeoff.Budget.from_dict(row.budget)
     data = f"sample task '{row.sample_task}'" if row.sample_task else f"dataset #{row.dataset_id}"
@@ -164,7 +137,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
     gr.Markdown(TXT["intro"])
     with gr.Row():
         with gr.Column(scale=3):
-            data = gr.Dropdown(data_choices(db, None), value="sample:dates", label=TXT["data"],
+            data = gr.Dropdown(data_choice.choices(db, None), value=data_choice.encode(sample_task="dates"), label=TXT["data"],
                                elem_id="bakeoff-data")
             methods = gr.CheckboxGroup([(m.title, m.name) for m in all_methods()], value=bakeoff.DEFAULT_METHODS,
                                        label=TXT["methods"], elem_id="bakeoff-methods")
@@ -214,7 +187,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
     def on_project(project_id):
         choices = bakeoff_choices(db, project_id)
         value = choices[0][1] if choices else None
-        data_list = data_choices(db, project_id)
+        data_list = data_choice.choices(db, project_id)
         return (gr.update(choices=choices, value=value), gr.update(choices=data_list), *show(value))
 
     def on_queue(project_id, *values):
@@ -230,9 +203,8 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         return show(bakeoff_id)
 
     def on_open(project_id, data_v):
-        data_list = data_choices(db, project_id)
-        values = [v for _, v in data_list]
-        return gr.update(choices=data_list, value=data_v if data_v in values else values[0])
+        data_list = data_choice.choices(db, project_id)
+        return gr.update(choices=data_list, value=data_choice.kept(data_v, data_list, data_list[0][1]))
 
     if tab is not None:
         tab.select(on_open, [picker, data], [data], api_name=False)

@@ -13,11 +13,11 @@ import gradio as gr
 
 from studio.compare.sources import chat_memory_refusal, project_adapters
 from studio.db import Database
-from studio.samples import SAMPLE_TASKS
 from studio.ui import compare_view as view
+from studio.ui import data_choice, labels
 from studio.ui.compare_view import BASE_LABEL, SLOTS
-from studio.ui.train_tab import data_choices
 
+TXT = labels.COMPARE
 _engine: dict[str, Any] = {}  # "engine": the ChatEngine of this app process
 
 
@@ -36,31 +36,29 @@ def _adapter_sources(db: Database, project_id: int | None):
 def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None) -> None:
     """Render the tab. ``tab``: the tab itself; opening it re-lists the adapters and eval sets
     (runs finish and datasets are imported in other tabs), keeping what is picked."""
-    gr.Markdown("Ask the base model and your adapters the same thing, side by side, over one copy of "
-                "the base weights. LoRA columns are answered together in one batched generate; other "
-                "methods are answered one after another. Each column keeps its own conversation.")
+    gr.Markdown(TXT["intro"])
     with gr.Row():
-        source = gr.Textbox(label="Base model", scale=3, elem_id="compare-model",
-                            info="the project's model, or any model folder / hub id")
-        load = gr.Button("Load base model", scale=1, elem_id="compare-load")
-    status = gr.Markdown("No model loaded yet.", elem_id="compare-status")
+        source = gr.Textbox(label=TXT["model"], scale=3, elem_id="compare-model",
+                            info=TXT["model_help"])
+        load = gr.Button(TXT["load"], scale=1, elem_id="compare-load")
+    status = gr.Markdown(TXT["no_model"], elem_id="compare-status")
     with gr.Row():
-        picked = gr.Dropdown(label="Adapters from this project's runs and checkpoints", multiselect=True,
+        picked = gr.Dropdown(label=TXT["adapters"], multiselect=True,
                              choices=[], scale=3, elem_id="compare-adapters")
-        folder = gr.Textbox(label="…or an adapter folder on disk", scale=2, elem_id="compare-folder")
-        attach = gr.Button("Attach", scale=1, elem_id="compare-attach")
-    shown = gr.CheckboxGroup(label="Columns (untick to hide a column; hidden columns are not asked)",
+        folder = gr.Textbox(label=TXT["folder"], scale=2, elem_id="compare-folder")
+        attach = gr.Button(TXT["attach"], scale=1, elem_id="compare-attach")
+    shown = gr.CheckboxGroup(label=TXT["columns"],
                              choices=[], elem_id="compare-columns")
-    system = gr.Textbox(label="System prompt (optional)", elem_id="compare-system")
-    with gr.Accordion("Generation settings", open=False):
+    system = gr.Textbox(label=TXT["system"], elem_id="compare-system")
+    with gr.Accordion(TXT["generation"], open=False):
         with gr.Row():
-            mode = gr.Radio(["greedy", "sampling"], value="greedy", label="Decoding", elem_id="compare-mode")
-            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-            max_new = gr.Number(64, precision=0, minimum=1, maximum=4096, label="Max new tokens",
+            mode = gr.Radio(["greedy", "sampling"], value="greedy", label=TXT["decoding"], elem_id="compare-mode")
+            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label=TXT["temperature"])
+            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label=TXT["top_p"])
+            max_new = gr.Number(64, precision=0, minimum=1, maximum=4096, label=TXT["max_new"],
                                 elem_id="compare-max-new")
-            seed = gr.Number(0, precision=0, label="Seed")
-        per_column = gr.Checkbox(False, label="Different settings per column (edit the table)")
+            seed = gr.Number(0, precision=0, label=TXT["seed"])
+        per_column = gr.Checkbox(False, label=TXT["per_column"])
         table = gr.Dataframe(headers=view.SETTING_COLUMNS, visible=False, interactive=True,
                              elem_id="compare-per-column")
     slots, stats = [], []
@@ -68,24 +66,23 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         with gr.Row():
             for i in range(row_start, min(row_start + 4, SLOTS)):
                 with gr.Column(visible=i == 0, min_width=240) as col:
-                    chat = gr.Chatbot(label=BASE_LABEL if i == 0 else f"Column {i}", height=320,
+                    chat = gr.Chatbot(label=BASE_LABEL if i == 0 else TXT["column"].format(i=i), height=320,
                                       elem_id=f"compare-chat-{i}")
                     stat = gr.Markdown(elem_id=f"compare-stats-{i}")
                 slots.append((col, chat))
                 stats.append(stat)
     with gr.Row():
-        message = gr.Textbox(label="Message", placeholder="Type once; every shown column answers",
+        message = gr.Textbox(label=TXT["message"], placeholder=TXT["message_hint"],
                              scale=4, elem_id="compare-message")
-        send = gr.Button("Send", variant="primary", scale=1, elem_id="compare-send")
-        stop = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
-        clear = gr.Button("Clear conversations", scale=1, elem_id="compare-clear")
-    with gr.Accordion("Compare on an eval set (exact match)", open=False):
+        send = gr.Button(TXT["send"], variant="primary", scale=1, elem_id="compare-send")
+        stop = gr.Button(TXT["stop"], variant="stop", scale=1, elem_id="compare-stop")
+        clear = gr.Button(TXT["clear"], scale=1, elem_id="compare-clear")
+    with gr.Accordion(TXT["eval"], open=False):
         with gr.Row():
-            task = gr.Dropdown(data_choices(db, None), value=f"sample:{next(iter(SAMPLE_TASKS))}",
-                               label="Eval set", info="a sample task, or a dataset imported into this project "
-                               "(its eval split's final assistant answers)", elem_id="compare-task")
-            limit = gr.Number(20, precision=0, minimum=1, maximum=400, label="Eval rows")
-            score = gr.Button("Compare on eval set", elem_id="compare-eval")
+            task = gr.Dropdown(data_choice.choices(db, None), value=data_choice.DEFAULT,
+                               label=TXT["eval_set"], info=TXT["eval_set_help"], elem_id="compare-task")
+            limit = gr.Number(20, precision=0, minimum=1, maximum=400, label=TXT["eval_rows"])
+            score = gr.Button(TXT["score"], elem_id="compare-eval")
         scores = gr.Dataframe(interactive=False, elem_id="compare-eval-table")
     state = gr.State(view.empty_state())
     chats = [c for _, c in slots]
@@ -106,8 +103,8 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         if project_id is None or db.get_project(project_id) is None:
             return gr.update(), gr.update()
         choices = [s.label for s in _adapter_sources(db, project_id)]
-        sets = data_choices(db, project_id)
-        keep_set = task_v if task_v in [v for _, v in sets] else sets[0][1]
+        sets = data_choice.choices(db, project_id)
+        keep_set = data_choice.kept(task_v, sets, sets[0][1])
         return (gr.update(choices=choices, value=[p for p in picked_v or [] if p in choices]),
                 gr.update(choices=sets, value=keep_set))
 
@@ -121,19 +118,19 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         refusal = chat_memory_refusal(db, source_v)
         if refusal:
             return (f"**{refusal}**", view.empty_state(), *layout(view.empty_state(), [BASE_LABEL]))
-        progress(0.1, desc=f"loading {source_v}")
+        progress(0.1, desc=TXT["loading"].format(source=source_v))
         _engine.pop("engine", None)  # free the previous model before loading the next
         try:
             _engine["engine"] = ChatEngine.load(source_v)
         except Exception as exc:  # a bad source must not break the tab
-            return (f"**Could not load {source_v}:** {exc}", view.empty_state(),
+            return (TXT["load_failed"].format(source=source_v, reason=exc), view.empty_state(),
                     *layout(view.empty_state(), [BASE_LABEL]))
         st = view.empty_state()
         return view.status_text(engine()), st, *layout(st, [BASE_LABEL])
 
     def on_attach(project_id, labels_v, folder_v, st, visible):
         if engine() is None:
-            return "**Load the base model first.**", st, *layout(st, visible)
+            return f"**{TXT['load_first']}**", st, *layout(st, visible)
         sources = {s.label: s for s in _adapter_sources(db, project_id)}
         wanted = [(label, sources[label].folder, sources[label].method) for label in labels_v or [] if label in sources]
         if (folder_v or "").strip():
@@ -149,7 +146,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
                 continue
             st = view.with_column(st, label)
             visible = [*visible, label]
-        text = view.status_text(engine()) + "".join(f"\n\n**Not attached:** {p}" for p in problems)
+        text = view.status_text(engine()) + "".join(TXT["not_attached"].format(problem=p) for p in problems)
         return text, st, *layout(st, visible)
 
     def on_send(message_v, system_v, visible, st, mode_v, temp_v, top_p_v, max_new_v, seed_v, per_col, table_v):
@@ -172,13 +169,13 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
                     st = view.with_answers(st, answers)
                     yield ("", st, *view.chat_frames(st), *view.stats_texts(st, answers))
         except Exception as exc:  # a failed generate is shown in the base slot, the UI stays up
-            yield ("", st, *view.chat_frames(st), gr.update(value=f"**Generation failed:** {exc}"),
+            yield ("", st, *view.chat_frames(st), gr.update(value=TXT["generation_failed"].format(reason=exc)),
                    *[gr.update()] * (SLOTS - 1))
 
     def on_score(visible, st, task_v, limit_v, progress=gr.Progress()):
         if engine() is None:
-            return view.note_table("Load the base model first.")
-        progress(0.05, desc="generating answers for every column")
+            return view.note_table(TXT["load_first"])
+        progress(0.05, desc=TXT["scoring"])
         return view.eval_scores(engine(), db, view.engine_columns(st, visible), task_v, int(limit_v or 20))
 
     def on_clear(st, visible):

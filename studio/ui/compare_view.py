@@ -16,6 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.compare.settings import ColumnAnswer, GenerationSettings
+from studio.ui import data_choice
 
 SLOTS = 7  # the base + up to six adapters (studio.compare.engine.MAX_ADAPTERS)
 BASE_LABEL = "Base model"
@@ -190,17 +191,21 @@ def eval_scores(engine: Any, db: Any, columns: list[str], eval_set: str | None, 
     """Each column's exact match on an eval set: ``sample:<task>`` (the task's own scoring) or
     ``dataset:<id>``, an imported dataset's eval split (its final assistant turns, compared after
     whitespace normalisation; see ``studio.evaluate``). A set with nothing to score says why."""
-    kind, _, value = (eval_set or "").partition(":")
-    if kind == "sample":
-        return score_table(engine, engine.score(columns, value, limit))
-    if kind != "dataset" or not value.isdigit():
+    try:
+        choice = data_choice.decode(eval_set)
+    except ValueError:
+        choice = data_choice.DataChoice()
+    if choice.sample_task is not None:
+        return score_table(engine, engine.score(columns, choice.sample_task, limit))
+    if choice.dataset_id is None:
         return note_table("Pick an eval set.")
+    value = choice.dataset_id
     from studio.data.store import load_dataset_split
     from studio.evaluate import eval_examples
 
-    if db.get_dataset(int(value)) is None:
+    if db.get_dataset(value) is None:
         return note_table(f"Dataset #{value} no longer exists: pick another eval set.")
-    examples = eval_examples(load_dataset_split(db, int(value), "eval"), engine.tokenizer, limit)
+    examples = eval_examples(load_dataset_split(db, value, "eval"), engine.tokenizer, limit)
     if not examples.references:
         return note_table(f"Nothing to score: {examples.reason}.")
     return score_table(engine, engine.score_examples(columns, examples))

@@ -11,6 +11,9 @@ import pandas as pd
 
 from studio.db import Database
 from studio.samples import SAMPLE_TASKS
+from studio.ui import labels
+
+TXT = labels.DATA
 
 SLOT_COUNT = 4  # alpaca has the most slots: instruction, input, output, system
 STATS_SAMPLE = 2000  # rows tokenised for the statistics; enough for stable percentiles
@@ -56,16 +59,16 @@ def inspect(source_file: str | None, source_path: str, text_mode: str):
 
     source = source_file or (source_path or "").strip()
     if not source:
-        return ["**Choose a file or type a path first.**", pd.DataFrame(), gr.update(),
+        return [TXT["choose_first"], pd.DataFrame(), gr.update(),
                 *[gr.update() for _ in range(SLOT_COUNT)], {}]
     try:
         preview = inspect_source(source, text_mode=text_mode)
     except DataError as exc:
-        return [f"**Cannot read it:** {exc}", pd.DataFrame(), gr.update(),
+        return [TXT["cannot_read"].format(reason=exc), pd.DataFrame(), gr.update(),
                 *[gr.update() for _ in range(SLOT_COUNT)], {}]
     det = preview.detection
-    lines = [f"**Detected: {det.format}** (confidence {det.confidence:.0%}) — {det.evidence}",
-             f"File kind: {preview.file_kind}. Columns: {', '.join(preview.columns)}."]
+    lines = [TXT["detected"].format(format=det.format, confidence=det.confidence, evidence=det.evidence),
+             TXT["file_kind"].format(kind=preview.file_kind, columns=", ".join(preview.columns))]
     if preview.note:
         lines.append(preview.note)
     for problem in preview.problems[:5]:
@@ -81,41 +84,41 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
     state = gr.State({})
     with gr.Row():
         with gr.Column(scale=2):
-            gr.Markdown("**Start from a sample task** (imported into the current project):")
+            gr.Markdown(TXT["samples"])
             with gr.Row():
                 samples = {name: gr.Button(task.title, size="sm", elem_id=f"sample-{name}")
                            for name, task in SAMPLE_TASKS.items()}
-            upload = gr.File(label="Upload a dataset (JSONL, JSON, CSV, TSV, Parquet, TXT)", type="filepath",
+            upload = gr.File(label=TXT["upload"], type="filepath",
                              file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"],
                              elem_id="data-upload")
-            path = gr.Textbox(label="…or a file path, a saved dataset folder, or a hub dataset id",
+            path = gr.Textbox(label=TXT["path"],
                               elem_id="data-path")
-            text_mode = gr.Radio(["line", "block"], value="line", label="Plain text: one example per",
-                                 info="line, or block of lines separated by a blank line")
-            inspect_btn = gr.Button("Inspect", variant="secondary", elem_id="data-inspect")
+            text_mode = gr.Radio(["line", "block"], value="line", label=TXT["text_mode"],
+                                 info=TXT["text_mode_help"])
+            inspect_btn = gr.Button(TXT["inspect"], variant="secondary", elem_id="data-inspect")
             detected = gr.Markdown(elem_id="data-detected")
-            raw = gr.Dataframe(label="First rows as read", interactive=False, elem_id="data-raw", wrap=True)
+            raw = gr.Dataframe(label=TXT["raw"], interactive=False, elem_id="data-raw", wrap=True)
             fmt = gr.Dropdown(["alpaca", "messages", "prompt_completion", "text"], value="alpaca",
-                              label="Format", info="Change it if the detection is wrong", elem_id="data-format")
+                              label=TXT["format"], info=TXT["format_help"], elem_id="data-format")
             slots = [gr.Dropdown(choices=[""], value="", visible=False, allow_custom_value=False,
                                  elem_id=f"data-slot-{i}") for i in range(SLOT_COUNT)]
-            with gr.Accordion("Import options", open=False):
-                name = gr.Textbox(label="Dataset name (default: from the file)")
-                eval_ratio = gr.Slider(0.0, 0.5, value=0.1, step=0.01, label="Held-out eval share")
-                on_invalid = gr.Radio(["drop", "refuse"], value="drop", label="Invalid rows",
-                                      info="drop them (listed in the report) or refuse the whole import")
-                max_tokens = gr.Number(value=1024, precision=0, label="Max tokens per example")
-                on_long = gr.Radio(["keep", "truncate", "drop"], value="keep", label="Longer rows")
-            import_btn = gr.Button("Import", variant="primary", elem_id="data-import")
+            with gr.Accordion(TXT["options"], open=False):
+                name = gr.Textbox(label=TXT["name"])
+                eval_ratio = gr.Slider(0.0, 0.5, value=0.1, step=0.01, label=TXT["eval_ratio"])
+                on_invalid = gr.Radio(["drop", "refuse"], value="drop", label=TXT["invalid"],
+                                      info=TXT["invalid_help"])
+                max_tokens = gr.Number(value=1024, precision=0, label=TXT["max_tokens"])
+                on_long = gr.Radio(["keep", "truncate", "drop"], value="keep", label=TXT["long"])
+            import_btn = gr.Button(TXT["import"], variant="primary", elem_id="data-import")
             report = gr.Markdown(elem_id="data-report")
         with gr.Column(scale=3):
-            dataset = gr.Dropdown(label="Dataset", choices=[], elem_id="data-dataset")
+            dataset = gr.Dropdown(label=TXT["dataset"], choices=[], elem_id="data-dataset")
             with gr.Row():
-                max_len = gr.Number(value=512, precision=0, label="Max length for the preview (tokens)")
-                loss_on = gr.Radio(["assistant", "all"], value="assistant", label="Loss on")
+                max_len = gr.Number(value=512, precision=0, label=TXT["max_len"])
+                loss_on = gr.Radio(["assistant", "all"], value="assistant", label=TXT["loss_on"])
             preview = gr.HTML(elem_id="data-preview")
             stats = gr.Markdown(elem_id="data-stats")
-            hist = gr.BarPlot(x="tokens", y="rows", label="Token lengths", elem_id="data-hist", height=220,
+            hist = gr.BarPlot(x="tokens", y="rows", label=TXT["lengths"], elem_id="data-hist", height=220,
                               sort=None)
 
     def refresh_list(project_id, select=None):
@@ -128,9 +131,9 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
 
         slot_values, (name_v, ratio, invalid, max_tok, long_rows) = rest[:SLOT_COUNT], rest[SLOT_COUNT:]
         if project_id is None:
-            return "**Pick or create a project first.**", gr.update()
+            return TXT["no_project"], gr.update()
         if not st.get("source"):
-            return "**Inspect a file first.**", gr.update()
+            return TXT["inspect_first"], gr.update()
         mapping = {slot: col for slot, col in zip(_slots(fmt_value), slot_values) if col}
         counter = None
         if max_tok:  # count with the project model's real tokenizer, not a character estimate
@@ -142,14 +145,14 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
                                     max_tokens=int(max_tok) if max_tok else None, on_long=long_rows,
                                     token_counter=counter)
         except (DataError, ValueError) as exc:
-            return f"**Import refused:** {exc}", gr.update()
+            return TXT["refused"].format(reason=exc), gr.update()
         return _report_text(result), refresh_list(project_id, result.dataset.id)
 
     def on_sample(project_id, task_name):
         from studio.data import import_sample_task
 
         if project_id is None:
-            return "**Pick or create a project first.**", gr.update()
+            return TXT["no_project"], gr.update()
         result = import_sample_task(db, project_id, task_name)
         return _report_text(result), refresh_list(project_id, result.dataset.id)
 
@@ -181,8 +184,8 @@ def empty_histogram() -> pd.DataFrame:
 
 def _report_text(result) -> str:
     row = result.dataset
-    head = (f"**{'Already imported' if result.reused else 'Imported'}: {row.name}** — "
-            f"{row.num_train} training / {row.num_eval} eval examples, format {row.format}.")
+    head = TXT["imported"].format(how=TXT["reused"] if result.reused else TXT["new"], name=row.name,
+                                  train=row.num_train, eval=row.num_eval, format=row.format)
     parts = [head]
     if result.report is not None:
         parts.append(result.report.summary())
@@ -208,14 +211,12 @@ def render_dataset(db: Database, project_id: int | None, dataset_id: int, max_le
     lengths = token_lengths(tokenizer, list(sample))
     s = length_stats(lengths)
     over = sum(length > max_length for length in lengths)
-    sampled = f" (first {len(lengths):,} of {len(train):,} rows)" if len(lengths) < len(train) else ""
-    text = (f"**Token lengths{sampled}**: min {s['min']}, median {s['median']:.0f}, mean {s['mean']:.1f}, "
-            f"p90 {s['p90']:.0f}, p99 {s['p99']:.0f}, max {s['max']}. "
-            f"{over:,} rows longer than {max_length} tokens.")
+    sampled = TXT["sampled"].format(n=len(lengths), total=len(train)) if len(lengths) < len(train) else ""
+    text = TXT["length_stats"].format(sampled=sampled, over=over, max_length=max_length, **s)
     edges, counts = s["histogram"]["edges"], s["histogram"]["counts"]
     digits = 0 if len(edges) < 2 or edges[1] - edges[0] >= 2 else 1
-    labels = [f"{edges[i]:.{digits}f}–{edges[i + 1]:.{digits}f}" for i in range(len(counts))]
+    bins = [f"{edges[i]:.{digits}f}–{edges[i + 1]:.{digits}f}" for i in range(len(counts))]
     # Floats: Gradio's BarPlot reads an int column as categories. The bins keep their order
     # through ``sort`` below (by position), not alphabetically ("95–100" after "100–120").
-    frame = pd.DataFrame({"tokens": labels, "rows": [float(c) for c in counts]})
+    frame = pd.DataFrame({"tokens": bins, "rows": [float(c) for c in counts]})
     return html, text, frame

@@ -1,5 +1,5 @@
 """The History tab: a project's runs (filter, sort, open one for its curves, runspec and log;
-rename, note, delete with confirmation, clone into the Train tab), a comparison of 2-8 runs
+rename, note, delete with confirmation, clone into the session's run draft and the Train tab), a comparison of 2-8 runs
 (loss curves overlaid, the configuration fields that differ), and the project's datasets and
 exports.
 
@@ -11,6 +11,7 @@ components), so tests call them against a real database; ``build`` only wires th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,22 @@ import gradio as gr
 from studio import history
 from studio.db import Database, RunStatus
 from studio.methods import get_method
+from studio.ui import data_choice, labels, train_tab
 from studio.ui import history_view as view
-from studio.ui import labels, param_widgets, train_tab
+from studio.ui.draft import RunDraft
 from studio.ui.train_view import nice_limits
+from studio.ui.wiring import DRAFT_QUEUE, DraftView
 
 TXT = labels.HISTORY
 LIVE_SECONDS = 3.0  # how often the runs table checks for runs that changed elsewhere
+
+
+@dataclass
+class HistoryHandles:
+    """What app.py wires to the Train and Method tabs (``wire_clone``)."""
+    clone: gr.Button
+    run: gr.Dropdown  # the run opened, the one a clone copies
+    message: gr.Markdown
 
 
 # ---- handlers (plain values in, plain values / updates out) ----
@@ -54,34 +65,25 @@ def delete_question(db: Database, run_id: int | None) -> str:
     return TXT["delete_warning"].format(id=run.id, name=run.name, folder=run.folder or "—")
 
 
-def clone_values(db: Database, project_id: int | None, run_id: int | None) -> dict[str, Any]:
-    """What "clone into Train tab" puts in the Train tab: {"data", "data_choices", "method",
-    "settings", "options" (by RunSpec field), "message"}; raises HistoryError when it cannot."""
+def clone_draft(db: Database, project_id: int | None, run_id: int | None, draft: RunDraft) -> tuple[RunDraft, str]:
+    """(the session's draft with the run's RunSpec, the message) for "clone into Train tab": every
+    field is kept, including those no widget shows (the message names them). Raises HistoryError
+    (a ValueError) when it cannot."""
     spec = history.clone_spec(db, run_id)
     run, project = db.get_run(run_id), db.get_project(project_id) if project_id is not None else None
     if project is None or run.project_id != project.id:
         raise history.HistoryError("pick the run's project first")
-    choices = train_tab.data_choices(db, project.id)
-    data = f"sample:{spec.sample_task}" if spec.sample_task else f"dataset:{spec.dataset_id}"
-    notes = []
-    if data not in [value for _, value in choices]:
+    get_method(spec.method)  # a method this version lacks: refused by name, nothing changed
+    cloned, notes = draft.with_spec(spec), []
+    if data_choice.kept(cloned.data, data_choice.choices(db, project.id), None) is None:
         notes.append(TXT["clone_no_data"])
-        data = None
-    options, skipped = {}, {}
-    for name in train_tab.OPTIONS:
-        value = getattr(spec, name)
-        if name in train_tab.CHOICES and value not in train_tab.CHOICES[name]:
-            skipped[name] = value
-        else:
-            options[name] = value
-    skipped.update(history.hidden_changes(spec, train_tab.OPTIONS))
-    if skipped:
-        notes.append(TXT["clone_skipped"].format(fields=", ".join(f"{k} = {v!r}" for k, v in skipped.items())))
+        cloned = cloned.with_data(draft.data)
+    hidden = history.hidden_changes(spec, train_tab.OPTIONS)
+    if hidden:
+        notes.append(TXT["clone_hidden"].format(fields=", ".join(f"{k} = {v!r}" for k, v in hidden.items())))
     if spec.model != project.model_source:
         notes.append(TXT["clone_model"].format(model=spec.model, project_model=project.model_source))
-    return {"data": data, "data_choices": choices, "method": spec.method, "settings": dict(spec.method_settings),
-            "options": options,
-            "message": TXT["cloned"].format(id=run.id, name=run.name) + "".join(f"  \n{n}" for n in notes)}
+    return cloned, TXT["cloned"].format(id=run.id, name=run.name) + "".join(f"  \n{n}" for n in notes)
 
 
 def compare_message(run_ids: Sequence[int] | None, comparison: view.Comparison | None = None) -> str:
@@ -97,14 +99,14 @@ def compare_message(run_ids: Sequence[int] | None, comparison: view.Comparison |
 
 
 # ---- the tab ----
-def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs | None = None,
-          tab: gr.Tab | None = None, sections: Sequence[tuple[str, Callable[[gr.Tab], None]]] = ()) -> None:
+def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None,
+          sections: Sequence[tuple[str, Callable[[gr.Tab], None]]] = ()) -> HistoryHandles:
     """Render the tab. ``sections``: (title, build function) pairs, each built in its own sub-tab
     after Runs, Compare and Project and given that sub-tab (to refresh when it is opened), e.g.
     ``[("Bake-off", lambda sub: bakeoff_tab.build(demo, db, picker, sub))]``."""
     with gr.Tabs(elem_id="history-sections"):
         with gr.Tab(TXT["runs"], id="runs", elem_id="history-tab-runs"):
-            runs = _build_runs(demo, db, picker, main_tabs, tab)
+            runs = _build_runs(demo, db, picker, tab)
         with gr.Tab(TXT["compare"], id="compare", elem_id="history-tab-compare") as compare_sub:
             pick = _build_compare(db)
         with gr.Tab(TXT["project"], id="project", elem_id="history-tab-project") as project_sub:
@@ -132,10 +134,10 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs
         trigger(on_project, [picker], project_outputs, api_name=False)
     for trigger in [picker.change, runs["refresh"].click, runs["changed"].change, compare_sub.select]:
         trigger(on_compare_choices, [picker, pick], [pick], api_name=False)
+    return runs["handles"]
 
 
-def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs | None,
-                tab: gr.Tab | None) -> dict[str, Any]:
+def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None) -> dict[str, Any]:
     with gr.Row():
         text = gr.Textbox(label=TXT["search"], placeholder=TXT["search_hint"], scale=3, elem_id="history-search")
         statuses = gr.Dropdown([s.value for s in RunStatus], value=[], multiselect=True, label=TXT["status"],
@@ -171,10 +173,10 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
             def curves(run_id):
                 d = view.run_detail(db, run_id)
                 common = dict(x="step", y="value", color="series", x_title="step", color_title="", x_lim=d.x_lim)
-                gr.LinePlot(d.loss, label="Loss", y_title="loss", y_lim=nice_limits(d.loss["value"]),
+                gr.LinePlot(d.loss, label=labels.PLOTS["loss"], y_title="loss", y_lim=nice_limits(d.loss["value"]),
                             color_map={"train loss": "#2563eb", "eval loss": "#f97316"}, elem_id="history-run-loss",
                             **common)
-                gr.LinePlot(d.lr, label="Learning rate", y_title="learning rate", y_axis_format="~e", height=220,
+                gr.LinePlot(d.lr, label=labels.PLOTS["lr"], y_title="learning rate", y_axis_format="~e", height=220,
                             y_lim=nice_limits(d.lr["value"]), colors_in_legend=[], elem_id="history-run-lr", **common)
     with gr.Accordion(TXT["runspec"], open=False, elem_id="history-runspec-box"):
         runspec = gr.Code(language="json", interactive=False, elem_id="history-runspec")
@@ -213,9 +215,9 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
 
     def act(fn, run_id, *args):
         try:
-            return f"**Done:** {fn(db, run_id, *args)}"
+            return TXT["done"].format(what=fn(db, run_id, *args))
         except history.HistoryError as exc:
-            return f"**Could not do that:** {exc}"
+            return TXT["failed"].format(reason=exc)
 
     def on_rename(run_id, new_name, n):
         return act(lambda d, r, v: f"renamed to '{history.rename_run(d, r, v).name}'.", run_id, new_name), n + 1
@@ -263,8 +265,7 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: g
         return [list(frame.columns), *frame.values.tolist()]
 
     gr.api(history_runs, api_name="history_runs")
-    _wire_clone(demo, db, picker, main_tabs, run, clone, message)
-    return {"refresh": refresh, "changed": changed}
+    return {"refresh": refresh, "changed": changed, "handles": HistoryHandles(clone, run, message)}
 
 
 def _build_compare(db: Database) -> gr.CheckboxGroup:
@@ -297,34 +298,20 @@ def _build_compare(db: Database) -> gr.CheckboxGroup:
     return pick
 
 
-def _wire_clone(demo: gr.Blocks, db: Database, picker: gr.Dropdown, main_tabs: gr.Tabs | None,
-                run: gr.Dropdown, clone: gr.Button, message: gr.Markdown) -> None:
-    """"Clone into Train tab": fill the Train tab (and the Method tab's settings, which the Train
-    tab trains with) from the run's RunSpec, then switch to the Train tab."""
-    train = train_tab.find_widgets(demo)
-    settings = train_tab.find_method_settings(demo)
-    by_id = {b.elem_id: b for b in demo.blocks.values() if isinstance(getattr(b, "elem_id", None), str)}
-    method_choice = by_id.get("method-choice")  # the Method tab's method
-    options = [name for name in train_tab.OPTIONS if name in train]
-    names = list(settings)
-    extra = [w for w in (method_choice, main_tabs) if w is not None]
-    outputs = [message, train["data"], train["method"], *(train[n] for n in options), *settings.values(), *extra]
-
-    def on_clone(project_id, run_id, current_method, request: gr.Request = None):
-        keep = [gr.update()] * (len(outputs) - 1)
+def wire_clone(db: Database, picker: gr.Dropdown, handles: HistoryHandles, draft: gr.State,
+               main_tabs: gr.Tabs, views: Sequence[DraftView]) -> None:
+    """"Clone into Train tab": the run's RunSpec becomes the session's draft, the Train tab is
+    opened, and ``views`` (the Train and Method tabs) redraw from the draft."""
+    def on_clone(project_id, run_id, current: RunDraft):
         try:
-            plan = clone_values(db, project_id, run_id)
-        except (history.HistoryError, ValueError) as exc:
-            return [f"**Could not clone:** {exc}", *keep]
-        method, chosen = plan["method"], plan["settings"]
-        if method_choice is not None and current_method != method and request is not None:
-            # The Method tab resets settings to defaults when its method changes: leave ours for it.
-            param_widgets.offer_settings(request.session_hash, method, chosen)
-        data = gr.update(choices=plan["data_choices"], value=plan["data"]) if plan["data"] else gr.update()
-        tail = ([gr.update(value=method)] if method_choice is not None else []) + \
-            ([gr.Tabs(selected="train")] if main_tabs is not None else [])
-        return [plan["message"], data, gr.update(value=method), *(plan["options"].get(n, gr.update()) for n in options),
-                *param_widgets.show_method(get_method(method), names, chosen), *tail]
+            cloned, message = clone_draft(db, project_id, run_id, current)
+        except (history.HistoryError, ValueError) as exc:  # said where the user looks; nothing changed
+            return TXT["clone_failed"].format(reason=exc), current, gr.update()
+        return message, cloned, gr.Tabs(selected="train")
 
-    clone.click(on_clone, [picker, run, method_choice or train["method"]], outputs, api_name=False)
-
+    # The tab switch first, then the redraws: what the opened tabs show is the draft, whatever
+    # order their own events arrive in.
+    event = handles.clone.click(on_clone, [picker, handles.run, draft], [handles.message, draft, main_tabs],
+                                api_name=False, concurrency_id=DRAFT_QUEUE)
+    for tab_view in views:
+        event = tab_view.after(event)

@@ -15,7 +15,18 @@ DELETE_CONFIRM = "Delete for good"
 CANCEL = "Cancel"
 MANAGE = "Manage projects"
 SYSTEM = "System"
+SYSTEM_READING = "Reading the machine…"
 REFRESH = "Refresh"
+PROJECT_MSG = {
+    "done": "**Done:** {what}",
+    "failed": "**Could not do that:** {reason}",
+    "created": "Created '{name}'.",
+    "renamed": "Renamed to '{name}'.",
+    "deleted": "Deleted '{name}'.",
+    "pick_rename": "Pick a project to rename first.",
+    "pick_delete": "Pick a project to delete first.",
+    "gone": "That project no longer exists.",
+}
 
 
 def delete_warning(name: str) -> str:
@@ -23,6 +34,80 @@ def delete_warning(name: str) -> str:
         f"**Delete '{name}'?** Its datasets, runs, checkpoints and exports will be removed "
         "from disk and from the history. This cannot be undone."
     )
+
+# ---- Data tab ----
+DATA = {
+    "samples": "**Start from a sample task** (imported into the current project):",
+    "upload": "Upload a dataset (JSONL, JSON, CSV, TSV, Parquet, TXT)",
+    "path": "…or a file path, a saved dataset folder, or a hub dataset id",
+    "text_mode": "Plain text: one example per",
+    "text_mode_help": "line, or block of lines separated by a blank line",
+    "inspect": "Inspect",
+    "raw": "First rows as read",
+    "format": "Format",
+    "format_help": "Change it if the detection is wrong",
+    "options": "Import options",
+    "name": "Dataset name (default: from the file)",
+    "eval_ratio": "Held-out eval share",
+    "invalid": "Invalid rows",
+    "invalid_help": "drop them (listed in the report) or refuse the whole import",
+    "max_tokens": "Max tokens per example",
+    "long": "Longer rows",
+    "import": "Import",
+    "dataset": "Dataset",
+    "max_len": "Max length for the preview (tokens)",
+    "loss_on": "Loss on",
+    "lengths": "Token lengths",
+    "choose_first": "**Choose a file or type a path first.**",
+    "cannot_read": "**Cannot read it:** {reason}",
+    "detected": "**Detected: {format}** (confidence {confidence:.0%}) — {evidence}",
+    "file_kind": "File kind: {kind}. Columns: {columns}.",
+    "no_project": "**Pick or create a project first.**",
+    "inspect_first": "**Inspect a file first.**",
+    "refused": "**Import refused:** {reason}",
+    "imported": "**{how}: {name}** — {train} training / {eval} eval examples, format {format}.",
+    "reused": "Already imported",
+    "new": "Imported",
+    "sampled": " (first {n:,} of {total:,} rows)",
+    "length_stats": ("**Token lengths{sampled}**: min {min}, median {median:.0f}, mean {mean:.1f}, p90 {p90:.0f}, "
+                     "p99 {p99:.0f}, max {max}. {over:,} rows longer than {max_length} tokens."),
+}
+
+# ---- data choices (Train, Bake-off, Compare's eval sets) ----
+DATA_SAMPLE = "Sample task: {title}"
+DATA_DATASET = "Dataset: {name} ({train} train / {eval} eval)"
+
+# ---- Method tab ----
+METHOD = {
+    "model": "Model",
+    "model_help": "'default' (the embedded SmolLM2-135M), a model folder, config.json, .gguf file or hub id. "
+                  "Only its config is read. Follows the project's model; change it to plan for another.",
+    "read_model": "Read model",
+    "method": "Method",
+    "setup": "Training setup (shared with the Train tab)",
+    "quant": "Base quantisation",
+    "quant_help": "For planning; QLoRA always uses NF4",
+    "optimizer": "Optimizer",
+    "optimizer_help": "adamw8bit keeps the optimizer states in 8 bits (needs bitsandbytes and a GPU).",
+    "gpu": "GPU memory available (GiB)",
+    "gpu_help": "Read from your GPU when there is one; set it to plan for another (0: none).",
+    "bar": "Training memory by term",
+    "cannot_estimate": "**Cannot estimate:** {reason}",
+    "cannot_read": "**Cannot read that model:** {reason}",
+    "card": "**{title}** — {family} · merges into the base: {merge} · inference overhead: {overhead}  \n{guidance}",
+    "count": "## {params:,} trainable parameters\n{percent:.4f} % of {total:,}",
+    "total": "### Estimated training memory: {gib:.2f} GiB — {verdict}\nas {precision}: {why}  \n{terms}",
+    "verdicts": {"fits": "fits", "tight": "tight: close to the limit", "exceeds": "exceeds the GPU",
+                 "unknown": "no GPU memory given: enter the GPU you plan to train on"},
+    "advisor": "Advisor: which method for me?",
+    "examples": "Training examples",
+    "must_merge": "Must merge into the base",
+    "many_tasks": "Many tasks on one base",
+    "quality": "Quality first",
+    "rank": "Rank the methods",
+    "advisor_columns": ["method", "score", "reasons", "trainable", "GiB", "verdict"],
+    "advanced": "Advanced settings",
+}
 
 # ---- Train tab ----
 TRAIN_DATA = "Train on"
@@ -35,6 +120,8 @@ TRAIN_DISCARD = "Stop and discard"
 TRAIN_RESUME = "Resume selected run"
 TRAIN_RUN = "Run"
 TRAIN_NO_RUN = "No run yet: choose what to train on and press **Start training**."
+TRAIN_LOG = "Worker log (last lines)"
+PLOTS = {"loss": "Loss", "lr": "Learning rate", "speed": "Tokens per second"}
 TRAIN_PREPARING = "Starting: loading the model and tokenising the data…"
 # Label and help of each training setting, by RunSpec field.
 TRAIN_FIELDS = {
@@ -53,6 +140,8 @@ TRAIN_FIELDS = {
                   "measurement shows a bf16 training step clearly faster (≥ 1.15×), else fp32. bf16 "
                   "moves the losses a little (a few %); fp32 keeps them exact. The run says what it "
                   "chose and why."),
+    "optimizer": ("Optimizer", "adamw suits most runs; adamw8bit keeps its states in 8 bits (needs "
+                  "bitsandbytes and a GPU); sgd keeps none."),
     "seed": ("Seed", "The same seed and settings give the same run."),
     "eval_steps": ("Eval every (steps)", "Evaluate on the held-out split every this many steps (0: only "
                    "at the end)."),
@@ -64,19 +153,24 @@ TRAIN_FIELDS = {
 TRAIN_HELP = {
     "data": "A sample task (imported into this project on first use and scored by exact match) "
             "or a dataset you imported in the Data tab.",
-    "method": "Shared with the Method tab, whose settings (e.g. the LoRA rank) are used too.",
+    "method": "The same choice as the Method tab's, whose settings (e.g. the LoRA rank) are used too.",
     "run": "Every run of this project, newest first. Pick one to see its curves and summary.",
+}
+TRAIN_ESTIMATE = {
+    "head": ("**Estimated training memory: {gib:.2f} GiB** for {title} ({params:,} trainable parameters), "
+             "batch {batch} × {length} tokens, {precision} ({why})"),
+    "cpu": ". No GPU found: training runs on the CPU, in RAM.",
+    "gpu": " — GPU has {free:.1f} GiB free: **{verdict}**.",
+    "failed": "**Cannot estimate:** {reason}",
+    "no_project": "Pick or create a project to see the memory estimate.",
 }
 TRAIN_MSG = {
     "no_project": "**Not started:** pick or create a project first.",
     "refused": "**Not started:** {reason}",
-    "too_big": "**Not started: it would not fit.** {estimate} Lower the batch size or max length, turn "
-               "on gradient checkpointing, or pick QLoRA.",
-    "busy": "run #{id} ('{name}') is training on this machine; two trainings would fight for the same "
-            "device. Stop it or wait for it to finish.",
     "started": "**Started run #{id}** ({name}).",
     "not_running": "**Nothing to stop:** the selected run is not running.",
     "stopping": "**Stopping run #{id}** after its current step, {kept}.",
+    "kept": {"save": "saving a checkpoint", "discard": "discarding its checkpoints"},
     "stopped": {"save": "**Run #{id} stopped** ({status}); its checkpoint is kept: *Resume selected run* "
                         "continues it.",
                 "discard": "**Run #{id} stopped** ({status}); its checkpoints were discarded."},
@@ -113,7 +207,10 @@ HISTORY = {
     "cloned": ("**Cloned run #{id} ('{name}') into the Train tab.** Change what you want there and press "
                "**Start training**."),
     "clone_no_data": "Its dataset is no longer in this project: choose what to train on.",
-    "clone_skipped": "Not settable in the Train tab, so the new run uses the defaults for: {fields}.",
+    "clone_hidden": "Kept from that run, though no widget shows them: {fields}.",
+    "clone_failed": "**Could not clone:** {reason}",
+    "done": "**Done:** {what}",
+    "failed": "**Could not do that:** {reason}",
     "clone_model": "It trained on '{model}'; a new run uses this project's model '{project_model}'.",
     "compare_label": "Runs to compare",
     "compare_help": "Tick 2 to 8 runs: their loss curves are overlaid and their configurations diffed.",
@@ -128,4 +225,74 @@ HISTORY = {
     "projects": "All projects",
     "datasets": "Datasets of this project",
     "exports": "Exports of this project",
+}
+
+# ---- Bake-off (a section of the History tab) ----
+BAKEOFF = {
+    "intro": ("**Bake-off:** the same data and budget for several methods, one table. One run per method "
+              "is queued and trained in turn by the background worker (it continues with the app closed); "
+              "after training each adapter is reloaded, merged where the method merges, scored by exact "
+              "match on the eval split and timed generating."),
+    "data": "Data",
+    "methods": "Methods",
+    "steps": "Steps (each method)",
+    "batch": "Batch size",
+    "max_length": "Max length (tokens)",
+    "eval_rows": "Eval rows scored by exact match",
+    "lr": "Learning rate for all (0: each method's usual rate)",
+    "queue": "Queue bake-off",
+    "bakeoff": "Bake-off",
+    "cancel": "Cancel the rest",
+    "refresh": "Refresh",
+    "csv": "Download CSV",
+    "markdown": "Download Markdown",
+    "plot": "Quality against trainable parameters",
+    "no_project": "**Pick or create a project first.**",
+    "refused": "**Not queued:** {reason}",
+    "queued": ("**Bake-off #{id} queued:** {n} runs ({methods}). {state}"),
+    "started": "Run #{run} is training now.",
+    "waiting": "Another run is training; the bake-off starts after it.",
+    "none": "No bake-off in this project yet: choose methods and press **Queue bake-off**.",
+    "cancelled": "**Cancelled {n} run(s)** of bake-off #{id}.",
+}
+
+
+# ---- Compare tab ----
+COMPARE = {
+    "intro": ("Ask the base model and your adapters the same thing, side by side, over one copy of the base "
+              "weights. LoRA columns are answered together in one batched generate; other methods are "
+              "answered one after another. Each column keeps its own conversation."),
+    "model": "Base model",
+    "model_help": "the project's model, or any model folder / hub id",
+    "load": "Load base model",
+    "no_model": "No model loaded yet.",
+    "adapters": "Adapters from this project's runs and checkpoints",
+    "folder": "…or an adapter folder on disk",
+    "attach": "Attach",
+    "columns": "Columns (untick to hide a column; hidden columns are not asked)",
+    "system": "System prompt (optional)",
+    "generation": "Generation settings",
+    "decoding": "Decoding",
+    "temperature": "Temperature",
+    "top_p": "Top-p",
+    "max_new": "Max new tokens",
+    "seed": "Seed",
+    "per_column": "Different settings per column (edit the table)",
+    "column": "Column {i}",
+    "message": "Message",
+    "message_hint": "Type once; every shown column answers",
+    "send": "Send",
+    "stop": "Stop",
+    "clear": "Clear conversations",
+    "eval": "Compare on an eval set (exact match)",
+    "eval_set": "Eval set",
+    "eval_set_help": "a sample task, or a dataset imported into this project (its eval split's final assistant answers)",
+    "eval_rows": "Eval rows",
+    "score": "Compare on eval set",
+    "loading": "loading {source}",
+    "load_failed": "**Could not load {source}:** {reason}",
+    "load_first": "Load the base model first.",
+    "not_attached": "\n\n**Not attached:** {problem}",
+    "generation_failed": "**Generation failed:** {reason}",
+    "scoring": "generating answers for every column",
 }

@@ -1,30 +1,47 @@
 """The Method tab: pick a method and its settings; see the exact trainable count, its formula
-and the training-memory estimate (stacked by term) update live; ask the advisor."""
+and the training-memory estimate (stacked by term) update live; ask the advisor.
+
+A view of the session's run draft (``studio.ui.draft``), like the Train tab: the method, its
+settings and the training setup (batch, length, precision, checkpointing, optimizer) edited here
+are the run's. The model, base quantisation and GPU memory figure are planning data in the draft.
+The estimate goes through ``run_setup.training_setup``, the translation the run itself uses.
+"""
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from studio import config, sysinfo
+from studio import config, run_setup, sysinfo
 from studio.advisor import Constraints, recommend
-from studio.estimate import TrainSetup
-from studio.methods import SettingError, all_methods, get_method
-from studio.models import ModelSourceError
-from studio.planner import arch_for, plan
-from studio.ui import param_widgets
+from studio.methods import all_methods, get_method
+from studio.planner import arch_for
+from studio.runspec import OPTIMIZERS, PRECISIONS
+from studio.ui import estimates, labels, param_widgets
+from studio.ui.draft import QUANTS, RunDraft
+from studio.ui.wiring import DraftView, edits
 
 GIB = 2**30
-VERDICT_TEXT = {"fits": "fits", "tight": "tight: close to the limit", "exceeds": "exceeds the GPU",
-                "unknown": "no GPU memory given: enter the GPU you plan to train on"}
+TXT = labels.METHOD
+# The training settings this tab shows, by RunSpec field, with their elem_ids.
+SETUP_IDS = {"batch_size": "setup-batch", "max_length": "setup-seq", "precision": "setup-precision",
+             "grad_checkpointing": "setup-ckpt", "optimizer": "setup-optimizer"}
 
 
-def _gpu_gib_default() -> float:
+@dataclass
+class MethodHandles:
+    """What app.py wires: the tab's redraw from the draft (run on opening it and after a clone)."""
+    view: DraftView
+
+
+def local_gpu_gib() -> float | None:
+    """This machine's free GPU memory in GiB (the Method tab's default plan), None without a GPU."""
     gpus = sysinfo.probe_accelerators().get("gpus") or []
-    return round(gpus[0]["free_bytes"] / GIB, 1) if gpus else 0.0
+    return round(gpus[0]["free_bytes"] / GIB, 1) if gpus else None
 
 
 def arch_summary(source: str) -> str:
@@ -38,130 +55,145 @@ def arch_summary(source: str) -> str:
 
 def method_card(name: str) -> str:
     spec = get_method(name)
-    merge = "yes" if spec.mergeable else "no"
-    return (f"**{spec.title}** — {spec.family} · merges into the base: {merge} · inference "
-            f"overhead: {spec.inference_overhead}  \n{spec.guidance}" + (f"  \n*{spec.notes}*" if spec.notes else ""))
+    text = TXT["card"].format(title=spec.title, family=spec.family, merge="yes" if spec.mergeable else "no",
+                              overhead=spec.inference_overhead, guidance=spec.guidance)
+    return text + (f"  \n*{spec.notes}*" if spec.notes else "")
 
 
 def memory_frame(result: dict[str, Any]) -> pd.DataFrame:
     rows = [{"estimate": "training", "term": name, "GiB": round(value / GIB, 4)}
             for name, value in result["memory_bytes"].items() if value > 0]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["estimate", "term", "GiB"])
 
 
-def evaluate(source: str, method: str, names: list[str], values: list[Any], setup_values: list[Any]):
-    """Everything the right-hand side shows, for the current inputs."""
-    batch, seq, dtype, quant, ckpt, optimizer, gpu_gib = setup_values
+def evaluate(draft: RunDraft, here: run_setup.DeviceFacts | None = None):
+    """Everything the right-hand side shows for the draft: (count, formula, bar frame, total)."""
     try:
-        arch = arch_for(source)
-        settings = param_widgets.read_settings(method, names, values)
-        setup = TrainSetup(batch_size=int(batch or 1), seq_len=int(seq or 1), dtype=dtype, quant=quant,
-                           grad_checkpointing=bool(ckpt), optimizer=optimizer)
-        gpu = int(float(gpu_gib) * GIB) if gpu_gib else None
-        result = plan(arch, method, settings, setup, gpu)
-    except (SettingError, ModelSourceError, ValueError) as exc:
-        message = f"**Cannot estimate:** {exc}"
-        return message, "", pd.DataFrame(columns=["estimate", "term", "GiB"]), ""
-    count = (f"## {result['trainable_params']:,} trainable parameters\n"
-             f"{result['trainable_percent']:.4f} % of {result['total_params']:,}")
-    formula = f"`{result['formula']}`"
+        here = here or run_setup.device_facts(draft.model)
+        device = estimates.planned_device(draft, here)
+        result, choice = estimates.plan_draft(draft, draft.model, device, draft.quant)
+    except Exception as exc:  # advice: a bad setting or an unreadable model is shown, never raised
+        return TXT["cannot_estimate"].format(reason=exc), "", memory_frame({"memory_bytes": {}}), ""
+    count = TXT["count"].format(params=result["trainable_params"], percent=result["trainable_percent"],
+                                total=result["total_params"])
     terms = "  \n".join(f"**{name}** {value / GIB:.3f} GiB: {result['memory_formulas'][name]}"
                         for name, value in result["memory_bytes"].items())
-    total = (f"### Estimated training memory: {result['total_bytes'] / GIB:.2f} GiB — "
-             f"{VERDICT_TEXT[result['verdict']]}\n{terms}")
-    return count, formula, memory_frame(result), total
+    total = TXT["total"].format(gib=result["total_bytes"] / GIB, verdict=TXT["verdicts"][result["verdict"]],
+                                precision=choice.precision, why=choice.reason, terms=terms)
+    return count, f"`{result['formula']}`", memory_frame(result), total
 
 
-def build(demo: gr.Blocks) -> gr.Dropdown:
-    methods = all_methods()
+def build(demo: gr.Blocks, draft: gr.State) -> MethodHandles:
     # Warm the default model's ArchInfo in the background (a child process the first time).
-    threading.Thread(target=lambda: _safe(arch_for, config.DEFAULT_MODEL), daemon=True).start()
+    threading.Thread(target=lambda: _safe(arch_summary, config.DEFAULT_MODEL), daemon=True).start()
+    start = RunDraft()
     with gr.Row():
         with gr.Column(scale=2):
             with gr.Row(equal_height=True):
-                source = gr.Textbox(value=config.DEFAULT_MODEL, label="Model", scale=3, elem_id="method-model",
-                                    info="'default' (the embedded SmolLM2-135M), a model folder, config.json, "
-                                         ".gguf file or hub id. Only its config is read.")
-                load = gr.Button("Read model", scale=1, size="sm", elem_id="method-model-load")
+                source = gr.Textbox(value=start.model, label=TXT["model"], scale=3, elem_id="method-model",
+                                    info=TXT["model_help"])
+                load = gr.Button(TXT["read_model"], scale=1, size="sm", elem_id="method-model-load")
             model_info = gr.Markdown(elem_id="method-model-info")
-            method = gr.Dropdown(choices=[(m.title, m.name) for m in methods], value="lora", label="Method",
-                                 elem_id="method-choice")
-            card = gr.Markdown(method_card("lora"), elem_id="method-card")
+            method = gr.Dropdown(choices=[(m.title, m.name) for m in all_methods()], value=start.spec.method,
+                                 label=TXT["method"], elem_id="method-choice")
+            card = gr.Markdown(method_card(start.spec.method), elem_id="method-card")
             widgets = param_widgets.build()
-            with gr.Accordion("Training setup", open=True, elem_id="method-setup"):
+            with gr.Accordion(TXT["setup"], open=True, elem_id="method-setup"):
+                setup = _setup_widgets(start)
                 with gr.Row():
-                    batch = gr.Number(value=4, label="Batch size", minimum=1, precision=0, elem_id="setup-batch")
-                    seq = gr.Number(value=256, label="Max length (tokens)", minimum=8, precision=0, elem_id="setup-seq")
-                with gr.Row():
-                    dtype = gr.Dropdown(["bf16", "fp16", "fp32"], value="bf16", label="Precision")
-                    quant = gr.Dropdown(["none", "nf4", "int8"], value="none", label="Base quantisation",
-                                        info="QLoRA always uses NF4")
-                with gr.Row():
-                    ckpt = gr.Checkbox(False, label="Gradient checkpointing", info="less memory, ~30 % slower")
-                    optimizer = gr.Dropdown(["adamw", "adamw8bit", "sgd"], value="adamw", label="Optimizer")
-                gpu_gib = gr.Number(value=_gpu_gib_default(), label="GPU memory available (GiB)",
-                                    info="Read from your GPU when there is one; set it to plan for another.",
-                                    elem_id="setup-gpu")
+                    quant = gr.Dropdown(list(QUANTS), value=start.quant, label=TXT["quant"], info=TXT["quant_help"],
+                                        elem_id="setup-quant")
+                    gpu_gib = gr.Number(value=local_gpu_gib() or 0, label=TXT["gpu"], info=TXT["gpu_help"],
+                                        minimum=0, elem_id="setup-gpu")
         with gr.Column(scale=3):
             count = gr.Markdown(elem_id="method-count")
             formula = gr.Markdown(elem_id="method-formula")
-            bar = gr.BarPlot(x="estimate", y="GiB", color="term", label="Training memory by term",
-                             elem_id="memory-bar", height=220)
+            bar = gr.BarPlot(x="estimate", y="GiB", color="term", label=TXT["bar"], elem_id="memory-bar", height=220)
             total = gr.Markdown(elem_id="memory-total")
-            _advisor(source, batch, seq, dtype, gpu_gib)
+            _advisor(draft)
 
     names = list(widgets)
-    setup_inputs = [batch, seq, dtype, quant, ckpt, optimizer, gpu_gib]
-    inputs = [source, method, *widgets.values(), *setup_inputs]
-
-    def refresh(src, meth, *rest):
-        values, setup_values = list(rest[:len(names)]), list(rest[len(names):])
-        return evaluate(src, meth, names, values, setup_values)
-
     outputs = [count, formula, bar, total]
 
-    def on_method(meth, request: gr.Request = None):
-        # A cloned run's settings (see param_widgets.offer_settings) win over the defaults.
-        values = param_widgets.take_settings(getattr(request, "session_hash", None), meth)
-        return [method_card(meth), *param_widgets.show_method(get_method(meth), names, values)]
+    def refresh(current: RunDraft):
+        return evaluate(current)
 
-    method.change(on_method, [method], [card, *widgets.values()], api_name=False).then(
-        refresh, inputs, outputs, api_name=False)
-    for component in [*widgets.values(), *setup_inputs]:
-        component.change(refresh, inputs, outputs, api_name=False, show_progress="hidden")
+    def redraw(current: RunDraft):
+        """Every widget of the tab as the draft says (the method's own settings shown)."""
+        spec = current.spec
+        return [current.model, spec.method, method_card(spec.method),
+                *param_widgets.show_method(get_method(spec.method), names, spec.method_settings),
+                *(getattr(spec, name) for name in SETUP_IDS), current.quant, current.gpu_gib or 0]
+
+    redraw_outputs = [source, method, card, *widgets.values(), *setup.values(), quant, gpu_gib]
+    view = DraftView(redraw, [draft], redraw_outputs, then=[(refresh, [draft], outputs)])
+
+    def estimate_after(event):
+        event.success(refresh, [draft], outputs, api_name=False, show_progress="hidden")
+
+    # A user's choice of method shows that method's defaults (its settings in the draft are reset).
+    edits(method, lambda d, m: d.with_method(m), draft).success(
+        lambda d: [method_card(d.spec.method), *param_widgets.show_method(get_method(d.spec.method), names,
+                                                                          d.spec.method_settings)],
+        [draft], [card, *widgets.values()], api_name=False, show_progress="hidden").then(
+        refresh, [draft], outputs, api_name=False, show_progress="hidden")
+    for name, widget in widgets.items():
+        estimate_after(edits(widget, lambda d, v, n=name: d.with_setting(n, v), draft))
+    for name, widget in setup.items():
+        estimate_after(edits(widget, lambda d, v, n=name: d.with_field(n, v), draft))
+    estimate_after(edits(quant, lambda d, q: d.with_plan(quant=q), draft))
+    estimate_after(edits(gpu_gib, lambda d, g: d.with_plan(gpu_gib=g), draft))
+    edits(source, lambda d, s: d.with_plan(model=s), draft)  # read on "Read model": not per keystroke
     load.click(lambda s: _safe(arch_summary, s), [source], [model_info], api_name=False).then(
-        refresh, inputs, outputs, api_name=False)
-    demo.load(on_method, [method], [card, *widgets.values()], api_name=False).then(
-        refresh, inputs, outputs, api_name=False)
+        refresh, [draft], outputs, api_name=False)
+    source.submit(lambda s: _safe(arch_summary, s), [source], [model_info], api_name=False).then(
+        refresh, [draft], outputs, api_name=False)
     demo.load(lambda s: _safe(arch_summary, s), [source], [model_info], api_name=False)
-    return method
+    return MethodHandles(view)
+
+
+def _setup_widgets(start: RunDraft) -> dict[str, gr.components.Component]:
+    spec, train = start.spec, labels.TRAIN_FIELDS
+    with gr.Row():
+        batch = gr.Number(value=spec.batch_size, label=train["batch_size"][0], minimum=1, precision=0,
+                          elem_id=SETUP_IDS["batch_size"])
+        seq = gr.Number(value=spec.max_length, label=train["max_length"][0], minimum=16, precision=0,
+                        elem_id=SETUP_IDS["max_length"])
+    with gr.Row():
+        precision = gr.Dropdown(list(PRECISIONS), value=spec.precision, label=train["precision"][0],
+                                elem_id=SETUP_IDS["precision"])
+        optimizer = gr.Dropdown(list(OPTIMIZERS), value=spec.optimizer, label=TXT["optimizer"],
+                                info=TXT["optimizer_help"], elem_id=SETUP_IDS["optimizer"])
+    ckpt = gr.Checkbox(spec.grad_checkpointing, label=train["grad_checkpointing"][0],
+                       info=train["grad_checkpointing"][1], elem_id=SETUP_IDS["grad_checkpointing"])
+    return {"batch_size": batch, "max_length": seq, "precision": precision, "grad_checkpointing": ckpt,
+            "optimizer": optimizer}
 
 
 def _safe(fn, *args):
     try:
         return fn(*args)
-    except (ModelSourceError, SettingError, ValueError, OSError) as exc:
-        return f"**Cannot read that model:** {exc}"
+    except Exception as exc:  # a missing folder, a bad config, no network for a hub id
+        return TXT["cannot_read"].format(reason=exc)
 
 
-def _advisor(source, batch, seq, dtype, gpu_gib) -> None:
-    with gr.Accordion("Advisor: which method for me?", open=False, elem_id="advisor"):
+def _advisor(draft: gr.State) -> None:
+    with gr.Accordion(TXT["advisor"], open=False, elem_id="advisor"):
         with gr.Row():
-            examples = gr.Number(value=1000, label="Training examples", precision=0, minimum=1)
-            must_merge = gr.Checkbox(False, label="Must merge into the base")
-            many_tasks = gr.Checkbox(False, label="Many tasks on one base")
-            quality = gr.Checkbox(False, label="Quality first")
-        ask = gr.Button("Rank the methods", elem_id="advisor-run")
-        table = gr.Dataframe(headers=["method", "score", "reasons", "trainable", "GiB", "verdict"],
-                             interactive=False, elem_id="advisor-table", wrap=True)
+            examples = gr.Number(value=1000, label=TXT["examples"], precision=0, minimum=1)
+            must_merge = gr.Checkbox(False, label=TXT["must_merge"])
+            many_tasks = gr.Checkbox(False, label=TXT["many_tasks"])
+            quality = gr.Checkbox(False, label=TXT["quality"])
+        ask = gr.Button(TXT["rank"], elem_id="advisor-run")
+        table = gr.Dataframe(headers=TXT["advisor_columns"], interactive=False, elem_id="advisor-table", wrap=True)
 
-    def run(src, n, merge, many, qual, b, s, dt, gpu):
-        arch = arch_for(src)
-        constraints = Constraints(gpu_bytes=int(float(gpu) * GIB) if gpu else None, examples=int(n or 1),
-                                  must_merge=merge, many_tasks=many, quality_first=qual)
-        rows = recommend(arch, constraints, TrainSetup(batch_size=int(b), seq_len=int(s), dtype=dt))
+    def run(current: RunDraft, n, merge, many, qual):
+        device = estimates.planned_device(current, run_setup.device_facts(current.model))
+        choice = run_setup.training_setup(current.spec, device)
+        constraints = Constraints(gpu_bytes=device.free_bytes, examples=int(n or 1), must_merge=merge,
+                                  many_tasks=many, quality_first=qual)
+        rows = recommend(arch_for(current.model), constraints, choice.setup)
         return [[r.title, r.score, r.reasons, f"{r.trainable_params:,}", round(r.total_bytes / GIB, 2), r.verdict]
                 for r in rows]
 
-    ask.click(run, [source, examples, must_merge, many_tasks, quality, batch, seq, dtype, gpu_gib], [table],
-              api_name="advisor")
+    ask.click(run, [draft, examples, must_merge, many_tasks, quality], [table], api_name="advisor")

@@ -2,7 +2,8 @@
 
 One widget per distinct setting name across all methods (``r`` is shared by LoRA, LoHa, VeRA,
 Houlsby, ...). Changing method shows that method's settings with its defaults, labels, help
-texts and bounds; the values are read back as a settings dict for ``planner.plan``.
+texts and bounds, at the values the session's run draft holds (``studio.ui.draft``); each
+widget's edits write that one setting into the draft.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 import gradio as gr
 
-from studio.methods import all_methods, get_method
+from studio.methods import all_methods
 from studio.methods.base import MethodSpec
+from studio.ui import labels
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -54,7 +56,7 @@ def build() -> dict[str, gr.components.Component]:
     for name, f in catalogue.items():
         if not f.metadata.get("advanced"):
             widgets[name] = _widget(f)
-    with gr.Accordion("Advanced settings", open=False, elem_id="method-advanced"):
+    with gr.Accordion(labels.METHOD["advanced"], open=False, elem_id="method-advanced"):
         for name, f in catalogue.items():
             if f.metadata.get("advanced"):
                 widgets[name] = _widget(f)
@@ -79,25 +81,3 @@ def show_method(spec: MethodSpec, names: list[str], values: dict[str, Any] | Non
             update.update(minimum=f.metadata.get("min"), maximum=f.metadata.get("max"))
         updates.append(gr.update(**update))
     return updates
-
-
-def read_settings(method: str, names: list[str], values: list[Any]) -> dict[str, Any]:
-    """The current method's settings from the widget values (others are ignored)."""
-    own = {f.name for f in get_method(method).fields()}
-    return {name: value for name, value in zip(names, values) if name in own and value is not None}
-
-
-# Settings waiting for a browser session's next change of method. The Method tab shows a method's
-# defaults whenever the method changes; when History's "clone into Train tab" changes the method,
-# that change event would undo the cloned settings, so the clone leaves them here and the Method
-# tab takes them instead of the defaults (once, and only for the method they belong to).
-_pending: dict[str, tuple[str, dict[str, Any]]] = {}
-
-
-def offer_settings(session: str, method: str, settings: dict[str, Any]) -> None:
-    _pending[session] = (method, dict(settings))
-
-
-def take_settings(session: str | None, method: str) -> dict[str, Any] | None:
-    entry = _pending.pop(session, None) if session else None
-    return entry[1] if entry is not None and entry[0] == method else None

@@ -14,11 +14,11 @@ def _choices(db: Database) -> list[tuple[str, int]]:
 
 
 def _ok(message: str) -> str:
-    return f"**Done:** {message}"
+    return labels.PROJECT_MSG["done"].format(what=message)
 
 
 def _error(message: str) -> str:
-    return f"**Could not do that:** {message}"
+    return labels.PROJECT_MSG["failed"].format(reason=message)
 
 
 def build(db: Database) -> tuple[gr.Dropdown, callable]:
@@ -52,33 +52,33 @@ def build(db: Database) -> tuple[gr.Dropdown, callable]:
             project = projects.create_project(db, name)
         except (ValueError, OSError) as exc:
             return gr.update(), _error(str(exc)), gr.update()
-        return gr.update(choices=_choices(db), value=project.id), _ok(f"Created '{project.name}'."), ""
+        return gr.update(choices=_choices(db), value=project.id), _ok(labels.PROJECT_MSG["created"].format(name=project.name)), ""
 
     def on_rename(project_id: int | None, name: str):
         if project_id is None:
-            return gr.update(), _error("Pick a project to rename first."), gr.update()
+            return gr.update(), _error(labels.PROJECT_MSG["pick_rename"]), gr.update()
         try:
             project = db.rename_project(project_id, name)
         except ValueError as exc:
             return gr.update(), _error(str(exc)), gr.update()
-        return gr.update(choices=_choices(db), value=project.id), _ok(f"Renamed to '{project.name}'."), ""
+        return gr.update(choices=_choices(db), value=project.id), _ok(labels.PROJECT_MSG["renamed"].format(name=project.name)), ""
 
     def on_delete_ask(project_id: int | None):
         project = db.get_project(project_id) if project_id is not None else None
         if project is None:
-            return gr.update(visible=False), "", _error("Pick a project to delete first.")
+            return gr.update(visible=False), "", _error(labels.PROJECT_MSG["pick_delete"])
         return gr.update(visible=True), labels.delete_warning(project.name), ""
 
     def on_delete_confirm(project_id: int | None):
         project = db.get_project(project_id) if project_id is not None else None
         if project is None:
-            return gr.update(), gr.update(visible=False), _error("That project no longer exists.")
+            return gr.update(), gr.update(visible=False), _error(labels.PROJECT_MSG["gone"])
         projects.delete_project(db, project.id)
         remaining = db.list_projects()
         return (
             gr.update(choices=_choices(db), value=remaining[0].id if remaining else None),
             gr.update(visible=False),
-            _ok(f"Deleted '{project.name}'."),
+            _ok(labels.PROJECT_MSG["deleted"].format(name=project.name)),
         )
 
     create.click(on_create, [new_name], [picker, status, new_name], api_name="create_project")

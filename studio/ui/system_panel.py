@@ -15,7 +15,7 @@ def build() -> tuple[gr.Markdown, callable]:
     # the page asks; the UI process itself never imports torch for this.
     threading.Thread(target=sysinfo.probe_accelerators, daemon=True).start()
     with gr.Accordion(labels.SYSTEM, open=True, elem_id="system-panel"):
-        summary = gr.Markdown("Reading the machine…", elem_id="system-summary")
+        summary = gr.Markdown(labels.SYSTEM_READING, elem_id="system-summary")
         refresh = gr.Button(labels.REFRESH, size="sm", elem_id="system-refresh")
     refresh.click(sysinfo.summary_markdown, None, [summary], api_name="system_summary")
     return summary, sysinfo.summary_markdown

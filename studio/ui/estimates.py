@@ -1,0 +1,58 @@
+"""The memory estimates the Train and Method tabs show, from the session's run draft, through the
+one translation ``run_setup.training_setup`` (the one the worker and the start service use), so a
+tab cannot assume another precision or setup than the run gets.
+
+The Train tab estimates for this machine. The Method tab may plan for another one: the GPU memory
+figure and base quantisation in the draft are planning data, not training settings.
+No gradio here: handlers and tests call these with plain values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from studio import run_setup
+from studio.run_setup import DeviceFacts, SetupChoice
+from studio.ui import labels
+from studio.ui.draft import RunDraft
+
+GIB = 2**30
+
+
+def planned_device(draft: RunDraft, here: DeviceFacts) -> DeviceFacts:
+    """The device the Method tab plans for: a GPU with the draft's memory figure when one is given
+    (this machine's GPU, or one the user plans to train on), else this machine without a figure."""
+    if draft.gpu_gib:
+        bf16 = here.bf16_supported if here.kind == "cuda" else True  # a GPU planned elsewhere: a current one
+        return DeviceFacts("cuda", int(draft.gpu_gib * GIB), bf16, None)
+    return dataclasses.replace(here, free_bytes=None)
+
+
+def plan_draft(draft: RunDraft, model: str, device: DeviceFacts, quant: str = "none"
+               ) -> tuple[dict[str, Any], SetupChoice]:
+    """(the planner's result, the setup choice) for the draft's run of ``model`` on ``device``.
+    Raises ValueError (a SettingError, a SetupError, a model that cannot be read) with the reason."""
+    from studio.planner import arch_for, plan
+
+    spec = draft.spec
+    choice = run_setup.training_setup(spec, device)
+    setup = choice.setup if quant == "none" else dataclasses.replace(choice.setup, quant=quant)
+    return plan(arch_for(model), spec.method, spec.method_settings, setup, device.free_bytes), choice
+
+
+def train_estimate(draft: RunDraft, model: str, device: DeviceFacts | None = None) -> str:
+    """The Train tab's line: the estimate for the run Start would start, on this machine."""
+    text = labels.TRAIN_ESTIMATE
+    try:
+        device = device or run_setup.device_facts(model)
+        result, choice = plan_draft(draft, model, device)
+    except Exception as exc:  # the estimate is advice; any failure is shown, never raised
+        return text["failed"].format(reason=exc)
+    spec = draft.spec
+    head = text["head"].format(gib=result["total_bytes"] / GIB, title=result["title"],
+                               params=result["trainable_params"], batch=spec.batch_size,
+                               length=spec.max_length, precision=choice.precision, why=choice.reason)
+    if device.free_bytes is None:
+        return head + text["cpu"]
+    return head + text["gpu"].format(free=device.free_bytes / GIB, verdict=result["verdict"])

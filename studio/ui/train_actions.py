@@ -1,0 +1,65 @@
+"""What the Train tab's buttons do, without Gradio: start the session draft's run (through
+``runs.start``, the one door the CLI uses too), stop, resume, and list a project's runs.
+
+The UI never trains in its own process (and never imports torch): a start writes the RunSpec into
+a new run and starts ``python -m studio.worker``; the database is the only channel back.
+Plain values in, (message, ...) out, so tests drive them against a real database and worker.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from studio.db import Database, RunStatus
+from studio.runs import launch
+from studio.runs.start import StartRefused, start_new_run
+from studio.run_setup import DeviceFacts
+from studio.ui import labels
+from studio.ui.draft import RunDraft
+
+# A second click while the first start is still checking: the start service's claim is atomic,
+# but serialising here keeps the refusal the friendly "is training" one rather than a conflict.
+_start_lock = threading.Lock()
+
+
+def run_choices(db: Database, project_id: int | None) -> list[tuple[str, int]]:
+    """Newest first, so a restarted UI selects the run that is (or was last) training."""
+    runs = db.list_runs(project_id) if project_id is not None else []
+    return [(f"#{r.id} {r.name} — {r.status}", r.id) for r in runs]
+
+
+def start_run(db: Database, project_id: int | None, draft: RunDraft, device: DeviceFacts | None = None
+              ) -> tuple[str, int | None]:
+    """Start the draft's run on the project's model; (message, run id or None when refused: then
+    nothing was created). ``device``: the device facts to check memory against (None: this machine)."""
+    msg = labels.TRAIN_MSG
+    project = db.get_project(project_id) if project_id is not None else None
+    if project is None:
+        return msg["no_project"], None
+    with _start_lock:
+        try:
+            spec = draft.run_spec(project.model_source)
+            run = start_new_run(db, project.id, spec, device=device)
+        except (StartRefused, ValueError, TypeError) as exc:  # RunSpecError is a ValueError
+            return msg["refused"].format(reason=exc), None
+    return msg["started"].format(id=run.id, name=run.name), run.id
+
+
+def stop_run(db: Database, run_id: int | None, mode: str) -> str:
+    run = db.get_run(run_id) if run_id is not None else None
+    if run is None or run.status != RunStatus.RUNNING.value:
+        return labels.TRAIN_MSG["not_running"]
+    launch.stop(db, run_id, mode)
+    kept = labels.TRAIN_MSG["kept"][mode]
+    return labels.TRAIN_MSG["stopping"].format(id=run_id, kept=kept)
+
+
+def resume_run(db: Database, run_id: int | None) -> str:
+    if run_id is None or db.get_run(run_id) is None:
+        return labels.TRAIN_MSG["no_resume"]
+    with _start_lock:  # the same check-then-start as start_run
+        try:
+            launch.resume(db, run_id)
+        except launch.RunConflict as exc:
+            return labels.TRAIN_MSG["not_resumed"].format(reason=exc)
+    return labels.TRAIN_MSG["resumed"].format(id=run_id)
