@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL
 
 from .schema import RESERVED_FOLDERS, Base
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class DatabaseError(RuntimeError):
@@ -90,8 +90,15 @@ def _v2_bakeoffs_and_queue(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX ix_bakeoffs_dataset_id ON bakeoffs (dataset_id)")
 
 
+def _v3_run_activity(conn: Connection) -> None:
+    """Schema 3 (issue 15): ``runs.activity``, what the worker is doing between steps
+    (evaluating k of n), written with its heartbeat."""
+    conn.exec_driver_sql("ALTER TABLE runs ADD COLUMN activity JSON")
+
+
 MIGRATIONS: list[Migration] = [
     (2, "bake-offs and the run queue", _v2_bakeoffs_and_queue),
+    (3, "what a running worker is doing", _v3_run_activity),
 ]
 
 

@@ -55,7 +55,7 @@ class QueueQueries:
                 run = self._require(s, Run, run_id)
             now = utcnow()
             run.status, run.pid, run.heartbeat_at, run.started_at = RunStatus.RUNNING.value, pid, now, now
-            run.finished_at = run.error = run.exit_code = run.cancel_request = None
+            run.finished_at = run.error = run.exit_code = run.cancel_request = run.activity = None
             return run, None
 
     def cancel_if_waiting(self, run_id: int) -> bool:

@@ -136,6 +136,11 @@ class Run(Base):
     # "queued" because it was created and not yet started is never picked by the dispatcher.
     # Last, so that a file migrated with ALTER TABLE ADD COLUMN has the same column order.
     queued_at: Mapped[datetime | None]
+    # What the worker is doing between two training steps, written with each heartbeat (schema
+    # 3): ``{"phase": "evaluating", "part": "exact match", "done": 12, "total": 50, "step": 20,
+    # "since": <unix time>}``; None while it trains steps. The Train tab shows it, so a long
+    # evaluation is visibly alive rather than a stalled progress bar.
+    activity: Mapped[dict | None] = mapped_column(JSONText)
 
 
 class Metric(Base):

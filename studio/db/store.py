@@ -215,12 +215,13 @@ class Database(QueueQueries, BakeoffQueries):
             raise ValueError(f"cancel_request must be one of {CANCEL_MODES} or None")
         return self._update(Run, id, fields)
 
-    def heartbeat(self, run_id: int) -> str | None:
-        """Stamps the run as alive; returns its pending cancel request ("save"/"discard"/None)
-        so a worker learns about a cancel in the same round trip."""
+    def heartbeat(self, run_id: int, activity: dict[str, Any] | None = None) -> str | None:
+        """Stamps the run as alive and records what the worker is doing (``Run.activity``; None:
+        training steps); returns its pending cancel request ("save"/"discard"/None) so a worker
+        learns about a cancel in the same round trip."""
         with self.session() as s:
             run = self._require(s, Run, run_id)
-            run.heartbeat_at = utcnow()
+            run.heartbeat_at, run.activity = utcnow(), activity
             return run.cancel_request
 
     def request_cancel(self, run_id: int, mode: str) -> Run:
