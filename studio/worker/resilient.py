@@ -11,7 +11,10 @@ already done, so the worker never writes from its training loop:
   soon as the lock is free. While the file is healthy the loop waits the few milliseconds a
   write takes (``settle``), so the history is as current as before; once a write lags, it stops
   waiting. A skipped heartbeat is harmless: ``launch.reconcile`` calls a heartbeat stale only
-  after ten minutes.
+  after ten minutes. Outside the training loop, where the work is library calls that report no
+  progress (loading or downloading the model, tokenizing, a bake-off's measurements), the
+  thread beats on a timer (``beat_on_timer``); inside it the loop's own beats are the sign of
+  life, so a loop that hangs goes silent and is caught.
 - ``Patient`` wraps the ``Database`` for the writes that must happen (the run's status at start
   and at the end): each call is retried for minutes rather than given up.
 
@@ -46,6 +49,7 @@ PATIENCE_S = float(os.environ.get("PEFT_STUDIO_DB_PATIENCE_S", 20 * 60))
 # ``launch.reconcile`` records its end from the log if even that could not be written).
 FULL_PATIENCE_S = min(PATIENCE_S, 60.0)
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
+TIMED_BEAT_S = 30.0  # the timer's heartbeat outside the training loop (a twentieth of the timeout)
 
 
 def transient_reason(error: BaseException) -> str | None:
@@ -127,6 +131,10 @@ class BackgroundWriter:
         self.blocked: str | None = None  # "locked"/"full" while the head of the queue is refused
         self.written = 0
         self.dropped: list[str] = []
+        # Beat on a timer until the training loop takes over (see beat_on_timer): the worker
+        # starts by loading, which reports no progress.
+        self._timer_activity: dict[str, Any] | None = {"phase": "preparing", "since": time.time()}
+        self._timer_on = True
         self._thread = threading.Thread(target=self._run, name=f"db-writer-run-{run_id}", daemon=True)
         self._thread.start()
 
@@ -148,6 +156,13 @@ class BackgroundWriter:
 
     def heartbeat(self) -> None:
         self.submit(lambda: self.db.heartbeat(self.run_id), key="heartbeat")
+
+    def beat_on_timer(self, activity: dict[str, Any] | None) -> None:
+        """Beat every ``TIMED_BEAT_S`` with ``activity`` from now on (None: stop; the training
+        loop beats itself). For phases made of calls that report no progress."""
+        with self._cond:
+            self._timer_on, self._timer_activity = activity is not None, activity
+            self._cond.notify_all()
 
     def settle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for everything queued to be written; True if it was. Returns at
@@ -194,9 +209,13 @@ class BackgroundWriter:
         backoff = FIRST_BACKOFF_S
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closing or self._abandon)
+                ready = self._cond.wait_for(lambda: self._queue or self._closing or self._abandon,
+                                            TIMED_BEAT_S if self._timer_on else None)
                 if self._abandon or (self._closing and not self._queue):
                     return
+                if not ready:  # the timer ran out with nothing to write: a timed heartbeat
+                    activity = self._timer_activity
+                    self._queue.append(("heartbeat", lambda: self.db.heartbeat(self.run_id, activity)))
                 key, call = self._queue[0]
             try:
                 call()

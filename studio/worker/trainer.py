@@ -9,10 +9,20 @@ wrappers would otherwise be saved whole). ``StudioCallback`` writes per-step met
 heartbeat, records checkpoints, runs the exact-match evaluation and turns a cancel request from
 the UI, or SIGTERM/SIGINT, into a clean stop. Its writes go through a background writer, so a
 locked or full history file never stops training (``resilient.py``).
+
+The heartbeat is the supervisor's only sign of life (``launch.reconcile`` kills a worker silent
+for ``launch.STALE_HEARTBEAT``), so the loop beats at every point of progress, not only at step
+end: each micro-step, each evaluation batch, each generated token of the exact-match
+evaluation (``evaluate.reporting``) and each checkpoint, at most every ``BEAT_EVERY_S``. With the
+beat goes ``Run.activity``: "evaluating, eval loss k of n batches" or "exact match k of n
+answers", which the Train tab shows; each evaluation's duration is recorded as the metric
+``eval_seconds``, so the tab's ETA can count the evaluations still to come. Outside the training
+loop (loading, the final save, a bake-off's measurements) the writer beats on a timer instead.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -32,6 +42,7 @@ from studio.worker.signals import GracefulStop
 # How long the loop waits for its records to be written while the history file is healthy
 # (a write takes milliseconds); once one wait runs out, it stops waiting (see resilient.py).
 SETTLE_STEP_S, SETTLE_SAVE_S = 0.5, 5.0
+BEAT_EVERY_S = 0.25  # between two heartbeats at most this often (one coalesced SQLite write)
 
 
 class CancelRequested(Exception):
@@ -98,6 +109,23 @@ class StudioTrainer(Trainer):
         self.full_logits_reason = reason
         say(f"loss: the model's own, over the full logits ({reason})")
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """The Trainer's evaluation (eval loss, then the callbacks' exact match), announced to
+        the ``StudioCallback`` so the run shows "evaluating" and its duration is recorded."""
+        callback = next((c for c in self.callback_handler.callbacks if isinstance(c, StudioCallback)), None)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if callback is None or dataset is None or isinstance(dataset, dict):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        batches = math.ceil(len(dataset) / self.args.eval_batch_size) if hasattr(dataset, "__len__") else None
+        callback.begin_evaluation(self.state.global_step, batches)
+        ok = False
+        try:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            ok = True
+            return metrics
+        finally:
+            callback.end_evaluation(self.state.global_step, recorded=ok)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         keep_4bit_training_layout(model)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
@@ -160,6 +188,42 @@ class StudioCallback(TrainerCallback):
         self._last_tokens = 0
         self._started = time.perf_counter()
         self._process = psutil.Process(os.getpid())
+        # What the worker does between steps (``Run.activity``), replaced whole (never mutated):
+        # the writer thread reads it when it writes the heartbeat, so the latest state is sent.
+        self._activity: dict[str, Any] | None = None
+        self._last_beat = -math.inf
+        self._eval_started: float | None = None
+
+    # ---- heartbeat and activity ----
+    def _beat(self, force: bool = False) -> None:
+        """Queue a heartbeat (coalesced with one already waiting), at most every BEAT_EVERY_S."""
+        now = time.monotonic()
+        if not force and now - self._last_beat < BEAT_EVERY_S:
+            return
+        self._last_beat = now
+        self.writer.submit(lambda: self.db.heartbeat(self.run_id, self._activity), key="heartbeat")
+
+    def _set_activity(self, **changes: Any) -> None:
+        self._activity = {**(self._activity or {}), **changes}
+
+    def begin_evaluation(self, step: int, batches: int | None) -> None:
+        self._eval_started = time.time()
+        self._activity = {"phase": "evaluating", "part": "eval loss", "done": 0, "total": batches,
+                          "step": step, "since": self._eval_started}
+        self._beat(force=True)
+
+    def end_evaluation(self, step: int, recorded: bool = True) -> None:
+        if recorded and self._eval_started is not None:
+            self.writer.log_metrics(step, {"eval_seconds": time.time() - self._eval_started})
+        self._eval_started = self._activity = None
+        self._beat(force=True)
+
+    def _answered(self, done: int, total: int) -> None:
+        """``evaluate.reporting``'s listener: called after every generated token."""
+        now = {"phase": "evaluating", "part": "exact match", "done": done, "total": total}
+        if not self._activity or any(self._activity.get(k) != v for k, v in now.items()):
+            self._set_activity(**now)
+        self._beat()
 
     def _memory_bytes(self) -> float:
         if torch.cuda.is_available():
@@ -177,9 +241,27 @@ class StudioCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.stop is not None:
             self.stop.training_began()
+        self.writer.beat_on_timer(None)  # the loop beats from here on (see the module's docstring)
+        self._beat(force=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._activity = None
+        self.writer.beat_on_timer({"phase": "finishing", "since": time.time()})
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._beat()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._beat()  # a step of many accumulated micro-batches beats between them
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self._activity and self._activity.get("part") == "eval loss":
+            self._set_activity(done=self._activity["done"] + 1)
+        self._beat()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.writer.heartbeat()
+        self._activity = None
+        self._beat(force=True)
         # While writes are quick, wait for them: the history stays as current as the loop.
         self.writer.settle(SETTLE_STEP_S)
         request = current_cancel_request(self.db, self.run_id)
@@ -211,11 +293,17 @@ class StudioCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         if self.evaluate_exact_match is not None and model is not None:
-            score = self.evaluate_exact_match(model)
+            from studio import evaluate
+
+            self._set_activity(phase="evaluating", part="exact match", done=0, total=None)
+            self._beat(force=True)
+            with evaluate.reporting(self._answered):
+                score = self.evaluate_exact_match(model)
             if score is not None:
                 self.writer.log_metrics(state.global_step, {"eval_exact_match": score}, wall_time=time.time())
 
     def on_save(self, args, state, control, **kwargs):
+        self._beat(force=True)
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             step = state.global_step  # bound now: ``state`` moves on before the write may happen
