@@ -8,8 +8,11 @@ or DeepSpeed go through the same door by adding their accelerate config to the e
 (``ACCELERATE_CONFIG_FILE``) — the worker itself does not change.
 
 A worker that dies cannot record its own end, so ``reconcile`` (called on every UI poll and at
-start-up) marks a "running" run failed when its process is gone or its heartbeat is stale, with
-the tail of its log as the error.
+start-up) marks a "running" run failed when its process is gone, with the tail of its log as the
+error. A run is never marked failed while its worker lives: one that is alive but silent for
+``STALE_HEARTBEAT`` (the hang timeout: no step, evaluation batch, generated token or checkpoint
+in that time) is killed first (``liveness.py``), and a Resume is refused while a worker of the
+run is still alive, so one run never has two workers.
 
 One training per machine. A plain ``start`` (the Train tab's Start, ``peft-studio train``) is
 refused with ``RunConflict`` while another run trains: the user asked for "now", and a silent
@@ -40,10 +43,13 @@ import psutil
 
 from studio import config
 from studio.db import Database, Run, RunStatus, utcnow
+from studio.runs import liveness
 from studio.runspec import RunSpec, RunSpecError
 
 log = logging.getLogger(__name__)
-STALE_HEARTBEAT = timedelta(minutes=10)  # a step on a slow CPU can take minutes
+# The hang timeout. The worker beats at every sign of progress (see studio.worker.trainer), so
+# only one training step (forward and backward of one micro-batch) must fit in it.
+STALE_HEARTBEAT = timedelta(minutes=10)
 LOG_NAME = "worker.log"
 _children: dict[int, subprocess.Popen] = {}  # workers this process started and has not reaped
 _child_runs: dict[int, int] = {}  # their pid -> run id
@@ -182,6 +188,14 @@ def start(db: Database, run_id: int, resume: bool = False) -> Run:
     if run is None:
         raise LookupError(f"no run with id {run_id}")
     run_folder(db, run)
+    old = liveness.worker_process(run.pid, run.id) if run.status != RunStatus.RUNNING.value else None
+    if old is not None and not liveness.wait_gone(old, _children.get(run.pid)):
+        # Not a worker that wrote its end and is exiting, but a row marked failed or cancelled
+        # (by an older version, or by hand) while its worker went on: a second worker would
+        # write the same run folder.
+        raise RunConflict(f"run {run.id}'s worker (pid {run.pid}) is still running although the run "
+                          f"is marked {run.status}; wait for it to end, or end it (kill {run.pid}), "
+                          "before starting the run again.")
     run, busy = _claim_and_spawn(db, run_id, resume)
     if run is not None:
         return run
@@ -351,7 +365,10 @@ def _mark_if_dead(db: Database, run: Run) -> bool:
     if code is None and not stale:
         return False
     if stale and code is None:
-        reason = f"no heartbeat for {STALE_HEARTBEAT}; the worker (pid {run.pid}) seems hung"
+        fresh = db.get_run(run.id)  # its last beat may have landed since the list was read
+        if fresh.status != RunStatus.RUNNING.value or utcnow() - fresh.heartbeat_at <= STALE_HEARTBEAT:
+            return False
+        reason, code = _end_hung(run)
     else:
         reason = f"the worker (pid {run.pid}) ended with exit code {code}" if code not in (None, -1) \
             else f"the worker (pid {run.pid}) is gone (killed, or the machine restarted)"
@@ -365,3 +382,16 @@ def _mark_if_dead(db: Database, run: Run) -> bool:
     db.update_run(run.id, status=RunStatus.FAILED.value, finished_at=utcnow(),
                   exit_code=code if code not in (None, -1) else None, error=f"{reason}.\n\n{tail}")
     return True
+
+
+def _end_hung(run: Run) -> tuple[str, int | None]:
+    """A worker alive but silent for the hang timeout: kill it, so that no worker trains on
+    beside a failed row. Returns (the reason to record, its exit code or -1)."""
+    silent = f"no heartbeat for {STALE_HEARTBEAT} (no training step, evaluation batch, generated token or checkpoint)"
+    process = liveness.worker_process(run.pid, run.id)
+    if process is None:  # the pid now belongs to another program: the worker is long gone
+        return f"{silent}, and pid {run.pid} is no longer a PEFT Studio worker of this run", -1
+    code = liveness.kill_worker(process, run.id, _children.get(run.pid))  # TimeoutError: next poll
+    _reap_children()
+    return (f"{silent}: the worker (pid {run.pid}) was hung and has been killed; Resume continues from "
+            "the latest checkpoint"), (-1 if code is None else code)
