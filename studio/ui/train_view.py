@@ -3,6 +3,11 @@ plot frames, axis limits, progress with ETA, the summary and the log tail (``ren
 
 Kept apart from the tab's widgets and handlers so a restarted UI, a test or another tab can
 render a run without building any Gradio component.
+
+While the worker evaluates (``Run.activity``, written with its heartbeat) the progress shows
+"evaluating" with a bar of its own (eval-loss batches, then exact-match answers), and the ETA
+counts the evaluations still to come at the duration the last ones took (``eval_seconds``):
+a mid-training evaluation on a CPU can take longer than all the steps between two of them.
 """
 
 from __future__ import annotations
@@ -10,20 +15,35 @@ from __future__ import annotations
 import html
 import math
 import statistics
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
 from studio.db import Database, Run, RunStatus
 from studio.runspec import RunSpec
 from studio.ui import labels
-from studio.runs import launch
+from studio.runs import launch, outcome
 from studio.worker.precision_record import describe, read_record
 
 LOG_LINES = 12
 LOSS_SERIES = {"loss": "train loss", "eval_loss": "eval loss"}
 LR_SERIES = {"learning_rate": "learning rate"}
 SPEED_SERIES = {"tokens_per_s": "tokens/s"}
+# Words of this view (the lead may move them into labels.py).
+TEXT = {
+    "evaluating": "evaluating at step {step}: {part} {done} of {total}",
+    "evaluating_start": "evaluating at step {step}…",
+    "parts": {"eval loss": "eval loss, batch", "exact match": "exact match, answer"},
+    "preparing": "loading the model and data…",
+    "finishing": "finishing (final save and measurements)…",
+    "untimed": " + {n} evaluation(s), not timed yet",
+    "resumed": "**Resumed run #{id}** from its checkpoint at step {step}.",
+    "restarted": "**Restarted run #{id} from step 0:** it has no checkpoint to continue from{why}.",
+    "restart_why": {outcome.DISCARDED: " (Stop and discard removed its checkpoints)",
+                    outcome.NEVER_STARTED: " (it never started)"},
+}
 
 
 @dataclass
@@ -106,17 +126,83 @@ def duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
 
 
-def progress_html(step: int, total: int | None, eta: float | None, status: str) -> str:
+def activity_text(activity: dict[str, Any] | None) -> str:
+    """The worker's current activity in words ("evaluating at step 20: exact match, answer 12
+    of 50"), or "" while it trains steps."""
+    if not activity:
+        return ""
+    phase = activity.get("phase")
+    if phase == "evaluating":
+        part = TEXT["parts"].get(activity.get("part"), activity.get("part"))
+        if activity.get("total"):
+            return TEXT["evaluating"].format(step=activity.get("step", "?"), part=part,
+                                             done=activity.get("done", 0), total=activity["total"])
+        return TEXT["evaluating_start"].format(step=activity.get("step", "?"))
+    return TEXT.get(phase, "") if phase in ("preparing", "finishing") else ""
+
+
+def _bar(share: float, height: int, colour: str) -> str:
+    return ('<div style="background:var(--neutral-200,#e5e7eb);border-radius:6px;'
+            f'height:{height}px;margin-top:2px"><div style="width:{share * 100:.1f}%;height:{height}px;'
+            f'border-radius:6px;background:{colour}"></div></div>')
+
+
+def progress_html(step: int, total: int | None, eta: float | None, status: str,
+                  activity: dict[str, Any] | None = None, eta_note: str = "") -> str:
+    """The step bar with its ETA, and while the worker evaluates, a second bar for that."""
     share = min(1.0, step / total) if total else 0.0
     text = f"Step {step} / {total if total else '?'}" + (f" ({share:.0%})" if total else "")
+    doing = activity_text(activity) if status == RunStatus.RUNNING.value else ""
+    evaluating = bool(activity) and activity.get("phase") == "evaluating" and bool(doing)
+    timed = f"ETA {duration(eta)}{eta_note}" if eta is not None else ""
     right = status if status != RunStatus.RUNNING.value else (
-        "final evaluation…" if total and step >= total else "starting…" if step == 0
-        else f"ETA {duration(eta)}" if eta is not None else "estimating the time left…")
-    return (f'<div class="train-progress-text" style="display:flex;justify-content:space-between">'
-            f"<span>{text}</span><span>{html.escape(right)}</span></div>"
-            '<div style="background:var(--neutral-200,#e5e7eb);border-radius:6px;height:14px">'
-            f'<div style="width:{share * 100:.1f}%;height:14px;border-radius:6px;'
-            'background:var(--color-accent,#f97316)"></div></div>')
+        doing if doing and not evaluating else
+        timed if evaluating and timed else "final evaluation…" if total and step >= total and not evaluating
+        else "starting…" if step == 0 and not evaluating else timed or "estimating the time left…")
+    out = (f'<div class="train-progress-text" style="display:flex;justify-content:space-between">'
+           f"<span>{text}</span><span>{html.escape(right)}</span></div>"
+           + _bar(share, 14, "var(--color-accent,#f97316)"))
+    if evaluating:
+        done, all_ = activity.get("done") or 0, activity.get("total") or 0
+        out += (f'<div class="train-eval-progress" style="margin-top:6px">{html.escape(doing)}</div>'
+                + _bar(min(1.0, done / all_) if all_ else 0.0, 8, "var(--color-accent-soft,#fdba74)"))
+    return out
+
+
+def evaluations_left(spec: RunSpec, step: int, total: int | None, evaluates: bool) -> int:
+    """Evaluations still to come after ``step``: every ``eval_steps`` up to the last step, plus
+    the final one the worker always runs after training (when the run has an eval split)."""
+    if not evaluates or not total:
+        return 0
+    periodic = (total // spec.eval_steps - step // spec.eval_steps) if spec.eval_steps > 0 else 0
+    return max(0, periodic) + 1
+
+
+def time_left(per_step: float | None, steps_left: int, evals_left: int, eval_seconds: list[float],
+              activity: dict[str, Any] | None, now: float) -> tuple[float | None, str]:
+    """(seconds left, a note) for the ETA: the steps at the recent pace, the evaluations to come
+    at the mean duration of those done, and what remains of the one running now. With no
+    evaluation timed yet the note says how many are not counted, rather than hiding them."""
+    if per_step is None and steps_left > 0:
+        return None, ""
+    seconds = (per_step or 0.0) * steps_left
+    evaluating = bool(activity) and activity.get("phase") == "evaluating"
+    if not eval_seconds:
+        pending = evals_left + (1 if evaluating else 0)
+        return seconds, TEXT["untimed"].format(n=pending) if pending else ""
+    typical = statistics.fmean(eval_seconds)
+    seconds += typical * evals_left
+    if evaluating:
+        seconds += max(0.0, typical - (now - float(activity.get("since") or now)))
+    return seconds, ""
+
+
+def _evaluates(db: Database, run: Run, spec: RunSpec, points: dict[str, list]) -> bool:
+    """Whether the run evaluates at all: it has, or it has an eval split to do it on."""
+    if points.get("eval_seconds") or points.get("eval_loss") or spec.sample_task:
+        return True
+    dataset = db.get_dataset(run.dataset_id) if run.dataset_id is not None else None
+    return bool(dataset is not None and dataset.num_eval)
 
 
 RESULTS = (("loss", "final train loss", ".4f"), ("eval_loss", "eval loss", ".4f"),
@@ -133,7 +219,9 @@ def precision_line(db: Database, run: Run) -> str:
 
 
 def summary_markdown(run: Run, points: dict[str, list[tuple[int, float]]], step: int, total: int | None,
-                     precision: str = "") -> str:
+                     precision: str = "", status: str | None = None) -> str:
+    """The finished run's results table; ``status``: its status in words (``outcome``)."""
+    status = status or run.status
     rows = [(label, f"{points[name][-1][1]:{fmt}}" if points.get(name) else "—") for name, label, fmt in RESULTS]
     rows.append(("steps", f"{step} / {total}" if total else str(step)))
     if run.started_at and run.finished_at:
@@ -141,12 +229,21 @@ def summary_markdown(run: Run, points: dict[str, list[tuple[int, float]]], step:
     if precision:
         rows.append(("precision", precision.replace("|", "/")))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    text = f"### Run #{run.id} {run.status}\n| result | value |\n|---|---|\n{table}"
+    text = f"### Run #{run.id} {status}\n| result | value |\n|---|---|\n{table}"
     return text + (f"\n\n**What went wrong:**\n```\n{run.error.strip()}\n```" if run.error else "")
 
 
-def render_run(db: Database, run_id: int | None) -> RunView:
-    """Everything the tab shows for one run, read from the database and the run's log."""
+def resumed_message(run_id: int, point: Any, stop: str | None) -> str:
+    """What a Resume did: continued from ``point`` (``outcome.resume_point`` read before the
+    resume) or started again at step 0; ``stop``: ``outcome.stop_kind`` of the run before."""
+    if point is not None:
+        return TEXT["resumed"].format(id=run_id, step=point.step)
+    return TEXT["restarted"].format(id=run_id, why=TEXT["restart_why"].get(stop, ""))
+
+
+def render_run(db: Database, run_id: int | None, now: float | None = None) -> RunView:
+    """Everything the tab shows for one run, read from the database and the run's log
+    (``now``: the wall clock, for the time spent in the current evaluation)."""
     run = db.get_run(run_id) if run_id is not None else None
     if run is None:
         return RunView(None, labels.TRAIN_NO_RUN, "", frame({}, LOSS_SERIES), frame({}, LR_SERIES),
@@ -156,13 +253,22 @@ def render_run(db: Database, run_id: int | None) -> RunView:
         points.setdefault(metric.name, []).append((metric.step, metric.value))
     step = points["loss"][-1][0] if points.get("loss") else 0
     total = total_steps(db, run)
-    per_step = seconds_per_step(points.get("elapsed_s", []))
-    eta = per_step * max(0, total - step) if per_step is not None and total else None
     running = run.status == RunStatus.RUNNING.value
-    status = f"**#{run.id} {html.escape(run.name)}** — {run.status}"
+    activity = run.activity if running else None
+    eta, eta_note = None, ""
+    if total:
+        spec = RunSpec.from_dict(run.spec)
+        eta, eta_note = time_left(seconds_per_step(points.get("elapsed_s", [])), max(0, total - step),
+                                  evaluations_left(spec, step, total, _evaluates(db, run, spec, points)),
+                                  [v for _, v in points.get("eval_seconds", [])], activity,
+                                  time.time() if now is None else now)
+    words = run.status if running else outcome.status_words(db, run)
+    status = f"**#{run.id} {html.escape(run.name)}** — {html.escape(words)}"
     if running:
         status += f" (worker pid {run.pid})" + (" — stopping…" if run.cancel_request else "")
-        if not points:
+        if activity_text(activity):
+            status += f"  \n{html.escape(activity_text(activity))}"
+        elif not points:
             status += f"  \n{labels.TRAIN_PREPARING}"
         evals = [f"{label} {points[name][-1][1]:{fmt}} (step {points[name][-1][0]})"
                  for name, label, fmt in RESULTS[1:] if points.get(name)]
@@ -173,9 +279,10 @@ def render_run(db: Database, run_id: int | None) -> RunView:
         status += f"  \n{html.escape(precision)}"
     log = clean_log(db, run, LOG_LINES)
     finished = run.status not in (RunStatus.RUNNING.value, RunStatus.QUEUED.value)
-    summary = summary_markdown(run, points, step, total, precision) if finished else ""
+    summary = summary_markdown(run, points, step, total, precision, words) if finished else ""
     plots_key = (run.id, sum(len(v) for v in points.values()))
-    key = (plots_key, (plots_key, status, run.status, log[-300:]))
-    return RunView(run, status, progress_html(step, total, eta, run.status),
+    progress = progress_html(step, total, eta, run.status, activity, eta_note)
+    key = (plots_key, (plots_key, status, progress, run.status, log[-300:]))
+    return RunView(run, status, progress,
                    frame(points, LOSS_SERIES), frame(points, LR_SERIES), frame(points, SPEED_SERIES),
                    log, summary, [0.0, float(max(total or 0, step, 1))], key)
