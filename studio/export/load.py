@@ -19,9 +19,9 @@ def load_trained(spec: RunSpec, folder: Path, dtype: str = "float32", dequantize
     ``dequantize``: for QLoRA, load the base in 4-bit exactly as trained, then expand it to
     ``dtype`` (so a merge lands in the weights the adapter was trained against).
     """
-    if spec.method in WHOLE_MODEL_METHODS:
-        return models.load_model(str(folder), dtype=dtype).eval()
     method = get_method(spec.method)
+    if method.whole_model:  # the run's "adapter" folder is the whole trained model
+        return models.load_model(str(folder), dtype=dtype).eval()
     kwargs: dict[str, Any] = {}
     if method.quantization is not None:
         kwargs["quantization_config"] = method.quantization(method.params(spec.method_settings))
