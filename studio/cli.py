@@ -3,8 +3,8 @@
 Sub-commands so far: ``ui`` (the web app), ``setup`` (prepare the embedded model), ``info``
 (architecture facts of a model source), ``estimate`` (trainable count and memory), ``train``
 and ``stop`` (a run from a runspec file, through the same worker the UI uses; in
-``studio/cli_train.py``), ``export`` (merged or
-adapter-only files of a finished run, verified), ``bakeoff`` (several methods, one budget, one
+``studio/cli_train.py``), ``export`` (merged or adapter-only files of a run's final weights or
+one of its checkpoints, verified), ``bakeoff`` (several methods, one budget, one
 table; in ``studio/bakeoff/cli.py``). Each sub-command's heavy imports stay in its handler.
 """
 
@@ -90,14 +90,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     db = Database()
     try:
         dtype = args.dtype or ("f16" if args.kind == "gguf" else "float32")
-        row = export_run(db, args.run_id, args.kind, dtype, shard_size=args.shard_size, dest=args.dest,
-                         overwrite=args.overwrite, verify=not args.no_verify,
+        row = export_run(db, args.run_id, args.kind, dtype, checkpoint=args.checkpoint,
+                         shard_size=args.shard_size, dest=args.dest, overwrite=args.overwrite,
+                         verify=not args.no_verify,
                          progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}", flush=True))
     except ExportError as exc:
         print(f"peft-studio export: {exc}", file=sys.stderr)
         return 2
     verification = {k: v for k, v in (row.verification or {}).items() if k != "folder_token"}  # internal
-    print(json.dumps({"path": row.path, "status": row.status, "size_bytes": row.size_bytes,
+    print(json.dumps({"id": row.id, "path": row.path, "status": row.status, "size_bytes": row.size_bytes,
                       "verification": verification}, indent=2))
     return 0 if row.status in ("verified", "unverified") else 1
 
@@ -160,8 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train(sub)  # train, stop
 
-    ex = sub.add_parser("export", help="export a finished run: merged model or adapter, verified")
+    ex = sub.add_parser("export", help="export a run's trained weights: merged model or adapter, verified")
     ex.add_argument("run_id", type=int)
+    ex.add_argument("--checkpoint", type=int, default=None, metavar="STEP",
+                    help="export the checkpoint saved at this step (default: the final weights of a "
+                         "completed run, else the run's latest checkpoint, e.g. after Stop and save)")
     ex.add_argument("--kind", choices=["merged", "adapter", "gguf"], default="merged")
     ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "f16", "q8_0"], default=None,
                     help="float32/bfloat16/float16 (merged, adapter); f16/q8_0 (gguf)")

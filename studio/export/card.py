@@ -1,28 +1,56 @@
-"""The model card (README.md) written into every export folder."""
+"""The model card (README.md) written into every export folder, and the portable name of the
+base model that the card and an adapter's config carry.
+
+An export folder gets shared, so nothing in it may point into this machine: the base model is
+named by its hub id when there is one (the embedded model is SmolLM2-135M-Instruct from the
+hub), otherwise by the local folder's or file's name only, never an absolute path.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import studio
+from studio import models
+
+EMBEDDED_HUB_ID = f"HuggingFaceTB/{models.EMBEDDED_NAME}"  # where the embedded GGUF's model lives
+
+
+def base_model_reference(source: str) -> tuple[str, bool]:
+    """(a portable name for the model source ``source``, whether it is a hub id)."""
+    try:
+        parsed = models.parse_source(source)
+    except models.ModelSourceError:
+        return Path(str(source)).name or str(source), False
+    if parsed.kind == "default":
+        return EMBEDDED_HUB_ID, True
+    if parsed.kind == "hub":
+        return parsed.ref, True
+    return Path(parsed.ref).name, False  # a local folder or .gguf file: its name, not where it is
 
 
 def model_card(*, run: Any, spec: Any, dataset: Any, kind: str, dtype: str, metrics: dict[str, float],
-               steps: int | None, mergeable: bool) -> str:
+               steps: int | None, mergeable: bool, peft_adapter: bool, checkpoint: int | None = None) -> str:
+    """``peft_adapter``: the adapter folder is PEFT's (else the studio's bottleneck layout);
+    ``checkpoint``: the step of the checkpoint exported (None: the run's final weights)."""
     settings = "\n".join(f"| {k} | {v} |" for k, v in sorted(spec.method_settings.items())) or "| (defaults) | |"
     scores = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())) or "| (none recorded) | |"
     what = ("the base model with the adapter merged into its weights; load it with "
             "`AutoModelForCausalLM.from_pretrained(folder)`" if kind == "merged" else
             "the adapter alone; load it over the base with `peft.PeftModel.from_pretrained(base, folder)`"
-            if spec.method != "houlsby" else
+            if peft_adapter else
             "the bottleneck adapters alone (PEFT Studio layout: bottleneck_config.json + "
             "adapter_model.safetensors); load with `studio.adapters.bottleneck.load_bottleneck(base, folder)`")
     dataset_line = (f"{dataset.name} (source sha256 `{dataset.source_hash}`, {dataset.num_train} train / "
                     f"{dataset.num_eval} eval examples)" if dataset is not None else "not recorded")
+    base, on_hub = base_model_reference(spec.model)
+    header = f"base_model: {base}\n" if on_hub else ""  # the hub links base_model: only a hub id
+    base_line = base if on_hub else f"{base} (a local model, not on the Hugging Face hub)"
+    weights = f"checkpoint at step {checkpoint}" if checkpoint is not None else "final"
     return f"""---
 library_name: {"transformers" if kind == "merged" else "peft"}
-base_model: {spec.model}
-tags: [peft-studio, {spec.method}]
+{header}tags: [peft-studio, {spec.method}]
 ---
 # {run.name}
 
@@ -30,9 +58,9 @@ Exported by PEFT Studio {studio.__version__}: {what}.
 
 | | |
 |---|---|
-| base model | {spec.model} |
+| base model | {base_line} |
 | method | {spec.method}{" (cannot be merged)" if not mergeable else ""} |
-| export | {kind}, {dtype} |
+| export | {kind}, {dtype}, {weights} weights |
 | dataset | {dataset_line} |
 | training steps | {steps if steps is not None else "unknown"} |
 | learning rate | {spec.learning_rate} ({spec.lr_scheduler}), batch {spec.batch_size} × {spec.grad_accum} |

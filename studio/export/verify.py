@@ -4,7 +4,8 @@ The child imports transformers (and peft only for adapter exports) but never the
 merged export is proven loadable by plain transformers. It writes its logits and greedy tokens
 for a few eval prompts to a safetensors file; this process computes the same with the trained
 model and compares: the maximum absolute logit difference and the share of prompts whose greedy
-continuation is identical.
+continuation is identical. torch is imported only when a check runs, so that listing what can be
+exported (the UI) never loads it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import torch
 
 GREEDY_TOKENS = 16
 FP32_MAX_DIFF = 1e-3  # fp32 merges differ by ~1e-5..1e-4 (rounding of W + BA)
@@ -59,7 +58,11 @@ print(json.dumps({"studio_modules": studio_loaded, "peft_loaded": "peft" in sys.
 """ % GREEDY_TOKENS
 
 
-def reference_outputs(model: Any, tokenizer: Any, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def reference_outputs(model: Any, tokenizer: Any, texts: list[str]) -> list[tuple[Any, Any]]:
+    """(logits, greedy tokens) of ``model`` for each text: what the reloaded export must match.
+    Call it on the trained model before anything is merged into it."""
+    import torch
+
     results = []
     with torch.no_grad():
         for text in texts:
@@ -74,6 +77,7 @@ def reference_outputs(model: Any, tokenizer: Any, texts: list[str]) -> list[tupl
 def verify_export(folder: Path, kind: str, base_folder: Path, reference: list, texts: list[str],
                   dtype: str, quantised_reference: bool = False) -> dict[str, Any]:
     """Run the child, compare with ``reference`` (from ``reference_outputs``); a JSON-able result."""
+    import torch
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:

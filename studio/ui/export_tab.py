@@ -1,54 +1,109 @@
-"""The Export tab: pick a finished run, export it merged or adapter-only, see the verification,
-and the project's exports with their paths, sizes and results."""
+"""The Export tab: pick a run and which of its trained weights (the final ones, or a checkpoint of a
+run that was stopped and saved), export them merged or adapter-only, see the verification, and
+the project's exports with their paths, sizes and results.
+
+The export itself runs in a child process (``studio.export.child``): the UI process never loads
+a model or imports torch, and a long merge cannot hold up the other tabs. What may be exported
+comes from ``studio.export.weights``; the refusals (a run training on the same device, a method
+that does not merge) come from ``export_run`` in the child, shown as they are.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
 
-from studio.db import Database, RunStatus
+from studio.db import Database
+from studio.export.weights import exportable
 from studio.methods import get_method
 from studio.runspec import RunSpec
 
+TEXT = {
+    "run": "Run",
+    "weights": "Weights",
+    "weights_help": "A completed run's final weights, or a checkpoint (a run stopped with Stop and save "
+                    "keeps its latest one).",
+    "nothing": "Nothing to export yet: a run's final weights or its checkpoints appear here once it "
+               "has finished, or has been stopped with Stop and save.",
+    "pick": "**Pick a run first.**",
+    "failed": "**Export failed:** {reason}",
+    "done": "**Export {status}:** `{path}` ({mb:.1f} MB, {weights}). {checked}",
+    "checked": "max |Δlogit| {diff:.2e}, greedy agreement {agree:.0%} over {prompts} prompts, loaded with {loader}",
+    "no_merge": "**{title} cannot be merged.** {notes} Choose *adapter* to export it.",
+    "qlora": "**QLoRA:** the merged export is the 4-bit base de-quantised to the chosen dtype with the adapter "
+             "merged in; its outputs are compared with the 4-bit model as trained.",
+    "merges": "{title}: merges into the base with no inference overhead.",
+}
 
-def _finished_runs(db: Database, project_id: int | None) -> list[tuple[str, int]]:
+
+@dataclass
+class ExportHandles:
+    run: gr.Dropdown
+    weights: gr.Dropdown
+
+
+def run_choices(db: Database, project_id: int | None) -> list[tuple[str, int]]:
+    """The project's runs that have trained weights on disk (final or a checkpoint), newest first."""
     if project_id is None:
         return []
-    return [(f"#{r.id} {r.name} ({r.method})", r.id) for r in db.list_runs(project_id)
-            if r.status == RunStatus.COMPLETED.value]
+    return [(f"#{r.id} {r.name} ({r.method}, {r.status})", r.id) for r in db.list_runs(project_id)
+            if exportable(db, r)]
+
+
+def weight_choices(db: Database, run_id: int | None) -> list[tuple[str, str]]:
+    """(label, value) per exportable weights of the run; the value is the checkpoint's step, or
+    "final". The first is the default: the final weights when there are some, else the latest
+    checkpoint."""
+    run = db.get_run(run_id) if run_id is not None else None
+    if run is None:
+        return []
+    return [(w.label, "final" if w.step is None else str(w.step)) for w in exportable(db, run)]
 
 
 def _exports_table(db: Database, project_id: int | None) -> pd.DataFrame:
     rows = []
     for e in db.list_exports(project_id) if project_id is not None else []:
         v = e.verification or {}
-        rows.append({"id": e.id, "run": e.run_id, "kind": e.kind, "dtype": e.dtype, "status": e.status,
-                     "size MB": round((e.size_bytes or 0) / 1e6, 1),
+        rows.append({"id": e.id, "run": e.run_id, "step": v.get("checkpoint_step"), "kind": e.kind,
+                     "dtype": e.dtype, "status": e.status, "size MB": round((e.size_bytes or 0) / 1e6, 1),
                      "max |Δlogit|": v.get("max_abs_diff"), "greedy agree": v.get("greedy_agreement"),
                      "path": e.path})
-    return pd.DataFrame(rows, columns=["id", "run", "kind", "dtype", "status", "size MB", "max |Δlogit|",
-                                       "greedy agree", "path"])
+    return pd.DataFrame(rows, columns=["id", "run", "step", "kind", "dtype", "status", "size MB",
+                                       "max |Δlogit|", "greedy agree", "path"])
 
 
 def run_note(db: Database, run_id: int | None) -> str:
     if run_id is None:
-        return "Finish a training run first: exports are made from completed runs."
-    spec = RunSpec.from_dict(db.get_run(run_id).spec)
-    method = get_method(spec.method)
+        return TEXT["nothing"]
+    method = get_method(RunSpec.from_dict(db.get_run(run_id).spec).method)
     if not method.mergeable:
-        return f"**{method.title} cannot be merged.** {method.notes} Choose *adapter* to export it."
+        return TEXT["no_merge"].format(title=method.title, notes=method.notes)
     if method.quantized:
-        return ("**QLoRA:** the merged export is the 4-bit base de-quantised to the chosen dtype with the "
-                "adapter merged in; its outputs are compared with the 4-bit model as trained.")
-    return f"{method.title}: merges into the base with no inference overhead."
+        return TEXT["qlora"]
+    return TEXT["merges"].format(title=method.title)
 
 
-def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None) -> None:
+def export_message(result: dict) -> str:
+    """What the user reads after an export (``result``: the export as the child reports it)."""
+    v = result.get("verification") or {}
+    checked = (TEXT["checked"].format(diff=v["max_abs_diff"], agree=v["greedy_agreement"], prompts=v["prompts"],
+                                      loader=v["loader"]) if "max_abs_diff" in v else v.get("note", ""))
+    step = v.get("checkpoint_step")
+    weights = "final weights" if step is None else f"checkpoint at step {step}"
+    return TEXT["done"].format(status=result["status"], path=result["path"],
+                               mb=(result.get("size_bytes") or 0) / 1e6, weights=weights, checked=checked)
+
+
+def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None) -> ExportHandles:
     """Render the tab. ``tab``: the tab itself; opening it re-lists the runs (one may have
-    finished in the Train tab since the page loaded)."""
+    finished, or been stopped, in the Train tab since the page loaded)."""
     with gr.Row():
         with gr.Column(scale=2):
-            run = gr.Dropdown(label="Finished run", choices=[], elem_id="export-run")
+            run = gr.Dropdown(label=TEXT["run"], choices=[], elem_id="export-run")
+            weights = gr.Dropdown(label=TEXT["weights"], info=TEXT["weights_help"], choices=[],
+                                  elem_id="export-weights")
             note = gr.Markdown(elem_id="export-note")
             kind = gr.Radio(["merged", "adapter", "gguf"], value="merged", label="What to export",
                             info="merged: a full model plain transformers loads; adapter: small PEFT files; "
@@ -69,39 +124,44 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
             table = gr.Dataframe(label="Exports of this project", interactive=False, elem_id="export-table",
                                  wrap=True)
 
-    def refresh(project_id, current=None):
-        choices = _finished_runs(db, project_id)
+    def pick_weights(run_id, current=None):
+        choices = weight_choices(db, run_id)
+        values = [c[1] for c in choices]
+        return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
+
+    def refresh(project_id, current=None, current_weights=None):
+        choices = run_choices(db, project_id)
         ids = [c[1] for c in choices]
         value = current if current in ids else (ids[0] if ids else None)
-        return gr.update(choices=choices, value=value), run_note(db, value), _exports_table(db, project_id)
+        return (gr.update(choices=choices, value=value), pick_weights(value, current_weights),
+                run_note(db, value), _exports_table(db, project_id))
 
-    def on_export(project_id, run_id, kind_v, dtype_v, shard_v, dest_v, overwrite_v, verify_v,
+    def on_export(project_id, run_id, weights_v, kind_v, dtype_v, shard_v, dest_v, overwrite_v, verify_v,
                   progress=gr.Progress()):
-        from studio.export import ExportError, export_run
+        from studio.export.child import export_in_child
+        from studio.export.target import ExportError
 
         if run_id is None:
-            return "**Pick a finished run first.**", _exports_table(db, project_id)
+            return TEXT["pick"], _exports_table(db, project_id)
+        step = None if weights_v in (None, "", "final") else int(weights_v)
         try:
-            row = export_run(db, run_id, kind_v, dtype_v, shard_size=shard_v or "2GB", dest=dest_v or None,
-                             overwrite=overwrite_v, verify=verify_v,
-                             progress=lambda f, m: progress(f, desc=m))
-        except (ExportError, OSError, ValueError) as exc:
-            return f"**Export failed:** {exc}", _exports_table(db, project_id)
-        v = row.verification or {}
-        checked = (f"max |Δlogit| {v['max_abs_diff']:.2e}, greedy agreement {v['greedy_agreement']:.0%} over "
-                   f"{v['prompts']} prompts, loaded with {v['loader']}" if "max_abs_diff" in v else v.get("note", ""))
-        return (f"**Export {row.status}:** `{row.path}` ({(row.size_bytes or 0) / 1e6:.1f} MB). {checked}",
-                _exports_table(db, project_id))
+            done = export_in_child(run_id, kind_v, dtype_v, checkpoint=step, shard_size=shard_v or "2GB",
+                                   dest=dest_v or None, overwrite=overwrite_v, verify=verify_v,
+                                   progress=lambda f, m: progress(f, desc=m))
+        except (ExportError, OSError) as exc:
+            return TEXT["failed"].format(reason=exc), _exports_table(db, project_id)
+        return export_message(done), _exports_table(db, project_id)
 
     def on_kind(kind_v):
         choices = ["f16", "q8_0"] if kind_v == "gguf" else ["float32", "bfloat16", "float16"]
         return gr.update(choices=choices, value=choices[0])
 
     kind.change(on_kind, [kind], [dtype], api_name=False)
-    go.click(on_export, [picker, run, kind, dtype, shard, dest, overwrite, verify], [result, table],
+    go.click(on_export, [picker, run, weights, kind, dtype, shard, dest, overwrite, verify], [result, table],
              api_name=False)
-    run.change(lambda rid: run_note(db, rid), [run], [note], api_name=False)
-    picker.change(refresh, [picker], [run, note, table], api_name=False)
-    demo.load(refresh, [picker], [run, note, table], api_name=False)
+    run.change(lambda rid: (pick_weights(rid), run_note(db, rid)), [run], [weights, note], api_name=False)
+    picker.change(refresh, [picker], [run, weights, note, table], api_name=False)
+    demo.load(refresh, [picker], [run, weights, note, table], api_name=False)
     if tab is not None:
-        tab.select(refresh, [picker, run], [run, note, table], api_name=False)
+        tab.select(refresh, [picker, run, weights], [run, weights, note, table], api_name=False)
+    return ExportHandles(run=run, weights=weights)
