@@ -224,7 +224,8 @@ def _whole_model_gradients(terms: list[Term], arch: ArchInfo, spec: Any, p: Any,
     Gradients and activations are not held at once. Trainer frees the gradients after each step
     (``zero_grad(set_to_none=True)``), so the forward runs without them; the backward writes a
     block's gradients as it frees that block's activations, starting with the output layer's
-    (V × d; without a trained output layer, the top trained block's). Two moments bound the peak, and it is the larger:
+    (V × d; without a trained output layer, the top trained block's). Two moments bound the
+    peak, and it is the larger:
       start of backward:  weights + states + activations + logits + V·d·W (output layer's grad)
       optimizer step:     weights + states + all gradients + one parameter-sized temporary
                           (torch's foreach AdamW computes sqrt(v) for the whole group at once;

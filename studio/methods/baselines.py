@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import NO_OVERHEAD, SELECTIVE, Advice, ApplyContext, Count, MethodSpec, SettingError, n, param
+from studio.methods.base import (NO_OVERHEAD, SELECTIVE, Advice, ApplyContext, Count, MethodSpec, SettingError,
+                                 n, param)
 
 
 @dataclass(frozen=True)

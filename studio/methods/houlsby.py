@@ -49,7 +49,8 @@ HOULSBY = MethodSpec(
     params_cls=HoulsbyParams, count=houlsby_count, apply=apply_houlsby, tensors=houlsby_tensors,
     notes="Cannot merge: the adapter has a non-linearity between its two projections.",
     adapter_in_base_dtype=True,  # our modules are built in the dtype of the layer they follow
-    peft_adapter=False, recognises=lambda config: config.get("method") == "houlsby",  # saved as bottleneck_config.json + safetensors: loads with the studio
+    # Saved as bottleneck_config.json + safetensors (not PEFT's layout): loads with the studio.
+    peft_adapter=False, recognises=lambda config: config.get("method") == "houlsby",
     default_learning_rate=1e-3,
     activations=lambda arch, p, width: activations.bottleneck(arch, p.r, width),
 )

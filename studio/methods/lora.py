@@ -19,8 +19,8 @@ from typing import Any
 
 from studio import activations
 from studio.arch import ArchInfo
-from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Advice, ApplyContext, Count, MethodSpec, n, param,
-                                 peft_type_is, per_module_sum, per_module_tensors, resolve_targets,
+from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Advice, ApplyContext, Count, MethodSpec, n,
+                                 param, peft_type_is, per_module_sum, per_module_tensors, resolve_targets,
                                  with_defaults)
 
 TARGET_PRESETS = ("attention", "mlp", "all-linear")

@@ -21,8 +21,8 @@ from typing import Any
 
 from studio import activations
 from studio.arch import ArchInfo
-from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Advice, ApplyContext, Count, MethodSpec, SettingError,
-                                 param, peft_type_is, per_module_sum, per_module_tensors, resolve_targets)
+from studio.methods.base import (NO_OVERHEAD, REPARAMETERISATION, Advice, ApplyContext, Count, MethodSpec,
+                                 SettingError, param, peft_type_is, per_module_sum, per_module_tensors, resolve_targets)
 from studio.methods.lora import TARGET_PRESETS
 
 
@@ -192,7 +192,8 @@ def _spec(name: str, title: str, guidance: str, params_cls: type, count: Any, ma
 SPECS = [
     _spec("adalora", "AdaLoRA", "LoRA that moves rank to the layers that need it during training; "
           "worth it when a fixed budget must go far. Needs the total step count.",
-          AdaLoraParams, adalora_count, _adalora_config, adalora_tensors, extra_state=adalora_counters, advice=Advice(large_data=True),
+          AdaLoraParams, adalora_count, _adalora_config, adalora_tensors, extra_state=adalora_counters,
+          advice=Advice(large_data=True),
           activations=lambda arch, p, width: activations.low_rank(arch, _targets(arch, p), p.init_r, width)),
     _spec("loha", "LoHa", "A higher effective rank than LoRA for the same r (Hadamard of two "
           "low-rank products), at twice LoRA's parameters and more compute.",
@@ -203,6 +204,6 @@ SPECS = [
           activations=lambda arch, p, width: activations.materialised_delta(arch, _targets(arch, p), width)),
     _spec("vera", "VeRA", "Ten times fewer parameters than LoRA: shared frozen random matrices with "
           "tiny per-layer scales. Lower quality ceiling.", VeraParams, vera_count, _vera_config,
-          vera_tensors, default_learning_rate=4e-3,
-          activations=lambda arch, p, width: activations.shared_projections(arch, _targets(arch, p), p.r)),  # frozen random projections, tiny vectors
+          vera_tensors, default_learning_rate=4e-3,  # frozen random projections, tiny vectors
+          activations=lambda arch, p, width: activations.shared_projections(arch, _targets(arch, p), p.r)),
 ]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.arch import ArchInfo
-from studio.methods.base import ADDITIVE, LONGER_CONTEXT, Advice, ApplyContext, Count, MethodSpec, n, param, peft_type_is
+from studio.methods.base import (ADDITIVE, LONGER_CONTEXT, Advice, ApplyContext, Count, MethodSpec, n, param,
+                                 peft_type_is)
 
 
 @dataclass(frozen=True)

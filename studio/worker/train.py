@@ -216,7 +216,8 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     callback = StudioCallback(db, run_id, None if quantised else scorer, writer=writer, stop=stop)
     method = get_method(spec.method)
     # The method's own parameter groups (LoRA+), or None: the Trainer builds its default optimizer.
-    optimizer = method.optimizer(model, params, spec.learning_rate, spec.weight_decay) if method.optimizer else None
+    optimizer = (method.optimizer(model, params, spec.learning_rate, spec.weight_decay)
+                 if method.optimizer else None)
     optimizers = (optimizer, None)
     trainer = StudioTrainer(
         model=model, args=training_arguments(spec, compute, folder / "checkpoints", eval_set is not None),
