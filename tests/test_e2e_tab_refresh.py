@@ -1,6 +1,6 @@
 """Browser test: what happens in one tab shows in the others when they are opened, without a
-reload. A run that finishes and a dataset imported after the page loaded appear in the Export
-tab's runs, the Compare tab's adapters and eval sets, and the Bake-off section's data list, and
+reload. A run that finishes (or is stopped with a checkpoint) and a dataset imported after the
+page loaded appear in the Export tab's runs, the Compare tab's adapters and eval sets, and the Bake-off section's data list, and
 what the user had already picked stays picked.
 
 The run is recorded through the real Database as a worker records it (its adapter file is only
@@ -30,6 +30,16 @@ def finished_run(db: Database, project_id: int, name: str):
     adapter.mkdir(parents=True)
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     return db.update_run(run.id, status="completed")
+
+
+def stopped_run(db: Database, project_id: int, name: str, step: int):
+    """A run stopped with Stop and save: cancelled, a checkpoint on disk, no final adapter."""
+    run = launch.create_run(db, project_id, RunSpec(sample_task="dates"), name=name)
+    checkpoint = launch.run_folder(db, run) / "checkpoints" / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"")
+    db.add_checkpoint(run.id, step, str(checkpoint))
+    return db.update_run(run.id, status="cancelled")
 
 
 def dropdown_options(page, elem_id: str) -> list[str]:
@@ -67,6 +77,7 @@ def test_runs_and_datasets_made_after_page_load_show_when_a_tab_is_opened(runnin
 
         # Meanwhile (another tab, the worker): a run finishes and a dataset is imported.
         second = finished_run(db, project.id, "after load")
+        stopped = stopped_run(db, project.id, "stopped and saved", step=2)
         data = tmp_path / "qa.jsonl"
         data.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(20)))
         dataset = import_dataset(db, project, data, eval_ratio=0.2).dataset
@@ -76,6 +87,13 @@ def test_runs_and_datasets_made_after_page_load_show_when_a_tab_is_opened(runnin
         page.get_by_role("tab", name="Export").click()
         assert any(f"#{second.id} after load" in o for o in wait_for_option(page, "export-run", "after load"))
         assert f"#{first.id} before load" in page.locator("#export-run input").first.input_value()
+        # A run stopped with a checkpoint can be exported too (issue 15), from that checkpoint.
+        options = wait_for_option(page, "export-run", "stopped and saved")
+        assert any(f"#{stopped.id} stopped and saved" in o for o in options), options
+        page.locator("#export-run input").first.click()
+        page.locator("ul[role=listbox] li", has_text="stopped and saved").first.click()
+        page.wait_for_function("() => (document.querySelector('#export-weights input') || {})"
+                               ".value?.includes('checkpoint at step 2')")
 
         # Compare: both runs' adapters and the dataset as an eval set.
         page.get_by_role("tab", name="Compare").click()
