@@ -72,8 +72,9 @@ def test_the_ui_reads_the_cpu_verdict_the_worker_stores(tiny_llama_dir, monkeypa
     assert decision.cached and decision.precision == "bf16"
 
 
-def test_oom_advice_estimates_the_precision_the_run_trains_in(tmp_path):
-    """Regression: an fp32 run on a GPU was advised with bf16 figures."""
+def test_oom_advice_and_compare_estimate_the_precision_the_run_trains_in(tmp_path):
+    """Regression: an fp32 run on a GPU was advised with bf16 figures, and Compare estimated a
+    running auto run as bf16 whatever the GPU."""
     from studio.planner import arch_for, plan
     from studio.worker.train import oom_advice
 
@@ -92,3 +93,12 @@ def test_oom_advice_estimates_the_precision_the_run_trains_in(tmp_path):
     assert figure("fp32") != figure("bf16")
     # The 4-bit variant keeps the run's method settings (DoRA's magnitudes too).
     assert f"- QLoRA (4-bit base): {figure('fp32', 'qlora', {'use_dora': True})}" in advice, advice
+
+    # Compare's refusal beside a running run: auto on a GPU without bf16 trains fp16 over fp32
+    # weights (it was estimated as bf16).
+    from studio.compare.sources import running_training_bytes
+
+    auto = RunSpec(model=str(folder), method="dora", precision="auto", batch_size=4, max_length=256)
+    fp32 = plan(arch_for(str(folder)), "dora", {}, TrainSetup(batch_size=4, seq_len=256, dtype="fp32",
+                                                             device="cuda"))["total_bytes"]
+    assert running_training_bytes(auto, OLD_GPU) == fp32

@@ -11,9 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from studio.db import Database, RunStatus
 from studio.methods import SettingError, all_methods, get_method
+
+if TYPE_CHECKING:
+    from studio.run_setup import DeviceFacts
+    from studio.runspec import RunSpec
 
 # studio.adapters.bottleneck.CONFIG_NAME, spelled out: that module imports torch, and the UI lists
 # adapters at start-up without it (tests/test_chat.py checks the two agree).
@@ -148,8 +153,8 @@ def chat_memory_refusal(db: Database, source: str, context: int = 2048, columns:
     and the OS arbitrates. The training figure is the estimator's for the running run's own
     spec; the chat figure covers weights + KV cache for every column in one batch."""
     from studio.estimate import TrainSetup, estimate_chat
-    from studio.planner import arch_for, plan
-    from studio.run_setup import device_facts, training_setup
+    from studio.planner import arch_for
+    from studio.run_setup import device_facts
     from studio.runs.launch import active_run
     from studio.runspec import RunSpec
 
@@ -158,9 +163,15 @@ def chat_memory_refusal(db: Database, source: str, context: int = 2048, columns:
         return None
     chat = estimate_chat(arch_for(source), TrainSetup(dtype="bf16", device="cuda"), context, columns).total_bytes
     run = active_run(db)
-    training = 0
-    if run is not None:  # estimated in the precision the run trains in (run_setup: fp32 stays fp32)
-        spec = RunSpec.from_dict(run.spec)
-        setup = training_setup(spec, device).setup
-        training = plan(arch_for(spec.model), spec.method, spec.method_settings, setup)["total_bytes"]
+    training = running_training_bytes(RunSpec.from_dict(run.spec), device) if run is not None else 0
     return chat_fits_beside_training(chat, training, device.total_bytes)
+
+
+def running_training_bytes(spec: RunSpec, device: DeviceFacts) -> int:
+    """The estimator's training memory for a run on ``device``, in the precision it trains in
+    (``run_setup.training_setup``: auto on a GPU without bf16 is fp16 over fp32 weights)."""
+    from studio.planner import arch_for, plan
+    from studio.run_setup import training_setup
+
+    setup = training_setup(spec, device).setup
+    return plan(arch_for(spec.model), spec.method, spec.method_settings, setup)["total_bytes"]
