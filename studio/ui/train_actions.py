@@ -11,10 +11,10 @@ from __future__ import annotations
 import threading
 
 from studio.db import Database, RunStatus
-from studio.runs import launch
+from studio.runs import launch, outcome
 from studio.runs.start import StartRefused, start_new_run
 from studio.run_setup import DeviceFacts
-from studio.ui import labels
+from studio.ui import labels, train_view
 from studio.ui.draft import RunDraft
 
 # A second click while the first start is still checking: the start service's claim is atomic,
@@ -55,11 +55,13 @@ def stop_run(db: Database, run_id: int | None, mode: str) -> str:
 
 
 def resume_run(db: Database, run_id: int | None) -> str:
-    if run_id is None or db.get_run(run_id) is None:
+    run = db.get_run(run_id) if run_id is not None else None
+    if run is None:
         return labels.TRAIN_MSG["no_resume"]
+    point, stop = outcome.resume_point(db, run_id), outcome.stop_kind(run)  # before the worker moves on
     with _start_lock:  # the same check-then-start as start_run
         try:
             launch.resume(db, run_id)
         except launch.RunConflict as exc:
             return labels.TRAIN_MSG["not_resumed"].format(reason=exc)
-    return labels.TRAIN_MSG["resumed"].format(id=run_id)
+    return train_view.resumed_message(run_id, point, stop)  # from step 0 after a discard, and says so
