@@ -16,10 +16,12 @@ import gradio as gr
 import pandas as pd
 
 from studio.compare.settings import ColumnAnswer, GenerationSettings
-from studio.ui import data_choice
+from studio.methods import get_method
+from studio.ui import data_choice, labels
 
 SLOTS = 7  # the base + up to six adapters (studio.compare.engine.MAX_ADAPTERS)
-BASE_LABEL = "Base model"
+TXT = labels.COMPARE
+BASE_LABEL = TXT["base_column"]
 ENGINE_BASE = "__base__"  # studio.compare.engine.BASE, repeated here so this module needs no torch
 SETTING_COLUMNS = ["column", "decoding", "temperature", "top_p", "max_new_tokens", "seed"]
 
@@ -136,9 +138,9 @@ def with_answers(st: dict[str, Any], answers: dict[str, ColumnAnswer]) -> dict[s
 
 
 def stats_line(answer: ColumnAnswer) -> str:
-    stopped = " · stopped" if answer.stopped else ""
-    return (f"**{answer.path}** · {answer.tokens} tokens · {answer.seconds:.2f} s · "
-            f"{answer.tokens_per_second:.1f} tokens/s{stopped}")
+    stopped = TXT["stopped"] if answer.stopped else ""
+    return TXT["stats"].format(path=answer.path, tokens=answer.tokens, seconds=answer.seconds,
+                               speed=answer.tokens_per_second, stopped=stopped)
 
 
 def chat_frames(st: dict[str, Any], partial: dict[str, str] | None = None) -> list[list[dict[str, str]]]:
@@ -168,19 +170,26 @@ def status_text(engine: Any) -> str:
     params = sum(p.numel() for p in engine.base.parameters())
     device = next(engine.base.parameters()).device
     dtype = next(engine.base.parameters()).dtype
-    lines = [f"**Loaded** `{engine.source}`: {params / 1e6:.1f} M parameters on {device} ({str(dtype).replace('torch.', '')}), "
-             f"{engine.resident_bytes() / 2**20:.0f} MiB of weights in memory for all columns."]
+    lines = [TXT["loaded"].format(source=engine.source, millions=params / 1e6, device=device,
+                                  dtype=str(dtype).replace("torch.", ""), mib=engine.resident_bytes() / 2**20)]
     batched = [n for n, a in engine.adapters.items() if a.path == "batched"]
     switched = [n for n, a in engine.adapters.items() if a.path == "switched"]
     if batched:
-        lines.append(f"Batched in one generate with the base: {', '.join(batched)}.")
+        lines.append(TXT["batched"].format(names=", ".join(batched)))
     if switched:
-        lines.append(f"Answered one by one (PEFT cannot mix them in a batch): {', '.join(switched)}.")
-    quantized = [n for n, a in engine.adapters.items() if a.method == "qlora"]
+        lines.append(TXT["switched"].format(names=", ".join(switched)))
+    quantized = [n for n, a in engine.adapters.items() if _trained_quantized(a.method)]
     if quantized:
-        lines.append(f"{', '.join(quantized)}: trained over the 4-bit base, answered here over the loaded "
-                     "base at its own precision (answers can differ slightly from the 4-bit model).")
+        lines.append(TXT["quantized"].format(names=", ".join(quantized)))
     return "  \n".join(lines)
+
+
+def _trained_quantized(method: str) -> bool:
+    """Whether the adapter was trained over a quantised base (the method says, e.g. QLoRA)."""
+    try:
+        return get_method(method).quantized
+    except ValueError:  # "base", or a folder whose method this version does not know
+        return False
 
 
 def note_table(text: str) -> pd.DataFrame:
@@ -198,16 +207,16 @@ def eval_scores(engine: Any, db: Any, columns: list[str], eval_set: str | None, 
     if choice.sample_task is not None:
         return score_table(engine, engine.score(columns, choice.sample_task, limit))
     if choice.dataset_id is None:
-        return note_table("Pick an eval set.")
+        return note_table(TXT["pick_eval"])
     value = choice.dataset_id
     from studio.data.store import load_dataset_split
     from studio.evaluate import eval_examples
 
     if db.get_dataset(value) is None:
-        return note_table(f"Dataset #{value} no longer exists: pick another eval set.")
+        return note_table(TXT["eval_gone"].format(id=value))
     examples = eval_examples(load_dataset_split(db, value, "eval"), engine.tokenizer, limit)
     if not examples.references:
-        return note_table(f"Nothing to score: {examples.reason}.")
+        return note_table(TXT["nothing_to_score"].format(reason=examples.reason))
     return score_table(engine, engine.score_examples(columns, examples))
 
 

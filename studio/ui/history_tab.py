@@ -220,15 +220,15 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab 
             return TXT["failed"].format(reason=exc)
 
     def on_rename(run_id, new_name, n):
-        return act(lambda d, r, v: f"renamed to '{history.rename_run(d, r, v).name}'.", run_id, new_name), n + 1
+        return act(lambda d, r, v: TXT["renamed"].format(name=history.rename_run(d, r, v).name), run_id, new_name), n + 1
 
     def on_note(run_id, note, n):
-        return act(lambda d, r, v: (history.set_note(d, r, v), "note saved.")[1], run_id, note), n + 1
+        return act(lambda d, r, v: (history.set_note(d, r, v), TXT["noted"])[1], run_id, note), n + 1
 
     def on_delete(run_id, n):
         def go(d, r):
             gone = history.delete_run(d, r)
-            return f"deleted run #{r}" + (f" and its folder `{Path(gone[0]).name}`." if gone else ".")
+            return TXT["deleted_folder"].format(id=r, folder=Path(gone[0]).name) if gone else TXT["deleted"].format(id=r)
         return act(go, run_id), gr.update(visible=False), None, n + 1
 
     detail_outputs = [summary, runspec, log, name, notes, confirm_box]

@@ -20,7 +20,7 @@ import pandas as pd
 from studio import history
 from studio.db import Database
 from studio.db.summary import project_counts
-from studio.ui import train_view
+from studio.ui import labels, train_view
 
 # (RunSummary field, column title): the runs table, left to right.
 RUN_COLUMNS = (("id", "#"), ("name", "name"), ("status", "status"), ("method", "method"),
@@ -89,7 +89,7 @@ def run_detail(db: Database, run_id: int | None) -> RunDetail:
     """Everything the run panel shows; an empty panel for no (or a deleted) run."""
     view = train_view.render_run(db, run_id)  # the Train tab's frames: same curves, same colours
     if view.run is None:
-        return RunDetail("Pick a run in the table (or the list above) to open it.", view.loss, view.lr,
+        return RunDetail(labels.HISTORY["pick_run"], view.loss, view.lr,
                          view.x_lim, "", "", "", "")
     run = view.run
     (row,) = history.summarize(db, [run])

@@ -203,6 +203,11 @@ HISTORY = {
                        "(adapter, log, runspec) are removed from disk and from the history. Exports made "
                        "from it are kept. This cannot be undone."),
     "runspec": "Runspec (runspec.json)",
+    "pick_run": "Pick a run in the table (or the list above) to open it.",
+    "renamed": "renamed to '{name}'.",
+    "noted": "note saved.",
+    "deleted": "deleted run #{id}.",
+    "deleted_folder": "deleted run #{id} and its folder `{folder}`.",
     "log": "Worker log (last lines)",
     "cloned": ("**Cloned run #{id} ('{name}') into the Train tab.** Change what you want there and press "
                "**Start training**."),
@@ -264,6 +269,7 @@ COMPARE = {
               "answered one after another. Each column keeps its own conversation."),
     "model": "Base model",
     "model_help": "the project's model, or any model folder / hub id",
+    "base_column": "Base model",  # the base model's column; also its name in the column choices
     "load": "Load base model",
     "no_model": "No model loaded yet.",
     "adapters": "Adapters from this project's runs and checkpoints",
@@ -295,4 +301,15 @@ COMPARE = {
     "not_attached": "\n\n**Not attached:** {problem}",
     "generation_failed": "**Generation failed:** {reason}",
     "scoring": "generating answers for every column",
+    "stats": "**{path}** · {tokens} tokens · {seconds:.2f} s · {speed:.1f} tokens/s{stopped}",
+    "stopped": " · stopped",
+    "loaded": ("**Loaded** `{source}`: {millions:.1f} M parameters on {device} ({dtype}), {mib:.0f} MiB of "
+               "weights in memory for all columns."),
+    "batched": "Batched in one generate with the base: {names}.",
+    "switched": "Answered one by one (PEFT cannot mix them in a batch): {names}.",
+    "quantized": ("{names}: trained over the 4-bit base, answered here over the loaded base at its own "
+                  "precision (answers can differ slightly from the 4-bit model)."),
+    "pick_eval": "Pick an eval set.",
+    "eval_gone": "Dataset #{id} no longer exists: pick another eval set.",
+    "nothing_to_score": "Nothing to score: {reason}.",
 }
