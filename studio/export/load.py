@@ -10,8 +10,6 @@ from studio.adapters import bottleneck
 from studio.methods import get_method
 from studio.runspec import RunSpec
 
-WHOLE_MODEL_METHODS = ("full", "last_n")  # their "adapter" folder is a whole model
-
 
 def load_trained(spec: RunSpec, folder: Path, dtype: str = "float32", dequantize: bool = False) -> Any:
     """The model as trained: base + adapter (PEFT or ours), or the saved whole model.
