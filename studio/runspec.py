@@ -116,6 +116,8 @@ class RunSpec:
     # compute
     precision: str = "auto"
     grad_checkpointing: bool = False
+    # CUDA only, opt-in: liger-kernel's fused kernels and loss (studio/worker/kernels.py)
+    liger_kernel: bool = False
     seed: int = 42
     # eval and checkpoints
     eval_steps: int = 20  # 0: evaluate only at the end

@@ -140,6 +140,9 @@ TRAIN_FIELDS = {
                   "measurement shows a bf16 training step clearly faster (≥ 1.15×), else fp32. bf16 "
                   "moves the losses a little (a few %); fp32 keeps them exact. The run says what it "
                   "chose and why."),
+    "liger_kernel": ("Liger kernels (GPU)", "NVIDIA GPUs with liger-kernel installed: fused RMSNorm, RoPE, "
+                     "SwiGLU and loss kernels, less memory and usually faster; results move by rounding "
+                     "only. Refused on a CPU."),
     "optimizer": ("Optimizer", "adamw suits most runs; adamw8bit keeps its states in 8 bits (needs "
                   "bitsandbytes and a GPU); sgd keeps none."),
     "seed": ("Seed", "The same seed and settings give the same run."),

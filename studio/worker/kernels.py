@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+# Set on a patched model: the trainer then leaves the loss to the model (liger's fused one).
+FUSED_LOSS_ATTR = "studio_fused_loss"
 INSTALL_HINT = 'pip install "peft-studio[cuda]" (or pip install liger-kernel)'
 
 
@@ -54,5 +56,6 @@ def apply_liger(model: Any, device: str) -> str:
               "fused_linear_cross_entropy": True, "model": model}
     accepted = inspect.signature(patch).parameters
     patch(**{k: v for k, v in wanted.items() if k in accepted})
+    setattr(model, FUSED_LOSS_ATTR, "liger-kernel's fused linear cross-entropy never builds the full logits either")
     applied = [k for k in ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy") if k in accepted]
     return f"liger-kernel applied ({', '.join(applied)}); the loss is liger's fused linear cross-entropy"

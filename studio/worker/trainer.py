@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback
 from studio.adapters import bottleneck
 from studio.db import Database
 from studio.sysinfo import peak_rss_bytes
-from studio.worker import label_loss
+from studio.worker import kernels, label_loss
 from studio.worker.resilient import BackgroundWriter, current_cancel_request, say
 from studio.worker.signals import GracefulStop
 
@@ -103,7 +103,9 @@ class StudioTrainer(Trainer):
     def _label_loss_refusal(self, model) -> str:
         if self.label_smoother is not None or self.compute_loss_func is not None:
             return "a label smoother or custom loss function is set"
-        return label_loss.unsupported_reason(self.accelerator.unwrap_model(model)) or ""
+        unwrapped = self.accelerator.unwrap_model(model)
+        fused = getattr(unwrapped, kernels.FUSED_LOSS_ATTR, None)  # liger's loss: the two cannot stack
+        return fused or label_loss.unsupported_reason(unwrapped) or ""
 
     def _use_full_logits(self, reason: str) -> None:
         self.full_logits_reason = reason
