@@ -13,9 +13,9 @@ that would overrun is skipped and says so). It
    ``torch.cuda.max_memory_allocated()`` during training against ``studio.planner.plan`` for the
    same setup (bf16, CUDA, same batch; the sequence length is the longest training row, the
    length the collator pads a batch to at most);
-3. times LoRA with liger-kernel's Llama kernels applied (``apply_liger_kernel_to_llama``, done
-   by this script: the studio has no liger switch; the loss is then liger's fused linear
-   cross-entropy instead of the studio's label-only loss) against the LoRA run of step 2;
+3. times LoRA with the run's ``liger_kernel`` switch on (``studio/worker/kernels.py``: liger's
+   RMSNorm, RoPE, SwiGLU and fused linear cross-entropy instead of the studio's label-only
+   loss) against the LoRA run of step 2;
 4. answers one Compare prompt for the base and two trained LoRA adapters in one batched
    ``generate`` (``studio.compare.engine.ChatEngine``);
 5. exports the LoRA run merged, verified by a clean reload (``studio.export.export_run``);
@@ -172,12 +172,13 @@ def train_method(ctx: dict, method: str, **extra) -> tuple[Row, int]:
     from studio.planner import plan
     from studio.runspec import RunSpec
     from studio.runs import launch
-from studio.worker import train
+    from studio.worker import train
 
     args, db = ctx["args"], ctx["db"]
     spec = RunSpec(model=args.model, method=method, sample_task="dates", max_steps=args.steps,
                    batch_size=args.batch_size, max_length=args.max_length, precision=args.precision,
-                   eval_steps=0, save_steps=0, exact_match_limit=0, warmup_ratio=0.0)
+                   eval_steps=0, save_steps=0, exact_match_limit=0, warmup_ratio=0.0,
+                   liger_kernel=bool(extra.get("liger")))
     leftover = memory_reset(args.device)
     started = time.perf_counter()
     run = launch.create_run(db, ctx["project_id"], spec, extra.get("name"))
@@ -210,28 +211,13 @@ from studio.worker import train
 
 def liger_stage(ctx: dict, plain: Row | None) -> Row:
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        import liger_kernel  # noqa: F401
     except ImportError:
-        return Row("liger-kernel", "lora", status="liger-kernel not installed")
-    # Patches transformers' Llama classes for every model built from now on (RMSNorm, RoPE,
-    # SwiGLU, fused linear cross-entropy): run after the plain methods, never before.
-    apply_liger_kernel_to_llama()
-    # Liger's fused linear cross-entropy and the studio's label-only loss are two ways to avoid
-    # the full logits; they cannot be stacked (the patched forward returns no logits to verify
-    # the label-only path against). The studio's switch for its full-logits path hands the loss
-    # to the model, i.e. to liger. Without the switch the studio would fall back by itself after
-    # verifying the first batch (and say so in the log), one step later.
-    try:
-        from studio.worker.label_loss import FULL_LOGITS_ENV
-    except ImportError:  # a studio without the label-only loss: the model's loss is liger's already
-        FULL_LOGITS_ENV = None
-    if FULL_LOGITS_ENV:
-        os.environ[FULL_LOGITS_ENV] = "1"
-    try:
-        row, _ = train_method(ctx, "lora", stage="liger-kernel on", name="lora + liger")
-    finally:
-        if FULL_LOGITS_ENV:
-            os.environ.pop(FULL_LOGITS_ENV, None)
+        return Row("liger-kernel", "lora", status='liger-kernel not installed (pip install "peft-studio[cuda]")')
+    # The studio's own switch (RunSpec.liger_kernel, studio/worker/kernels.py): the worker patches
+    # the model before LoRA wraps it and leaves the loss to liger's fused linear cross-entropy.
+    # Its patches are process-wide (transformers' Llama functions): run after the plain methods.
+    row, _ = train_method(ctx, "lora", stage="liger-kernel on", name="lora + liger", liger=True)
     row.status += "; loss: liger's fused linear cross-entropy"
     if plain is not None and plain.steps_per_s and row.steps_per_s:
         row.status += (f"; ×{row.steps_per_s / plain.steps_per_s:.2f} the steps/s of LoRA without it "

@@ -28,7 +28,8 @@ PROBE_ENV = "PEFT_STUDIO_PRECISION_PROBE"
 
 
 class SetupError(ValueError):
-    """A run that cannot train on this device as specified (fp16 without a GPU)."""
+    """A run that cannot train on this device as specified (fp16 or liger_kernel without a GPU);
+    the message starts with the RunSpec field."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def choose_precision(requested: str, device: DeviceFacts) -> tuple[str, str]:
     """(precision the run trains in, why). ``auto``: on a GPU bf16 where supported, else fp16;
     on the CPU the probe's verdict, fp32 while it was never measured (its fallback)."""
     if device.kind != "cuda" and requested == "fp16":
-        raise SetupError("fp16 training needs a GPU; use fp32 or bf16 on the CPU")
+        raise SetupError("runspec 'precision': fp16 training needs a GPU; use fp32 or bf16 on the CPU")
     if requested != "auto":
         return requested, "set in the run's settings"
     if device.kind == "cuda":
@@ -123,6 +124,8 @@ def training_setup(spec: RunSpec, device: DeviceFacts) -> SetupChoice:
     fp16 runs keep fp32 weights under the Trainer's fp16 autocast (``prepare.choose_compute``
     loads them so), so their estimate counts fp32: an estimate must not fall short. A method's
     4-bit base is added by ``planner.plan`` from the method itself."""
+    if spec.liger_kernel and device.kind != "cuda":  # its kernels are Triton: CUDA only
+        raise SetupError("runspec 'liger_kernel': liger-kernel needs a CUDA GPU; turn it off on the CPU")
     precision, reason = choose_precision(spec.precision, device)
     setup = TrainSetup(batch_size=spec.batch_size, seq_len=spec.max_length,
                        dtype="fp32" if precision == "fp16" else precision,

@@ -26,3 +26,18 @@ def test_liger_for_a_family_it_does_not_know_is_refused():
     with pytest.raises(KernelError, match=r"no kernels for model type 'gpt2'"):
         liger_patcher("gpt2", "cuda")
     assert callable(liger_patcher("llama", "cuda"))
+
+
+def test_a_cpu_run_asking_for_liger_fails_before_loading_the_model(tiny_chat_model, monkeypatch):
+    """The worker's model build refuses at once (not after loading, not by training without it)."""
+    from studio import models
+    from studio.runspec import RunSpec
+    from studio.worker.prepare import Compute, build_model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    spec = RunSpec(model=str(tiny_chat_model), sample_task="dates", liger_kernel=True)
+    with pytest.raises(KernelError, match="needs a CUDA GPU"):
+        build_model(spec, Compute("cpu", "float32", False, False))

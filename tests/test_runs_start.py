@@ -57,10 +57,14 @@ def test_a_run_that_exceeds_the_gpu_is_refused_before_any_row(db, llama8b):
     check_new_run(db, lora, project.id, device=gpu(78))
 
 
-def test_fp16_on_the_cpu_is_refused_before_any_row(db, tiny_chat_model):
+@pytest.mark.parametrize("field, value, reason", [
+    ("precision", "fp16", "runspec 'precision': fp16 training needs a GPU"),
+    ("liger_kernel", True, "runspec 'liger_kernel': liger-kernel needs a CUDA GPU"),
+])
+def test_gpu_only_settings_on_the_cpu_are_refused_before_any_row(db, tiny_chat_model, field, value, reason):
     project = projects.create_project(db, "cpu")
-    spec = RunSpec(model=str(tiny_chat_model), method="lora", sample_task="dates", precision="fp16")
-    with pytest.raises(StartRefused, match="fp16 training needs a GPU"):
+    spec = RunSpec(model=str(tiny_chat_model), method="lora", sample_task="dates", **{field: value})
+    with pytest.raises(StartRefused, match=reason):
         start_new_run(db, project.id, spec, device=DeviceFacts("cpu", None, False, None))
     assert nothing_made(db)
 

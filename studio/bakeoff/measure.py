@@ -1,16 +1,10 @@
 """The bake-off's measurements of a trained run, made in the worker process (imports torch).
 
-Two moments. ``training_stats`` right after ``Trainer.train``: trainable parameters counted on
-the built model, train time, training tokens/s and peak memory. ``measure_trained`` after the
-adapter is saved: the adapter's file size, then the model rebuilt from that saved folder (so the
+Bake-off runs only (every run records its training figures: ``studio/worker/run_stats.py``).
+``measure_trained`` after the adapter is saved: the adapter's file size, then the model rebuilt from that saved folder (so the
 figures are those of the artefact a user keeps, not of the training process's model), merged
 where the method merges, scored by exact match on the eval split (a sample task's, or an
 imported chat dataset's) and timed generating a fixed number of tokens.
-
-Peak memory is two different things and is labelled so: on a GPU ``torch.cuda.max_memory_
-allocated`` (tensors only), on the CPU the process's own peak resident set
-(``sysinfo.peak_rss_bytes``: weights, activations, optimizer, Python and its libraries;
-everything the machine had to hold).
 """
 
 from __future__ import annotations
@@ -22,29 +16,6 @@ from typing import Any
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 SPEED_NEW_TOKENS = 32  # per prompt, forced (min = max), so every method generates the same work
 SPEED_PROMPTS = 3
-
-
-def peak_memory() -> dict[str, float]:
-    """{"peak_cuda_allocated_bytes": ...} on a GPU, else {"peak_rss_bytes": ...}."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"peak_cuda_allocated_bytes": float(torch.cuda.max_memory_allocated())}
-    from studio.sysinfo import peak_rss_bytes
-
-    return {"peak_rss_bytes": float(peak_rss_bytes())}
-
-
-def training_stats(trainer: Any, model: Any, wall_seconds: float) -> dict[str, float]:
-    """Figures of the training itself, from the live trainer (see ``StudioTrainer``)."""
-    from studio.methods.base import trainable_count
-
-    busy = max(trainer.train_seconds, 1e-9)
-    return {"trainable_params": float(trainable_count(model)),
-            "train_seconds": float(wall_seconds),  # the whole Trainer.train, evaluations included
-            "train_step_seconds": float(trainer.train_seconds),  # forward + backward + step only
-            "train_tokens_per_s": trainer.tokens_seen / busy,
-            **peak_memory()}
 
 
 def weights_bytes(folder: Path) -> int:

@@ -105,8 +105,8 @@ def _check_memory(spec: RunSpec, device: DeviceFacts | None) -> None:
         device = run_setup.device_facts(spec.model)
     try:
         choice = run_setup.training_setup(spec, device)
-    except run_setup.SetupError as exc:  # fp16 without a GPU
-        raise StartRefused(f"runspec 'precision': {exc}. Nothing was created.") from None
+    except run_setup.SetupError as exc:  # fp16 or liger_kernel without a GPU
+        raise StartRefused(f"{exc}. Nothing was created.") from None
     if device.free_bytes is None:  # the CPU: the estimate is shown, never enforced
         return
     try:

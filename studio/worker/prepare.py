@@ -15,6 +15,7 @@ from studio.methods import get_method
 from studio.methods.base import ApplyContext
 from studio.run_setup import DeviceFacts, training_setup
 from studio.runspec import RunSpec
+from studio.worker import kernels
 
 
 @dataclass
@@ -55,7 +56,7 @@ def choose_compute(spec: RunSpec) -> Compute:
         measured = probe.decide_cpu(models.load_config(spec.model, spec.trust_remote_code),
                                     spec.trust_remote_code)
         device = replace(device, cpu_bf16=measured.precision == "bf16")
-    choice = training_setup(spec, device)  # SetupError for fp16 without a GPU
+    choice = training_setup(spec, device)  # SetupError: fp16 or liger_kernel without a GPU
     decision = measured or probe.Decision(choice.precision, choice.reason)
     chosen, cuda = choice.precision, device.kind == "cuda"
     load = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float32"}[chosen]
@@ -75,10 +76,14 @@ def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, An
             kwargs["device_map"] = {"": 0}
     if compute.decision.get("attention"):  # eager for a short bf16 step on the CPU (precision.py)
         kwargs["attn_implementation"] = compute.decision["attention"]
+    if spec.liger_kernel:  # refused before minutes of loading when it cannot be had
+        kernels.liger_patcher(models.load_config(spec.model, spec.trust_remote_code).model_type, compute.device)
     model = models.load_model(spec.model, dtype=compute.load_dtype,
                               device=None if method.quantized else compute.device,
                               trust_remote_code=spec.trust_remote_code, **kwargs)
     model.config.use_cache = False  # training: no KV cache (and packing needs it off)
+    if spec.liger_kernel:  # patched before the method wraps the projections the kernels call
+        print(kernels.apply_liger(model, compute.device), flush=True)
     arch = ArchInfo.from_model(model)
     context = ApplyContext(tokenizer=tokenizer, tokenizer_path=str(models.tokenizer_folder(spec.model)),
                            device=compute.device, dtype=compute.load_dtype)

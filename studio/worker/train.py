@@ -30,6 +30,7 @@ from studio.run_setup import DeviceFacts, training_setup
 from studio.runspec import RunSpec
 from studio.worker import diskspace, prepare
 from studio.worker.resilient import BackgroundWriter, Patient, say
+from studio.worker.run_stats import training_stats
 from studio.worker.signals import GracefulStop, StoppedBySignal
 from studio.worker.trainer import StudioCallback, StudioTrainer
 from studio.worker.warmup import WarmupFromFirstStep
@@ -250,11 +251,7 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
             f"step {step} was kept and Resume continues from there.")}
 
     step = trainer.state.global_step
-    final: dict[str, float] = {}
-    if bakeoff is not None:  # the bake-off's table needs these; a plain run pays for nothing extra
-        from studio.bakeoff.measure import training_stats
-
-        final = training_stats(trainer, model, wall)  # before the evaluations below raise the peak
+    final = training_stats(trainer, model, wall)  # before the evaluations below raise the peak
     if eval_set is not None:
         final.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
     # The final evaluate() above already ran the callback's exact match, unless the callback
