@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from studio.methods.base import ApplyContext
+from studio.methods.base import ApplyContext  # noqa: E402
 from studio.measure_peak import peak_tensor_bytes  # noqa: E402
 from studio.worker import label_loss  # noqa: E402
 
@@ -39,6 +39,29 @@ def model_folder(given: str | None) -> str:
     if not (folder / "model.safetensors").is_file():
         convert_gguf(embedded_gguf_path(), folder)
     return str(folder)
+
+
+def training_model(folder: str, method: str = "lora", dtype: str = "fp32", attention: str | None = None):
+    """(model with ``method`` applied in training mode, tokenizer): LoRA-type methods at r 16,
+    α 32, dropout 0 on all seven projections; a bf16 model computes its adapters in bf16 as the
+    worker does (``precision.compute_adapters_in``)."""
+    from studio.arch import ArchInfo
+    from studio.methods import get_method
+    from studio.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    extra = {"attn_implementation": attention} if attention else {}
+    model = load_model(folder, dtype="bfloat16" if dtype == "bf16" else "float32", **extra)
+    model.config.use_cache = False
+    spec = get_method(method)
+    settings = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0} if "lora" in method else {}
+    model = spec.apply(model, ArchInfo.from_model(model), spec.params(settings), ApplyContext())
+    if dtype == "bf16":
+        from studio.worker.precision import compute_adapters_in
+
+        compute_adapters_in(model, torch.bfloat16)
+    model.train()
+    return model, tokenizer
 
 
 def batches(tokenizer, task: str, batch: int, steps: int) -> list[dict]:
@@ -70,18 +93,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from studio.arch import ArchInfo
-    from studio.methods import get_method
-    from studio.models import load_model, load_tokenizer
-
     folder = model_folder(args.model)
-    tokenizer = load_tokenizer(folder)
-    model = load_model(folder)
-    model.config.use_cache = False
-    spec = get_method(args.method)
-    settings = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0} if "lora" in args.method else {}
-    model = spec.apply(model, ArchInfo.from_model(model), spec.params(settings), ApplyContext())
-    model.train()
+    model, tokenizer = training_model(folder, args.method)
     data = batches(tokenizer, args.task, args.batch, args.steps)
 
     def full(b):

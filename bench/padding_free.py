@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from label_loss import model_folder  # noqa: E402  (bench/label_loss.py: the embedded model's folder)
+from label_loss import model_folder, training_model  # noqa: E402  (bench/label_loss.py)
 from studio.worker import label_loss  # noqa: E402
 
 
@@ -58,25 +58,10 @@ def main() -> None:
 
     from transformers import DataCollatorForSeq2Seq
 
-    from studio.arch import ArchInfo
     from studio.data.packing import PackedCollator
-    from studio.methods import get_method
-    from studio.methods.base import ApplyContext
-    from studio.models import load_model, load_tokenizer
 
     folder = model_folder(args.model)
-    tokenizer = load_tokenizer(folder)
-    model = load_model(folder, dtype="bfloat16" if args.dtype == "bf16" else "float32",
-                       attn_implementation=args.attention)
-    model.config.use_cache = False
-    spec = get_method("lora")
-    params = spec.params({"r": 16, "lora_alpha": 32, "lora_dropout": 0.0})
-    model = spec.apply(model, ArchInfo.from_model(model), params, ApplyContext())
-    if args.dtype == "bf16":
-        from studio.worker.precision import compute_adapters_in
-
-        compute_adapters_in(model, torch.bfloat16)
-    model.train()
+    model, tokenizer = training_model(folder, "lora", args.dtype, args.attention)
 
     rows = examples(tokenizer, args.task, args.batch * args.steps)
     padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)

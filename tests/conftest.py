@@ -4,6 +4,8 @@ run per session."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,3 +255,12 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def sleeper():
+    """A live process standing in for another run's worker (its own session, like a worker)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait()

@@ -40,15 +40,6 @@ def run_folders() -> list[str]:
                   for p in config.projects_dir().glob("*/runs/*"))
 
 
-@pytest.fixture
-def sleeper():
-    """A live process standing in for another run's worker (its own session, like a worker)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 def busy_run(db: Database, pid: int) -> int:
     """A run "training" under ``pid``: claimed through the same atomic claim a start uses."""
     project = projects.create_project(db, "busy")

@@ -11,8 +11,6 @@ standing in for another run's worker) between our row and our start.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 from conftest import CONFIGS
@@ -67,15 +65,6 @@ def test_gpu_only_settings_on_the_cpu_are_refused_before_any_row(db, tiny_chat_m
     with pytest.raises(StartRefused, match=reason):
         start_new_run(db, project.id, spec, device=DeviceFacts("cpu", None, False, None))
     assert nothing_made(db)
-
-
-@pytest.fixture
-def sleeper():
-    """A live process standing in for another run's worker (its own session, like a worker)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
-    yield proc
-    proc.kill()
-    proc.wait()
 
 
 def test_a_start_that_loses_the_device_after_its_checks_leaves_no_orphan(db, tiny_chat_model, sleeper,
