@@ -161,6 +161,9 @@ class RunSpec:
             spec.params(self.method_settings)
         except SettingError as exc:
             raise RunSpecError(f"runspec 'method_settings': {exc}") from None
+        if self.packing and not spec.packs_exactly:
+            self._refuse("packing", f"{spec.title} puts virtual tokens before every sequence, so packed "
+                         "examples would see each other: turn packing off for this method")
         return self
 
     def _refuse(self, name: str, why: str) -> None:

@@ -187,3 +187,10 @@ def test_target_modules_all_linear_means_every_linear_as_in_peft(method):
         model = spec.apply(build_on_meta(cfg), arch, params, ApplyContext())
     every = spec.count(arch, spec.params({"target_preset": "all-linear"})).trainable
     assert trainable_count(model) == spec.count(arch, params).trainable == every > 0
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_packing_is_refused_where_packed_examples_would_see_each_other(method):
+    with pytest.raises(RunSpecError, match="runspec 'packing': .*virtual tokens"):
+        RunSpec(sample_task="dates", method=method, packing=True).validate()
+    RunSpec(sample_task="dates", method="lora", packing=True).validate()  # LoRA packs exactly

@@ -140,6 +140,14 @@ class MethodSpec:
         """The frozen base is loaded quantised (4-bit)."""
         return self.quantization is not None
 
+    @property
+    def packs_exactly(self) -> bool:
+        """Packed examples stay apart under this method. Not with virtual tokens: PEFT drops the
+        ``position_ids`` that keep packed examples apart for prompt tuning, and prefix tuning's
+        key/value cache switches transformers' packed-sequence detection off, so examples in one
+        row would attend to each other (``studio/data/packing.py`` has the conditions)."""
+        return self.input_tokens is None and self.prefix_tokens is None
+
     def default_params(self) -> Any:
         return self.params_cls()
 
