@@ -19,23 +19,9 @@ from studio.db import Database
 from studio.export.weights import exportable
 from studio.methods import get_method
 from studio.runspec import RunSpec
+from studio.ui import labels
 
-TEXT = {
-    "run": "Run",
-    "weights": "Weights",
-    "weights_help": "A completed run's final weights, or a checkpoint (a run stopped with Stop and save "
-                    "keeps its latest one).",
-    "nothing": "Nothing to export yet: a run's final weights or its checkpoints appear here once it "
-               "has finished, or has been stopped with Stop and save.",
-    "pick": "**Pick a run first.**",
-    "failed": "**Export failed:** {reason}",
-    "done": "**Export {status}:** `{path}` ({mb:.1f} MB, {weights}). {checked}",
-    "checked": "max |Δlogit| {diff:.2e}, greedy agreement {agree:.0%} over {prompts} prompts, loaded with {loader}",
-    "no_merge": "**{title} cannot be merged.** {notes} Choose *adapter* to export it.",
-    "qlora": "**QLoRA:** the merged export is the 4-bit base de-quantised to the chosen dtype with the adapter "
-             "merged in; its outputs are compared with the 4-bit model as trained.",
-    "merges": "{title}: merges into the base with no inference overhead.",
-}
+TEXT = labels.EXPORT
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """User-visible text of the app, in one place so it reads consistently and can be translated."""
 
+from studio.runs import outcome
+
 TITLE = "PEFT Studio"
 TAGLINE = "Fine-tune a language model with any parameter-efficient method, on your own machine."
 
@@ -315,4 +317,34 @@ COMPARE = {
     "pick_eval": "Pick an eval set.",
     "eval_gone": "Dataset #{id} no longer exists: pick another eval set.",
     "nothing_to_score": "Nothing to score: {reason}.",
+}
+
+EXPORT = {
+    "run": "Run",
+    "weights": "Weights",
+    "weights_help": "A completed run's final weights, or a checkpoint (a run stopped with Stop and save "
+                    "keeps its latest one).",
+    "nothing": "Nothing to export yet: a run's final weights or its checkpoints appear here once it "
+               "has finished, or has been stopped with Stop and save.",
+    "pick": "**Pick a run first.**",
+    "failed": "**Export failed:** {reason}",
+    "done": "**Export {status}:** `{path}` ({mb:.1f} MB, {weights}). {checked}",
+    "checked": "max |Δlogit| {diff:.2e}, greedy agreement {agree:.0%} over {prompts} prompts, loaded with {loader}",
+    "no_merge": "**{title} cannot be merged.** {notes} Choose *adapter* to export it.",
+    "qlora": "**QLoRA:** the merged export is the 4-bit base de-quantised to the chosen dtype with the adapter "
+             "merged in; its outputs are compared with the 4-bit model as trained.",
+    "merges": "{title}: merges into the base with no inference overhead.",
+}
+
+TRAIN_VIEW = {
+    "evaluating": "evaluating at step {step}: {part} {done} of {total}",
+    "evaluating_start": "evaluating at step {step}…",
+    "parts": {"eval loss": "eval loss, batch", "exact match": "exact match, answer"},
+    "preparing": "loading the model and data…",
+    "finishing": "finishing (final save and measurements)…",
+    "untimed": " + {n} evaluation(s), not timed yet",
+    "resumed": "**Resumed run #{id}** from its checkpoint at step {step}.",
+    "restarted": "**Restarted run #{id} from step 0:** it has no checkpoint to continue from{why}.",
+    "restart_why": {outcome.DISCARDED: " (Stop and discard removed its checkpoints)",
+                    outcome.NEVER_STARTED: " (it never started)"},
 }

@@ -31,19 +31,7 @@ LOG_LINES = 12
 LOSS_SERIES = {"loss": "train loss", "eval_loss": "eval loss"}
 LR_SERIES = {"learning_rate": "learning rate"}
 SPEED_SERIES = {"tokens_per_s": "tokens/s"}
-# Words of this view (the lead may move them into labels.py).
-TEXT = {
-    "evaluating": "evaluating at step {step}: {part} {done} of {total}",
-    "evaluating_start": "evaluating at step {step}…",
-    "parts": {"eval loss": "eval loss, batch", "exact match": "exact match, answer"},
-    "preparing": "loading the model and data…",
-    "finishing": "finishing (final save and measurements)…",
-    "untimed": " + {n} evaluation(s), not timed yet",
-    "resumed": "**Resumed run #{id}** from its checkpoint at step {step}.",
-    "restarted": "**Restarted run #{id} from step 0:** it has no checkpoint to continue from{why}.",
-    "restart_why": {outcome.DISCARDED: " (Stop and discard removed its checkpoints)",
-                    outcome.NEVER_STARTED: " (it never started)"},
-}
+TEXT = labels.TRAIN_VIEW
 
 
 @dataclass
