@@ -190,6 +190,7 @@ def test_the_probe_measures_once_and_is_cached(monkeypatch):
     """The real probe on a tiny shape: both steps timed, the choice follows the threshold, and
     the second call reads the cache instead of measuring (a new shape measures again)."""
     monkeypatch.setenv(precision.PROBE_ENV, "measure")
+    monkeypatch.setattr(precision, "machine_busy", lambda: None)  # whatever else the suite runs
     config = tiny_llama_config()
     first = precision.decide_cpu(config)
     assert not first.cached and first.fp32_ms > 0 and first.bf16_ms > 0
@@ -198,6 +199,15 @@ def test_the_probe_measures_once_and_is_cached(monkeypatch):
     again = precision.decide_cpu(config)  # ``cached`` is set only when read back from the file
     assert again.cached and again.ratio == first.ratio and again.precision == first.precision
     assert not precision.decide_cpu(tiny_llama_config(hidden_size=32)).cached  # another shape
+
+
+def test_a_probe_on_a_busy_machine_decides_its_run_but_is_not_kept(monkeypatch):
+    monkeypatch.setenv(precision.PROBE_ENV, "measure")
+    monkeypatch.setattr(precision, "machine_busy", lambda: "load average 6.0 on 2 cores")
+    config = tiny_llama_config(hidden_size=48)
+    first = precision.decide_cpu(config)
+    assert first.precision in ("bf16", "fp32") and "busy (load average 6.0 on 2 cores)" in first.reason
+    assert not precision.decide_cpu(config).cached  # measured again, not read back
 
 
 def test_the_probe_shape_is_the_models_with_two_layers():

@@ -17,13 +17,17 @@ Two jobs, both about one question ("does a bf16-stored base train faster here?")
    a matmul alone is not the test (issue 13: bf16 matmuls ran 3-7× faster, the whole step 1.03-1.10×).
    bf16 is chosen when its step is at least ``THRESHOLD`` times as fast. The result is cached with
    the system facts (``sysinfo.cached_fact``) under the model's shape, the torch version and the CPU
-   model (``run_setup.probe_key``), so it is measured once per machine and model.
+   model (``run_setup.probe_key``), so it is measured once per machine and model — unless the
+   machine was busy with other work (``machine_busy``): a bf16 step lost its 2× to contention in a
+   measured case (1.11× at load 3.3 on 2 cores, 2.0-2.8× idle), and a cached verdict decides every
+   later run, so a busy measurement decides this run only and the next run measures again.
    ``PEFT_STUDIO_PRECISION_PROBE=bf16|fp32`` skips the measurement (tests, or a user who knows);
    ``measure`` (or unset) measures.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,6 +43,7 @@ from studio.run_setup import PROBE_ENV, forced_cpu_precision, probe_key
 # flash kernel in bf16 took 67-72 ms at length 128 and 140-150 ms at 256, eager (bmm + softmax)
 # 23 ms and 66-73 ms; at 512 flash won (374 ms against 713). fp32 SDPA: 40-47 and 138-149 ms.
 EAGER_MAX_LENGTH = 256
+BUSY_PER_CORE = 0.5  # other runnable work per core (1-minute load average) that makes a probe unfair
 THRESHOLD = 1.15  # bf16 must be clearly faster: a few % is within the noise of a busy machine
 # The quality check behind measuring by default (bench/train_speed.py, idle machine, SmolLM2-135M,
 # dates, batch 8 x 128, 30 steps, lr 2e-4, seed 42): a bf16 base trained x2.02 as fast as the
@@ -213,7 +218,18 @@ def decide_cpu(config: Any, trust_remote_code: bool = False) -> Decision:
         return Decision(**{**known, "cached": True})
     # The worker seeded torch before asking: the probe's random models must not move the run's
     # random stream (its adapter initialisation would then differ from a run with a cached answer).
+    busy = machine_busy()
     with torch.random.fork_rng(devices=[]):
         decision = measure(config)
-    sysinfo.store_fact(key, decision.as_dict())
+    if busy:
+        decision.reason += f"; measured while the machine was busy ({busy}), so not kept: the next run measures again"
+    else:
+        sysinfo.store_fact(key, decision.as_dict())
     return decision
+
+
+def machine_busy() -> str | None:
+    """Why a timing taken now would not be the machine's own (other work running), or None. The
+    load average counts this worker too, hence the one subtracted."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"load average {load:.1f} on {cores} cores" if load - 1 >= cores * BUSY_PER_CORE else None
