@@ -251,3 +251,25 @@ def test_a_failed_run_shows_its_error(tmp_path):
     assert "What went wrong" in view.summary and view.run.error.strip()[-40:] in view.summary
     assert "failed" in train_actions.run_choices(db, broken.id)[0][0]
     assert "Nothing to stop" in train_actions.stop_run(db, run_id, "save")
+
+
+def test_the_panel_follows_a_run_that_appears_even_when_a_poll_carries_the_old_selection(project):
+    """Issue 15 item 3: after Start, a poll that began before Start's answer still carries the old
+    selection; the panel must move to the new run, not write the old one back."""
+    from studio.runspec import RunSpec
+    from studio.ui.app import build_app
+
+    db, proj = project
+    spec = RunSpec(model=proj.model_source, sample_task="dates", max_steps=2)
+    old = launch.create_run(db, proj.id, spec, name="old")
+    db.update_run(old.id, status=RunStatus.COMPLETED.value)
+    demo = build_app(Database())
+    poll = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "poll")
+    first = poll(proj.id, None, {"key": None, "choices": None})
+    assert first[0]["value"] == old.id
+    new = launch.create_run(db, proj.id, spec, name="new")  # as Start (or the CLI) makes it
+    follow = poll(proj.id, old.id, first[-3])  # the page still has the old run selected
+    assert follow[0]["value"] == new.id and f"#{new.id}" in follow[1]
+    # Once the new run is listed, the user's own choice of an older run is kept (nothing re-sent).
+    assert poll(proj.id, old.id, follow[-3])[0] == {"__type__": "update"}
+    demo.close()

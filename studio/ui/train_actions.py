@@ -28,6 +28,22 @@ def run_choices(db: Database, project_id: int | None) -> list[tuple[str, int]]:
     return [(f"#{r.id} {r.name} — {r.status}", r.id) for r in runs]
 
 
+def run_to_follow(db: Database, project_id: int | None, shown_before: list[tuple[str, int]] | None,
+                  selected: int | None) -> int | None:
+    """The run the Train panel shows after a poll: a run that appeared since the page's last
+    list (started here, from the CLI or by a bake-off) — the running one first, else the newest —
+    otherwise the selected one while it exists, else the newest. Without this, a poll that began
+    before Start's answer wrote the old selection back and the panel stayed on the old run."""
+    runs = db.list_runs(project_id) if project_id is not None else []
+    ids = [r.id for r in runs]
+    if shown_before is not None:
+        known = {choice[1] for choice in shown_before}
+        fresh = [r for r in runs if r.id not in known]
+        if fresh:
+            return next((r.id for r in fresh if r.status == RunStatus.RUNNING.value), fresh[0].id)
+    return selected if selected in ids else (ids[0] if ids else None)
+
+
 def start_run(db: Database, project_id: int | None, draft: RunDraft, device: DeviceFacts | None = None
               ) -> tuple[str, int | None]:
     """Start the draft's run on the project's model; (message, run id or None when refused: then

@@ -21,7 +21,7 @@ from studio.runs import launch
 from studio.runspec import OPTIMIZERS, PRECISIONS, SCHEDULES, RunSpec
 from studio.ui import data_choice, estimates, labels
 from studio.ui.draft import TRAINING_FIELDS, RunDraft
-from studio.ui.train_actions import resume_run, run_choices, start_run, stop_run
+from studio.ui.train_actions import resume_run, run_choices, run_to_follow, start_run, stop_run
 from studio.ui.train_view import LOG_LINES, nice_limits, render_run
 from studio.ui.wiring import DRAFT_QUEUE, DraftView, edits
 
@@ -131,8 +131,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -
     def poll(project_id, run_id, state, stopping_v=None):
         launch.reconcile(db)  # a worker that died cannot write its own end
         choices = run_choices(db, project_id)
-        ids = [c[1] for c in choices]
-        selected = run_id if run_id in ids else (ids[0] if ids else None)
+        selected = run_to_follow(db, project_id, state.get("choices"), run_id)
         run_update = gr.update()
         if choices != state.get("choices") or selected != run_id:
             run_update = gr.update(choices=choices, value=selected)
