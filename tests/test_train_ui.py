@@ -7,6 +7,7 @@ the poll handler of a freshly built app, found among its registered event functi
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -113,9 +114,19 @@ def test_frames_hold_every_series_from_the_first_one_with_float_types():
     empty = train_view.frame({}, train_view.LOSS_SERIES)
     assert list(empty["series"]) == ["train loss", "eval loss"] and empty["value"].isna().all()
     assert empty["step"].dtype == float and empty["value"].dtype == float
-    partial = train_view.frame({"loss": [(1, 2.5), (2, float("inf"))]}, train_view.LOSS_SERIES)
-    assert list(partial["series"]) == ["train loss", "train loss", "eval loss"]
-    assert partial["value"].iloc[0] == 2.5 and partial["value"].iloc[1:].isna().all()
+    partial = train_view.frame({"loss": [(1, 2.5), (2, 2.0), (3, float("inf"))]}, train_view.LOSS_SERIES)
+    assert list(partial["series"]) == ["train loss"] * 3 + ["eval loss"]
+    assert list(partial["value"].iloc[:2]) == [2.5, 2.0] and partial["value"].iloc[2:].isna().all()
+
+
+def test_a_series_with_one_point_is_drawn_as_a_flat_dash():
+    """Issue 15 item 5: one evaluation drew nothing (a line needs two points). It becomes a dash
+    at its value, ±1 % of the step range around its step; a NaN never counts as the point."""
+    f = train_view.frame({"loss": [(s, 1.0 / s) for s in range(1, 61)], "eval_loss": [(20, 0.9), (40, math.nan)]},
+                         train_view.LOSS_SERIES)
+    dash = f[f["series"] == "eval loss"].dropna().sort_values("step")
+    assert list(dash["step"]) == [19.4, 20.0, 20.6] and set(dash["value"]) == {0.9}
+    assert (f["series"] == "train loss").sum() == 60  # two or more points: drawn as they are
     assert train_view.render_run(Database(), None).run is None
 
 

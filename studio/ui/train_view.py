@@ -53,9 +53,20 @@ def frame(points: dict[str, list[tuple[int, float]]], series: dict[str, str]) ->
 
     Gradio's plot fixes its colour domain and axis types when it first draws: a series that
     appears later (eval loss) gets no colour, an int column becomes categories. So: floats always,
-    and a series without points yet is one NaN row (not drawn, but in the legend and the domain)."""
+    and a series without points yet is one NaN row (not drawn, but in the legend and the domain).
+
+    A series with a single point (one evaluation so far) would draw nothing: a line mark needs two
+    points and Gradio 6 has no point markers. It is drawn as a short flat dash at its value,
+    ±1 % of the plot's step range (at least half a step) around its step."""
     rows = [(float(step), value if math.isfinite(value) else math.nan, label)
             for name, label in series.items() for step, value in points.get(name, [])]
+    last = max((r[0] for r in rows), default=0.0)
+    half = max(0.5, 0.01 * last)
+    for name, label in series.items():
+        finite = [(step, value) for step, value in points.get(name, []) if math.isfinite(value)]
+        if len(finite) == 1:
+            (step, value), = finite
+            rows += [(float(step) - half, value, label), (float(step) + half, value, label)]
     first = rows[0][0] if rows else 0.0
     rows += [(first, math.nan, label) for name, label in series.items() if not points.get(name)]
     return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype=float),
