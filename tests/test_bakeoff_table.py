@@ -47,13 +47,13 @@ def test_rows_hold_the_last_measured_values_in_display_units(setup):
     db, row, lora_id, _ = setup
     lora, prompt = build_rows(db, row)
     assert lora == {**lora, "method": "LoRA", "run_id": lora_id, "status": "completed",
-                    "trainable_params": 4_884_480, "adapter_mb": 19.56, "peak_memory_mb": 1235,
+                    "trainable_params": 4_884_480, "adapter_mb": 18.654, "peak_memory_mb": 1177,
                     "peak_memory_kind": "RSS (CPU)", "train_s": 123.5, "train_tokens_per_s": 151.2,
                     "eval_loss": 0.3123, "exact_match": 0.9, "infer_tokens_per_s": 21.1,
                     "inference": "merged", "mergeable": "yes"}
     # Not measured stays None (NaN loss, no exact match), never 0; GPU memory is labelled so.
     assert prompt["eval_loss"] is None and prompt["exact_match"] is None
-    assert prompt["peak_memory_kind"] == "GPU allocated" and prompt["peak_memory_mb"] == 2000
+    assert prompt["peak_memory_kind"] == "GPU allocated" and prompt["peak_memory_mb"] == 1907
     assert prompt["inference"] == "adapter" and prompt["mergeable"] == "no"
 
 
@@ -71,7 +71,7 @@ def test_csv_and_markdown_exports(setup):
 
     md = to_markdown(rows).splitlines()
     assert md[0].startswith("| method | status | trainable parameters |") and md[1].startswith("|---|")
-    assert md[2].startswith("| LoRA | completed | 4,884,480 | 19.56 | 1,235 | RSS (CPU) | 123.5 |")
+    assert md[2].startswith("| LoRA | completed | 4,884,480 | 18.65 | 1,177 | RSS (CPU) | 123.5 |")
     assert md[3].count("—") == 2  # loss and exact match not measured
     assert md[-1] == "- Prompt tuning: measurement after training failed: boom"
     assert all(line.count("|") == len(COLUMNS) + 1 for line in md[:4])

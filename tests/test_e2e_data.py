@@ -47,6 +47,9 @@ def test_upload_csv_map_columns_preview_and_histogram(running_app, tmp_path, stu
         assert not any("What is" in t for t in trained)
         assert re.search(r"What is \d+ plus \d+\?", page.locator("#data-preview .token-preview").first.inner_text())
         page.locator("#data-hist svg").first.wait_for()
+        # Bars are measured from 0 (issue 15 item 6: the axis started at the smallest count).
+        page.wait_for_function("""() => [...document.querySelectorAll('#data-hist .role-axis-label text')]
+            .some(t => t.textContent.trim() === '0')""", timeout=30_000)
         assert "Token lengths" in page.locator("#data-stats").inner_text()
         shot(page, tmp_path, "data-csv-preview")
 

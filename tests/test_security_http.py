@@ -335,7 +335,7 @@ def test_uploads_over_the_cap_are_refused(locked_app):
     # Announced over the cap: refused from the header, before a byte of the body is read.
     status, _, text = locked_app.request("POST", "/gradio_api/upload",
                                          {**headers, "Content-Length": str(3 << 20)})
-    assert status == 413 and b"over the 1.0 MB limit" in text
+    assert status == 413 and b"over the 1.0 MiB limit" in text
     # Sent without a length (chunked): counted as it arrives, refused once past the cap.
     status, text = _streamed_upload(locked_app, headers, form(4 << 20))
     assert status == 413, text[:300]

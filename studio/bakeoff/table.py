@@ -16,13 +16,15 @@ from typing import Any
 from studio.db import Bakeoff, Database
 from studio.methods import get_method
 
+MIB = 2**20  # sizes in MiB, as History and the estimates show them
+
 # (key, header) in display order; the keys are the saved JSON's keys too.
 COLUMNS = [
     ("method", "method"),
     ("status", "status"),
     ("trainable_params", "trainable parameters"),
-    ("adapter_mb", "adapter file (MB)"),
-    ("peak_memory_mb", "peak memory (MB)"),
+    ("adapter_mb", "adapter file (MiB)"),
+    ("peak_memory_mb", "peak memory (MiB)"),
     ("peak_memory_kind", "peak memory is"),
     ("train_s", "train time (s)"),
     ("train_tokens_per_s", "train tokens/s"),
@@ -61,8 +63,8 @@ def run_row(db: Database, method: str, run_id: int, note: str | None = None) -> 
     return {
         "method": spec.title, "method_name": method, "run_id": run_id, "status": status,
         "trainable_params": int(v["trainable_params"]) if "trainable_params" in v else None,
-        "adapter_mb": _round(v.get("adapter_bytes"), 1e6, 3),
-        "peak_memory_mb": _round(peak, 1e6, 0),
+        "adapter_mb": _round(v.get("adapter_bytes"), MIB, 3),  # MiB, as History and the estimates
+        "peak_memory_mb": _round(peak, MIB, 0),
         "peak_memory_kind": None if peak is None else ("GPU allocated" if cuda is not None else "RSS (CPU)"),
         "train_s": _round(v.get("train_seconds"), 1, 1),
         "train_tokens_per_s": _round(v.get("train_tokens_per_s"), 1, 1),

@@ -45,7 +45,7 @@ def iter_json_records(path: Path, display: str, decoder: Decoder | None = None
             return
         size = path.stat().st_size
         if size > OBJECT_MAX_BYTES:
-            raise FormatError(f"a JSON object of {size >> 20} MB is too big to read whole; "
+            raise FormatError(f"a JSON object of {size >> 20} MiB is too big to read whole; "
                               "save the records as JSONL (one object per line) or as a JSON "
                               "array", file=display, code="too_big")
         text = head + handle.read()

@@ -49,6 +49,11 @@ FEATURES = {"chat": datasets.Features({"messages": MESSAGE}),
             "text": datasets.Features({"text": datasets.Value("string")})}
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 invalid row", "3 invalid rows": a count with its noun in the right number."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 @dataclass
 class Notice:
     """A warning about many rows at once: what, how many, and the first few row numbers."""
@@ -108,7 +113,7 @@ class ValidationReport:
         if self.unit == "row" and self.note:
             lines.append(self.note)
         if self.errors.count:
-            lines.append(f"{self.invalid_rows:,} invalid rows ({self.errors.count:,} problems):")
+            lines.append(f"{counted(self.invalid_rows, 'invalid row')} ({counted(self.errors.count, 'problem')}):")
             for code, count in sorted(self.errors.by_code.items(), key=lambda kv: -kv[1]):
                 rows = self.errors.rows_by_code.get(code, [])
                 lines.append(f"  - {count:,} x {code.replace('_', ' ')} "
@@ -205,7 +210,7 @@ def validate(source: Source, fmt: str, mapping: dict[str, str], work_dir: Path, 
     if on_invalid == "refuse" and report.errors.count:
         first = report.errors.kept[0]
         raise ValidationError(
-            f"{first.message} ({report.invalid_rows:,} invalid rows in all; nothing was "
+            f"{first.message} ({counted(report.invalid_rows, 'invalid row')} in all; nothing was "
             "imported: fix them, or import with on_invalid='drop' to leave them out)",
             report=report, file=first.file, row=first.row, field=first.field, unit=first.unit,
             code=first.code)

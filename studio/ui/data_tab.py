@@ -119,7 +119,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
             preview = gr.HTML(elem_id="data-preview")
             stats = gr.Markdown(elem_id="data-stats")
             hist = gr.BarPlot(x="tokens", y="rows", label=TXT["lengths"], elem_id="data-hist", height=220,
-                              sort=None)
+                              sort=None, y_axis_format="~g")  # counts: "2", never "2.000000"
 
     def refresh_list(project_id, select=None):
         choices = _datasets(db, project_id)
@@ -158,8 +158,9 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
 
     def on_preview(project_id, dataset_id, length, loss):
         if dataset_id is None:
-            return "", "", empty_histogram()
-        return render_dataset(db, project_id, dataset_id, int(length or 512), loss)
+            return "", "", histogram_update(empty_histogram())
+        html, text, frame = render_dataset(db, project_id, dataset_id, int(length or 512), loss)
+        return html, text, histogram_update(frame)
 
     slot_and_state = [*slots, state]
     inspect_btn.click(inspect, [upload, path, text_mode], [detected, raw, fmt, *slot_and_state],
@@ -180,6 +181,13 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
 def empty_histogram() -> pd.DataFrame:
     # Typed even when empty: the plot keeps the axis types of the first frame it receives.
     return pd.DataFrame({"tokens": pd.Series(dtype=str), "rows": pd.Series(dtype=float)})
+
+
+def histogram_update(frame: pd.DataFrame) -> dict:
+    """The histogram with its bars measured from 0 (the plot's own domain started at the smallest
+    count, so bars misled and two equal rows drew no bar at all)."""
+    top = float(frame["rows"].max()) if len(frame) else 0.0
+    return gr.update(value=frame, y_lim=[0.0, max(1.0, top * 1.1)])
 
 
 def _report_text(result) -> str:

@@ -53,10 +53,10 @@ def _exports_table(db: Database, project_id: int | None) -> pd.DataFrame:
     for e in db.list_exports(project_id) if project_id is not None else []:
         v = e.verification or {}
         rows.append({"id": e.id, "run": e.run_id, "step": v.get("checkpoint_step"), "kind": e.kind,
-                     "dtype": e.dtype, "status": e.status, "size MB": round((e.size_bytes or 0) / 1e6, 1),
+                     "dtype": e.dtype, "status": e.status, "size MiB": round((e.size_bytes or 0) / 2**20, 1),
                      "max |Δlogit|": v.get("max_abs_diff"), "greedy agree": v.get("greedy_agreement"),
                      "path": e.path})
-    return pd.DataFrame(rows, columns=["id", "run", "step", "kind", "dtype", "status", "size MB",
+    return pd.DataFrame(rows, columns=["id", "run", "step", "kind", "dtype", "status", "size MiB",
                                        "max |Δlogit|", "greedy agree", "path"])
 
 
@@ -79,7 +79,7 @@ def export_message(result: dict) -> str:
     step = v.get("checkpoint_step")
     weights = "final weights" if step is None else f"checkpoint at step {step}"
     return TEXT["done"].format(status=result["status"], path=result["path"],
-                               mb=(result.get("size_bytes") or 0) / 1e6, weights=weights, checked=checked)
+                               mb=(result.get("size_bytes") or 0) / 2**20, weights=weights, checked=checked)
 
 
 def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None) -> ExportHandles:

@@ -328,7 +328,7 @@ EXPORT = {
                "has finished, or has been stopped with Stop and save.",
     "pick": "**Pick a run first.**",
     "failed": "**Export failed:** {reason}",
-    "done": "**Export {status}:** `{path}` ({mb:.1f} MB, {weights}). {checked}",
+    "done": "**Export {status}:** `{path}` ({mb:.1f} MiB, {weights}). {checked}",
     "checked": "max |Δlogit| {diff:.2e}, greedy agreement {agree:.0%} over {prompts} prompts, loaded with {loader}",
     "no_merge": "**{title} cannot be merged.** {notes} Choose *adapter* to export it.",
     "qlora": "**QLoRA:** the merged export is the 4-bit base de-quantised to the chosen dtype with the adapter "
