@@ -24,9 +24,8 @@ from studio.ui.wiring import DRAFT_QUEUE
 CSS = """
 mark.loss { background: #fde68a; color: inherit; border-radius: 2px; }
 .token-preview { max-height: 28em; overflow-y: auto; }
-/* Wide tables: headers break between words, never inside one (the table scrolls instead). */
-#bakeoff-table th, #bakeoff-table th *, #history-runs th, #history-runs th * {
-  word-break: normal !important; overflow-wrap: normal !important; }
+/* Every table: headers break between words, never inside one (a wide table scrolls instead). */
+th, th * { word-break: normal !important; overflow-wrap: normal !important; }
 """
 
 
