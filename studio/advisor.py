@@ -1,12 +1,15 @@
 """The method advisor: rank every method for the user's constraints, one line of reasons each.
 
 It is a decision table (the rules below, each with its reason) applied on top of the live
-estimate: a method whose estimated training memory exceeds the GPU drops to the bottom whatever
+estimate: a method whose estimated training memory exceeds the device's memory (the GPU's free
+memory, or the available RAM on a CPU: ``run_setup.memory_budget``) drops to the bottom whatever
 else it has going for it. Scores are additive so every rule that fired shows in the reasons.
 
 Rules (from the methods' papers and common practice, summarised in each spec's guidance; the
 per-method points live on the methods, ``MethodSpec.advice``):
-* fits the GPU (+3) / tight (+1) / exceeds (-10); unknown GPU: no change. A method that exceeds
+* fits the GPU or RAM (+3) / tight (+1) / exceeds (-10); unknown memory: no change.
+* on a CPU, a 4-bit base (``MethodSpec.quantized``) -2: bitsandbytes de-quantises at every
+  matmul there, slower than the same adapter over a bf16/fp32 base. A method that exceeds
   is re-estimated with gradient checkpointing; if that fits, it is scored so (-1 for the speed).
 * must merge into the base for deployment: non-mergeable methods -10.
 * many tasks on one base: small adapters +2 (< 0.5 % of the model), whole-model methods -3.
@@ -31,7 +34,8 @@ from studio.planner import plan
 
 @dataclass(frozen=True)
 class Constraints:
-    gpu_bytes: int | None = None  # free GPU memory; None: unknown
+    memory_bytes: int | None = None  # free GPU memory, or available RAM on a CPU; None: unknown
+    where: str = "GPU"  # which of the two ("GPU" or "RAM"), for the reasons
     examples: int = 1000
     must_merge: bool = False
     many_tasks: bool = False
@@ -53,11 +57,11 @@ def recommend(arch: ArchInfo, constraints: Constraints, setup: TrainSetup | None
     rows = []
     for spec in all_methods():
         try:
-            estimate = plan(arch, spec.name, {}, setup, constraints.gpu_bytes)
+            estimate = plan(arch, spec.name, {}, setup, constraints.memory_bytes)
             if estimate["verdict"] == "exceeds" and not estimate["setup"]["grad_checkpointing"]:
                 # Grounded in the estimate: say when checkpointing alone makes it fit.
                 retry = plan(arch, spec.name, {}, replace(setup or TrainSetup(), grad_checkpointing=True),
-                             constraints.gpu_bytes)
+                             constraints.memory_bytes)
                 if retry["verdict"] != "exceeds":
                     estimate = {**retry, "verdict": retry["verdict"], "needs_checkpointing": True}
         except SettingError as exc:
@@ -82,11 +86,13 @@ def _score(spec: Any, estimate: dict[str, Any], c: Constraints) -> tuple[int, li
     if estimate.get("needs_checkpointing"):
         rule(-1, "needs gradient checkpointing (~30 % slower)")
     if fit == "fits":
-        rule(3, f"fits ({estimate['total_bytes'] / 2**30:.1f} GiB)")
+        rule(3, f"fits in {c.where} ({estimate['total_bytes'] / 2**30:.1f} GiB)")
     elif fit == "tight":
-        rule(1, f"tight fit ({estimate['total_bytes'] / 2**30:.1f} GiB)")
+        rule(1, f"tight fit in {c.where} ({estimate['total_bytes'] / 2**30:.1f} GiB)")
     elif fit == "exceeds":
-        rule(-10, f"needs {estimate['total_bytes'] / 2**30:.1f} GiB: exceeds the GPU")
+        rule(-10, f"needs {estimate['total_bytes'] / 2**30:.1f} GiB: exceeds the {c.where}")
+    if c.where == "RAM" and spec.quantized:
+        rule(-2, "4-bit base on a CPU: de-quantised at every matmul, slower than a bf16/fp32 base")
     if c.must_merge and not spec.mergeable:
         rule(-10, "cannot merge into the base")
     if c.many_tasks:

@@ -255,7 +255,8 @@ def estimate_chat(arch: ArchInfo, setup: TrainSetup, context: int, batch: int = 
     terms.append(Term("kv_cache", kv_cache, f"2 × L × kv × ctx × batch × {width} B = 2 × {arch.num_layers} × "
                                             f"{arch.kv_dim} × {context} × {batch} × {width}"))
     terms.append(Term("logits", batch * arch.vocab_size * 4, "batch × V × 4 B"))
-    terms.append(Term("overhead", CUDA_OVERHEAD if setup.device == "cuda" else 0, "CUDA context"))
+    cuda = setup.device == "cuda"
+    terms.append(Term("overhead", CUDA_OVERHEAD if cuda else 0, "CUDA context" if cuda else "none on CPU"))
     return Estimate(tuple(terms), 0)
 
 

@@ -24,6 +24,11 @@ from studio.estimate import TrainSetup, estimate_training, verdict
 from studio.methods import get_method
 from studio.models import ModelSourceError
 
+# An adapter with more trainable parameters than this share of the model is flagged: it costs
+# the memory and time of a large fine-tune, and past the layer width a low-rank update gains no
+# capacity (rank r on a d-wide layer is at most rank d).
+ADAPTER_SHARE_LIMIT = 0.25
+
 _memory: dict[str, ArchInfo] = {}
 _lock = threading.Lock()
 
@@ -70,9 +75,23 @@ def arch_for(source: str = config.DEFAULT_MODEL, trust_remote_code: bool = False
         return info
 
 
+def size_warnings(whole_model: bool, trainable: int, arch: ArchInfo) -> list[str]:
+    """Why an adapter is larger than it can usefully be, for any method that is not the whole
+    model (its size settings are the method's own: rank, width, tokens)."""
+    share = trainable / arch.total_params
+    if whole_model or share <= ADAPTER_SHARE_LIMIT:
+        return []
+    return [f"this adapter trains {share:.0%} as many parameters as the model has "
+            f"(above {ADAPTER_SHARE_LIMIT:.0%} an adapter costs the memory and time of a large "
+            f"fine-tune, and a rank above the layer width, d = {arch.hidden_size}, adds no capacity): "
+            "lower its size settings (rank, width or virtual tokens)"]
+
+
 def plan(arch: ArchInfo, method: str, settings: dict[str, Any] | None = None,
          setup: TrainSetup | None = None, gpu_free_bytes: int | None = None) -> dict[str, Any]:
-    """Trainable count, formula and memory terms as one JSON-able dict."""
+    """Trainable count, formula and memory terms as one JSON-able dict. ``gpu_free_bytes``: the
+    memory the verdict is judged against (``run_setup.memory_budget``: the GPU's free memory, or
+    the available RAM on a CPU); None: no verdict ("unknown")."""
     spec = get_method(method)
     params = spec.params(settings or {})
     setup = setup or TrainSetup()
@@ -98,4 +117,5 @@ def plan(arch: ArchInfo, method: str, settings: dict[str, Any] | None = None,
         "settings": asdict(params),
         "verdict": verdict(estimate.total_bytes, gpu_free_bytes),
         "gpu_free_bytes": gpu_free_bytes,
+        "warnings": size_warnings(spec.whole_model, count.trainable, arch),
     }

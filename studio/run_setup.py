@@ -41,6 +41,10 @@ class DeviceFacts:
     # None if never measured.
     cpu_bf16: bool | None
     total_bytes: int | None = None  # the GPU's memory; None on the CPU
+    # The RAM available to a CPU run (psutil's "available": free plus reclaimable cache); None on
+    # a GPU or when not read. Only the estimate's verdict reads it: a CPU run over it swaps (slow,
+    # not fatal), so the start service never refuses on it.
+    ram_available_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,16 @@ def device_facts(model: str | None = None) -> DeviceFacts:
         gpu = gpus[0]
         return DeviceFacts("cuda", int(gpu["free_bytes"]), bool(gpu.get("bf16", False)), None,
                            int(gpu["total_bytes"]))
-    return DeviceFacts("cpu", None, False, cached_cpu_bf16(model, accel.get("torch")))
+    return DeviceFacts("cpu", None, False, cached_cpu_bf16(model, accel.get("torch")),
+                       ram_available_bytes=sysinfo.available_ram_bytes())
+
+
+def memory_budget(device: DeviceFacts) -> tuple[int | None, str]:
+    """(the bytes a run's estimate is judged against, what they are): the GPU's free memory on a
+    GPU, the available RAM on the CPU (None: unknown, no verdict)."""
+    if device.kind == "cuda":
+        return device.free_bytes, "GPU"
+    return device.ram_available_bytes, "RAM"
 
 
 def choose_precision(requested: str, device: DeviceFacts) -> tuple[str, str]:

@@ -105,6 +105,12 @@ def store_fact(key: str, value: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def available_ram_bytes() -> int:
+    """RAM a new process can use without swapping (psutil's "available": free plus reclaimable
+    page cache), read now: what a CPU run's memory estimate is judged against."""
+    return int(psutil.virtual_memory().available)
+
+
 def host_summary() -> dict[str, Any]:
     memory = psutil.virtual_memory()
     disk = psutil.disk_usage(str(config.projects_dir()))

@@ -69,7 +69,7 @@ def test_arch_for_caches_on_disk_and_reads_no_weights(studio_home, tmp_path):
 
 def test_advisor_ranks_by_constraints():
     arch = ArchInfo.from_config(load_config(LLAMA3_8B))
-    small_gpu = recommend(arch, Constraints(gpu_bytes=12 * 2**30, must_merge=True))
+    small_gpu = recommend(arch, Constraints(memory_bytes=12 * 2**30, must_merge=True))
     by_name = {r.method: r for r in small_gpu}
     assert small_gpu[0].method == "qlora"  # the only one that fits 12 GiB, with checkpointing
     assert small_gpu[0].verdict in ("fits", "tight") and "checkpointing" in small_gpu[0].reasons
@@ -77,7 +77,7 @@ def test_advisor_ranks_by_constraints():
     assert by_name["prefix"].score < by_name["lora"].score  # cannot merge
     assert "exceeds the GPU" in by_name["full"].reasons
 
-    quality = recommend(arch, Constraints(gpu_bytes=200 * 2**30, quality_first=True))
+    quality = recommend(arch, Constraints(memory_bytes=200 * 2**30, quality_first=True))
     assert quality[0].method in ("dora", "full")
     many = {r.method: r for r in recommend(arch, Constraints(many_tasks=True, examples=200))}
     assert many["ia3"].score > many["full"].score

@@ -3,7 +3,9 @@ one translation ``run_setup.training_setup`` (the one the worker and the start s
 tab cannot assume another precision or setup than the run gets.
 
 The Train tab estimates for this machine. The Method tab may plan for another one: the GPU memory
-figure and base quantisation in the draft are planning data, not training settings.
+figure and base quantisation in the draft are planning data, not training settings. Without a GPU
+the verdict is against the available RAM (``run_setup.memory_budget``); a verdict of "exceeds" or
+"tight" comes with what to change (``fit_advice.to_fit``, the worker's OOM advice rule).
 No gradio here: handlers and tests call these with plain values.
 """
 
@@ -29,6 +31,24 @@ def planned_device(draft: RunDraft, here: DeviceFacts) -> DeviceFacts:
     return dataclasses.replace(here, free_bytes=None)
 
 
+def fit_notes(draft: RunDraft, model: str, device: DeviceFacts, result: dict[str, Any],
+              quant: str = "none") -> list[str]:
+    """What to say below a verdict: the size warnings, and for "exceeds" or "tight" the single
+    changes that lower the estimate, each with its figure (Markdown lines)."""
+    from studio import fit_advice
+
+    notes = [labels.FIT["warning"].format(text=w) for w in result.get("warnings", [])]
+    if result["verdict"] in ("exceeds", "tight"):
+        spec = dataclasses.replace(draft.spec, model=model)
+        try:
+            rows = fit_advice.to_fit(spec, device, quant)
+        except Exception as exc:  # advice on advice: never hides the estimate
+            rows, notes = [], [*notes, labels.FIT["no_advice"].format(reason=exc)]
+        if rows:
+            notes.append(labels.FIT["advice"].format(lines="  \n".join(fit_advice.lines(rows))))
+    return notes
+
+
 def plan_draft(draft: RunDraft, model: str, device: DeviceFacts, quant: str = "none"
                ) -> tuple[dict[str, Any], SetupChoice]:
     """(the planner's result, the setup choice) for the draft's run of ``model`` on ``device``.
@@ -38,7 +58,8 @@ def plan_draft(draft: RunDraft, model: str, device: DeviceFacts, quant: str = "n
     spec = draft.spec
     choice = run_setup.training_setup(spec, device)
     setup = choice.setup if quant == "none" else dataclasses.replace(choice.setup, quant=quant)
-    return plan(arch_for(model), spec.method, spec.method_settings, setup, device.free_bytes), choice
+    budget, _ = run_setup.memory_budget(device)
+    return plan(arch_for(model), spec.method, spec.method_settings, setup, budget), choice
 
 
 def train_estimate(draft: RunDraft, model: str, device: DeviceFacts | None = None) -> str:
@@ -53,6 +74,11 @@ def train_estimate(draft: RunDraft, model: str, device: DeviceFacts | None = Non
     head = text["head"].format(gib=result["total_bytes"] / GIB, title=result["title"],
                                params=result["trainable_params"], batch=spec.batch_size,
                                length=spec.max_length, precision=choice.precision, why=choice.reason)
-    if device.free_bytes is None:
-        return head + text["cpu"]
-    return head + text["gpu"].format(free=device.free_bytes / GIB, verdict=result["verdict"])
+    budget, where = run_setup.memory_budget(device)
+    if budget is None:
+        line = head + text["cpu"]
+    else:
+        line = head + text[where].format(free=budget / GIB, verdict=result["verdict"])
+        if where == "RAM" and result["verdict"] == "exceeds":
+            line += text["swap"]
+    return "  \n".join([line, *fit_notes(draft, model, device, result)])

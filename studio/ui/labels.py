@@ -92,15 +92,26 @@ METHOD = {
     "optimizer": "Optimizer",
     "optimizer_help": "adamw8bit keeps the optimizer states in 8 bits (needs bitsandbytes and a GPU).",
     "gpu": "GPU memory available (GiB)",
-    "gpu_help": "Read from your GPU when there is one; set it to plan for another (0: none).",
+    "gpu_help": "Read from your GPU when there is one; set it to plan for another (0: this machine, "
+                "judged against its available RAM when it has no GPU).",
     "bar": "Training memory by term",
     "cannot_estimate": "**Cannot estimate:** {reason}",
     "cannot_read": "**Cannot read that model:** {reason}",
     "card": "**{title}** — {family} · merges into the base: {merge} · inference overhead: {overhead}  \n{guidance}",
     "count": "## {params:,} trainable parameters\n{percent:.4f} % of {total:,}",
-    "total": "### Estimated training memory: {gib:.2f} GiB — {verdict}\nas {precision}: {why}  \n{terms}",
-    "verdicts": {"fits": "fits", "tight": "tight: close to the limit", "exceeds": "exceeds the GPU",
-                 "unknown": "no GPU memory given: enter the GPU you plan to train on"},
+    "total": "### Estimated training memory: {gib:.2f} GiB — {verdict}\nas {precision}: {why}  \n{notes}{terms}",
+    # {where}: "GPU" (its free memory, or the figure planned for) or "RAM" (available, on a CPU).
+    "verdicts": {"fits": "fits in {budget:.1f} GiB of {where}",
+                 "tight": "tight: close to the {budget:.1f} GiB of {where} available",
+                 "exceeds": "exceeds the {budget:.1f} GiB of {where} available",
+                 "unknown": "no memory figure: the available RAM could not be read; enter the GPU "
+                            "you plan to train on"},
+    "ram_exceeds": "Over the available RAM the system swaps: the run is slow, but it is not refused.",
+    "cpu_4bit": ("On a CPU, 4-bit training (bitsandbytes {version}) de-quantises every frozen weight "
+                 "at every matmul: it saves RAM but trains slower than the same adapter over a "
+                 "bf16/fp32 base (bitsandbytes' fast CPU 4-bit kernel serves inference only and "
+                 "carries no gradient). Choose it on a CPU only when the model does not fit in RAM "
+                 "otherwise."),
     "advisor": "Advisor: which method for me?",
     "examples": "Training examples",
     "must_merge": "Must merge into the base",
@@ -165,9 +176,17 @@ TRAIN_ESTIMATE = {
     "head": ("**Estimated training memory: {gib:.2f} GiB** for {title} ({params:,} trainable parameters), "
              "batch {batch} × {length} tokens, {precision} ({why})"),
     "cpu": ". No GPU found: training runs on the CPU, in RAM.",
-    "gpu": " — GPU has {free:.1f} GiB free: **{verdict}**.",
+    "GPU": " — GPU has {free:.1f} GiB free: **{verdict}**.",
+    "RAM": " — no GPU: training runs on the CPU, with {free:.1f} GiB of RAM available: **{verdict}**.",
+    "swap": " Over the available RAM the system swaps: slow, but the run is not refused.",
     "failed": "**Cannot estimate:** {reason}",
     "no_project": "Pick or create a project to see the memory estimate.",
+}
+# What the Method and Train tabs add below a memory verdict (ui/estimates.fit_notes).
+FIT = {
+    "warning": "**Warning:** {text}.",
+    "advice": "**To fit, change one thing** (estimated):  \n{lines}",
+    "no_advice": "(could not estimate the alternatives: {reason})",
 }
 TRAIN_MSG = {
     "no_project": "**Not started:** pick or create a project first.",

@@ -78,9 +78,26 @@ def evaluate(draft: RunDraft, here: run_setup.DeviceFacts | None = None):
                                 total=result["total_params"])
     terms = "  \n".join(f"**{name}** {value / GIB:.3f} GiB: {result['memory_formulas'][name]}"
                         for name, value in result["memory_bytes"].items())
-    total = TXT["total"].format(gib=result["total_bytes"] / GIB, verdict=TXT["verdicts"][result["verdict"]],
-                                precision=choice.precision, why=choice.reason, terms=terms)
+    budget, where = run_setup.memory_budget(device)
+    verdict = TXT["verdicts"][result["verdict"]].format(budget=(budget or 0) / GIB, where=where)
+    notes = estimates.fit_notes(draft, draft.model, device, result, draft.quant)
+    if where == "RAM" and result["verdict"] == "exceeds":
+        notes.insert(0, TXT["ram_exceeds"])
+    if where == "RAM" and get_method(draft.spec.method).quantized:
+        notes.append(TXT["cpu_4bit"].format(version=_bnb_version()))
+    total = TXT["total"].format(gib=result["total_bytes"] / GIB, verdict=verdict, precision=choice.precision,
+                                why=choice.reason, notes="".join(n + "  \n" for n in notes), terms=terms)
     return count, f"`{result['formula']}`", memory_frame(result), total
+
+
+def _bnb_version() -> str:
+    """The installed bitsandbytes' version, read from its metadata (importing it loads torch)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("bitsandbytes")
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def build(demo: gr.Blocks, draft: gr.State) -> MethodHandles:
@@ -185,12 +202,16 @@ def _advisor(draft: gr.State) -> None:
             many_tasks = gr.Checkbox(False, label=TXT["many_tasks"])
             quality = gr.Checkbox(False, label=TXT["quality"])
         ask = gr.Button(TXT["rank"], elem_id="advisor-run")
-        table = gr.Dataframe(headers=TXT["advisor_columns"], interactive=False, elem_id="advisor-table", wrap=True)
+        # Fixed shares of the width, the reasons the widest: sized by content, the long reasons
+        # pushed the verdict column out of the panel.
+        table = gr.Dataframe(headers=TXT["advisor_columns"], interactive=False, elem_id="advisor-table", wrap=True,
+                             column_widths=["15%", "7%", "44%", "13%", "8%", "13%"])
 
     def run(current: RunDraft, n, merge, many, qual):
         device = estimates.planned_device(current, run_setup.device_facts(current.model))
         choice = run_setup.training_setup(current.spec, device)
-        constraints = Constraints(gpu_bytes=device.free_bytes, examples=int(n or 1), must_merge=merge,
+        budget, where = run_setup.memory_budget(device)
+        constraints = Constraints(memory_bytes=budget, where=where, examples=int(n or 1), must_merge=merge,
                                   many_tasks=many, quality_first=qual)
         rows = recommend(arch_for(current.model), constraints, choice.setup)
         return [[r.title, r.score, r.reasons, f"{r.trainable_params:,}", round(r.total_bytes / GIB, 2), r.verdict]

@@ -17,7 +17,6 @@ import os
 import time
 import shutil
 import traceback
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from studio import config
 from studio.db import Database, RunStatus, utcnow
 from studio.methods import get_method
-from studio.run_setup import DeviceFacts, training_setup
+from studio.run_setup import DeviceFacts
 from studio.runspec import RunSpec
 from studio.worker import diskspace, prepare
 from studio.worker.resilient import BackgroundWriter, Patient, say
@@ -298,38 +297,12 @@ def measure_for_bakeoff(db: Database, run_id: int, bakeoff_id: int, spec: RunSpe
 
 
 def oom_advice(spec: RunSpec, device: DeviceFacts | None = None) -> str:
-    """What would fit, computed from the estimator for the same run with one knob changed, on
-    ``device`` as the run started (its free memory before the model was loaded; None: read now).
-    The precision is ``run_setup.training_setup``'s, the one the run trained in."""
-    from studio.planner import arch_for, plan
+    """What would fit (``studio/fit_advice.py``, the rule the Method and Train tabs show too), on
+    ``device`` as the run started (its free memory before the model was loaded; None: read now)."""
+    from studio import fit_advice
 
     try:
-        device = device or prepare.device_now()
-        arch = arch_for(spec.model)
-        base = training_setup(spec, device).setup
-        method = get_method(spec.method)
-        settings = spec.method_settings
-        options = [("as configured", spec.method, settings, base)]
-        if spec.batch_size > 1:
-            options.append((f"batch size {max(1, spec.batch_size // 2)} (accumulate ×{spec.grad_accum * 2})",
-                            spec.method, settings, replace(base, batch_size=max(1, spec.batch_size // 2))))
-        if not spec.grad_checkpointing:
-            options.append(("gradient checkpointing on", spec.method, settings,
-                             replace(base, grad_checkpointing=True)))
-        if method.quantized_variant:
-            variant = get_method(method.quantized_variant)
-            # The run's settings, with the method's own defaults, as far as the variant has them.
-            known = {f.name for f in variant.fields()}
-            carried = {k: v for k, v in asdict(method.params(settings)).items() if k in known}
-            options.append((f"{variant.title} (4-bit base)", variant.name, carried, base))
-        if spec.max_length > 128:
-            options.append((f"max length {spec.max_length // 2}", spec.method, settings,
-                            replace(base, seq_len=spec.max_length // 2)))
-        lines = ["Estimated memory for the same run with one change:"]
-        for label, name, chosen, setup in options:
-            result = plan(arch, name, chosen, setup, device.free_bytes)
-            lines.append(f"- {label}: {result['total_bytes'] / 2**30:.2f} GiB ({result['verdict']})")
-        return "\n".join(lines)
+        return fit_advice.oom_text(spec, device or prepare.device_now())
     except Exception as exc:  # advice is best effort; the OOM itself is what matters
         return f"(could not compute advice: {exc})"
 
