@@ -200,7 +200,8 @@ def test_ui_restart_during_a_run_shows_it_running_with_all_metrics(project):
     demo = build_app(Database())
     poll = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "poll")
     outputs = poll(proj.id, None, {"key": None, "choices": None})
-    run_update, status, progress, loss, lr, speed, log, summary, state, message, stopping = outputs
+    run_update, status, progress, loss, lr, speed, log, summary, state, message, stopping, timer = outputs
+    assert timer["value"] == 1.0  # a real worker is training: the poll stays fast (idle: test_idle_polling)
     assert loss["x_lim"] == [0.0, 400.0] and loss["y_lim"][0] <= loss["value"]["value"].min()
     loss, lr, speed = loss["value"], lr["value"], speed["value"]  # gr.update(value=frame, limits)
     assert run_update["value"] == run_id  # the newest run is selected on its own
@@ -215,18 +216,18 @@ def test_ui_restart_during_a_run_shows_it_running_with_all_metrics(project):
     # New steps arrive on a later poll of the same page.
     wait_for(lambda: len(logged_steps(db, run_id, "loss")) > len(shown), 60, "another step")
     later = poll(proj.id, run_id, state)
-    assert later[-3]["key"] != state["key"]  # the state the next poll is given
+    assert later[-4]["key"] != state["key"]  # the state the next poll is given
     assert len(steps_of(later[3]["value"], "train loss")) > len(shown)
 
     # Once nothing changes, a poll re-sends nothing: the plots are not redrawn every second.
     train_actions.stop_run(db, run_id, "discard")
     wait_for(lambda: finished(db, run_id), 120, "the stop")
-    settled = poll(proj.id, run_id, poll(proj.id, run_id, later[-3])[-3])
-    *updates, _state, message, stopping = settled
+    settled = poll(proj.id, run_id, poll(proj.id, run_id, later[-4])[-4])
+    *updates, _state, message, stopping, _timer = settled
     assert all(update == {"__type__": "update"} for update in [*updates, message, stopping])
     # A stop the page asked for: once the run has ended, the message says what happened, once.
-    done = poll(proj.id, run_id, later[-3], [run_id, "discard"])
-    assert f"Run #{run_id} stopped" in done[-2] and "discarded" in done[-2] and done[-1] is None
+    done = poll(proj.id, run_id, later[-4], [run_id, "discard"])
+    assert f"Run #{run_id} stopped" in done[-3] and "discarded" in done[-3] and done[-2] is None
     demo.close()
 
 
@@ -279,8 +280,8 @@ def test_the_panel_follows_a_run_that_appears_even_when_a_poll_carries_the_old_s
     first = poll(proj.id, None, {"key": None, "choices": None})
     assert first[0]["value"] == old.id
     new = launch.create_run(db, proj.id, spec, name="new")  # as Start (or the CLI) makes it
-    follow = poll(proj.id, old.id, first[-3])  # the page still has the old run selected
+    follow = poll(proj.id, old.id, first[-4])  # the page still has the old run selected
     assert follow[0]["value"] == new.id and f"#{new.id}" in follow[1]
     # Once the new run is listed, the user's own choice of an older run is kept (nothing re-sent).
-    assert poll(proj.id, old.id, follow[-3])[0] == {"__type__": "update"}
+    assert poll(proj.id, old.id, follow[-4])[0] == {"__type__": "update"}
     demo.close()

@@ -7,7 +7,9 @@ the project changes (its model and datasets) and after History's clone.
 
 The Train tab's polling timer is placed after ``gr.Tabs``, not inside its tab: a timer inside a
 tab does not tick until that tab has been opened, and a running training must be followed (and a
-dead worker reconciled) from page load."""
+dead worker reconciled) from page load. Every poll slows to ``polling.IDLE_SECONDS`` while no run
+is active; History's polls (its runs table, the Bake-off section) are also turned off while
+another main tab is open, and on again when History is opened."""
 
 from __future__ import annotations
 
@@ -62,6 +64,13 @@ def build_app(db: Database | None = None) -> gr.Blocks:
         # Each view of the draft draws from it when opened; both follow the project.
         train.view.on(tabs["Train"].select)
         method.view.on(tabs["Method"].select)
+        # History's polls run only while History is open (its own select refreshes it at once).
+        tabs["History"].select(lambda: [gr.Timer(active=True)] * len(history.timers), None, history.timers,
+                               api_name=False, show_progress="hidden")
+        for name in labels.TABS:
+            if name != "History":
+                tabs[name].select(lambda: [gr.Timer(active=False)] * len(history.timers), None, history.timers,
+                                  api_name=False, show_progress="hidden")
 
         def for_project(project_id, current: RunDraft) -> RunDraft:
             project = db.get_project(project_id) if project_id is not None else None

@@ -5,7 +5,9 @@ against trainable parameters; the table as CSV and Markdown downloads.
 The UI only queues runs (``studio.bakeoff.start_bakeoff``) and reads the history: the workers
 train and measure, and each finished worker starts the next run, so closing the app does not
 stop a bake-off. The poll also calls ``launch.dispatch``, which restarts the queue after a
-crash. Handlers are module functions on plain values, so tests drive them without a browser.
+crash; it ticks every ``POLL_SECONDS`` while a run is running or queued and every
+``polling.IDLE_SECONDS`` otherwise, and Queue wakes it. Handlers are module functions on plain
+values, so tests drive them without a browser.
 The user-visible strings are ``labels.BAKEOFF``.
 """
 
@@ -24,12 +26,12 @@ from studio import bakeoff
 from studio.bakeoff import table as bt
 from studio.db import Database, RunStatus
 from studio.methods import all_methods
-from studio.ui import data_choice, labels
+from studio.ui import data_choice, labels, polling
 from studio.ui.train_view import nice_limits
 from studio.runs import launch
 
 TXT = labels.BAKEOFF
-POLL_SECONDS = 3.0
+POLL_SECONDS = 3.0  # while a run is active
 SCATTER_COLUMNS = ["method", "trainable parameters (log10)", "quality"]
 
 
@@ -130,9 +132,10 @@ def cancel(db: Database, bakeoff_id: int | None) -> str:
 
 
 # ---- the section ----
-def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None) -> None:
-    """Render the section. ``tab``: its (sub-)tab; opening it re-lists the datasets (one may have
-    been imported in the Data tab since the page loaded), keeping the one picked."""
+def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None) -> gr.Timer:
+    """Render the section; returns its poll timer (History turns it off while another tab is open).
+    ``tab``: its (sub-)tab; opening it re-lists the datasets (one may have been imported in the
+    Data tab since the page loaded), keeping the one picked."""
     budget = bakeoff.Budget()
     gr.Markdown(TXT["intro"])
     with gr.Row():
@@ -194,13 +197,15 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         text, new_id = queue_bakeoff(db, project_id, *values)
         choices = bakeoff_choices(db, project_id)
         selected = new_id if new_id is not None else (choices[0][1] if choices else None)
-        return (text, gr.update(choices=choices, value=selected), *show(selected))
+        awake = polling.wake(POLL_SECONDS) if new_id is not None else gr.skip()
+        return (text, gr.update(choices=choices, value=selected), *show(selected), awake)
 
-    def on_tick(bakeoff_id):
+    def on_tick(bakeoff_id, period=None):
         launch.dispatch(db)  # after a crash nothing else advances the queue
+        timer_update = polling.pace(period, polling.interval(db, POLL_SECONDS))
         if not changed(db, bakeoff_id):
-            return tuple(gr.skip() for _ in shown)  # no redraw, no new download files
-        return show(bakeoff_id)
+            return (*(gr.skip() for _ in shown), timer_update)  # no redraw, no new download files
+        return (*show(bakeoff_id), timer_update)
 
     def on_open(project_id, data_v):
         data_list = data_choice.choices(db, project_id)
@@ -211,9 +216,10 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
     picker.change(on_project, [picker], [chosen, data, *shown], api_name=False)
     demo.load(on_project, [picker], [chosen, data, *shown], api_name=False)
     go.click(on_queue, [picker, data, methods, steps, batch, max_length, eval_rows, lr],
-             [message, chosen, *shown], api_name=False)
+             [message, chosen, *shown, timer], api_name=False)
     chosen.change(show, [chosen], shown, api_name=False)
     refresh_btn.click(show, [chosen], shown, api_name=False)
     cancel_btn.click(lambda b: cancel(db, b), [chosen], [message], api_name=False).then(
         show, [chosen], shown, api_name=False)
-    timer.tick(on_tick, [chosen], shown, api_name=False)
+    timer.tick(on_tick, [chosen, timer], [*shown, timer], api_name=False, show_progress="hidden")
+    return timer

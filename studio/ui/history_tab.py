@@ -20,14 +20,14 @@ import gradio as gr
 from studio import history
 from studio.db import Database, RunStatus
 from studio.methods import get_method
-from studio.ui import data_choice, labels, train_tab
+from studio.ui import data_choice, labels, polling, train_tab
 from studio.ui import history_view as view
 from studio.ui.draft import RunDraft
 from studio.ui.train_view import nice_limits
 from studio.ui.wiring import DRAFT_QUEUE, DraftView
 
 TXT = labels.HISTORY
-LIVE_SECONDS = 3.0  # how often the runs table checks for runs that changed elsewhere
+LIVE_SECONDS = 3.0  # how often the runs table checks for runs that changed elsewhere, while a run is active
 
 
 @dataclass
@@ -36,6 +36,9 @@ class HistoryHandles:
     clone: gr.Button
     run: gr.Dropdown  # the run opened, the one a clone copies
     message: gr.Markdown
+    # The tab's polls (the runs table's, and any a section returned): app.py turns them off while
+    # another main tab is open and on when this one is opened again.
+    timers: list[gr.Timer]
 
 
 # ---- handlers (plain values in, plain values / updates out) ----
@@ -100,9 +103,10 @@ def compare_message(run_ids: Sequence[int] | None, comparison: view.Comparison |
 
 # ---- the tab ----
 def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None,
-          sections: Sequence[tuple[str, Callable[[gr.Tab], None]]] = ()) -> HistoryHandles:
+          sections: Sequence[tuple[str, Callable[[gr.Tab], gr.Timer | None]]] = ()) -> HistoryHandles:
     """Render the tab. ``sections``: (title, build function) pairs, each built in its own sub-tab
-    after Runs, Compare and Project and given that sub-tab (to refresh when it is opened), e.g.
+    after Runs, Compare and Project and given that sub-tab (to refresh when it is opened); a section
+    that polls returns its timer (it joins ``HistoryHandles.timers``), e.g.
     ``[("Bake-off", lambda sub: bakeoff_tab.build(demo, db, picker, sub))]``."""
     with gr.Tabs(elem_id="history-sections"):
         with gr.Tab(TXT["runs"], id="runs", elem_id="history-tab-runs"):
@@ -118,7 +122,9 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         for title, build_section in sections:
             slug = title.lower().replace(" ", "-")
             with gr.Tab(title, id=slug, elem_id=f"history-tab-{slug}") as sub:
-                build_section(sub)
+                section_timer = build_section(sub)
+                if section_timer is not None:
+                    runs["handles"].timers.append(section_timer)
 
     def on_project(project_id):
         return view.projects_table(db), view.datasets_table(db, project_id), view.exports_table(db, project_id)
@@ -240,16 +246,18 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab 
         trigger(on_list, [*filters, run], list_outputs, api_name=False).then(
             on_open, [run, asking], detail_outputs, api_name=False, show_progress="hidden")
 
-    def on_poll(project_id, last, run_id, *filter_values):
+    def on_poll(project_id, last, run_id, period, *filter_values):
+        # Slow while no run is active: a run that changes elsewhere still shows within IDLE_SECONDS.
+        timer_update = polling.pace(period, polling.interval(db, LIVE_SECONDS))
         fingerprint, listing = live_listing(db, project_id, last, *filter_values)
         if listing is None:
-            return last, gr.update(), gr.update(), gr.update(), gr.update()
+            return last, gr.update(), gr.update(), gr.update(), gr.update(), timer_update
         frame, choices, _ = listing
         d = view.run_detail(db, run_id)
-        return fingerprint, frame, gr.update(choices=choices), d.summary, d.log
+        return fingerprint, frame, gr.update(choices=choices), d.summary, d.log, timer_update
 
-    poll.tick(on_poll, [picker, shown, run, *filters[1:]], [shown, table, run, summary, log], api_name=False,
-              show_progress="hidden")
+    poll.tick(on_poll, [picker, shown, run, poll, *filters[1:]], [shown, table, run, summary, log, poll],
+              api_name=False, show_progress="hidden")
     run.input(on_open, [run, asking], detail_outputs, api_name=False)
     table.select(on_row, None, [run], api_name=False).then(on_open, [run, asking], detail_outputs, api_name=False)
     rename.click(on_rename, [run, name, changed], [message, changed], api_name=False)
@@ -265,7 +273,7 @@ def _build_runs(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab 
         return [list(frame.columns), *frame.values.tolist()]
 
     gr.api(history_runs, api_name="history_runs")
-    return {"refresh": refresh, "changed": changed, "handles": HistoryHandles(clone, run, message)}
+    return {"refresh": refresh, "changed": changed, "handles": HistoryHandles(clone, run, message, [poll])}
 
 
 def _build_compare(db: Database) -> gr.CheckboxGroup:

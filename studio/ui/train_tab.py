@@ -5,7 +5,9 @@ and read a finished run's summary.
 A view of the session's run draft (``studio.ui.draft``), like the Method tab: its data, method and
 training settings are the draft's, and Start starts the draft's run (``train_actions``). One
 ``gr.Timer`` polls the database (the worker's only channel back), so a restarted UI re-attaches
-to a running training at once; app.py places that timer outside the tabs.
+to a running training at once; app.py places that timer outside the tabs. It ticks every second
+while a run is running or queued and every ``polling.IDLE_SECONDS`` otherwise (``polling``); Start
+and Resume wake it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from studio.db import Database, RunStatus
 from studio.methods import all_methods
 from studio.runs import launch
 from studio.runspec import OPTIMIZERS, PRECISIONS, SCHEDULES, RunSpec
-from studio.ui import data_choice, estimates, labels
+from studio.ui import data_choice, estimates, labels, polling
 from studio.ui.draft import TRAINING_FIELDS, RunDraft
 from studio.ui.train_actions import resume_run, run_choices, run_to_follow, start_run, stop_run
 from studio.ui.train_view import LOG_LINES, nice_limits, render_run
@@ -28,6 +30,7 @@ from studio.ui.wiring import DRAFT_QUEUE, DraftView, edits
 OPTIONS = TRAINING_FIELDS  # every training setting has its widget here
 CHOICES = {"lr_scheduler": list(SCHEDULES), "precision": list(PRECISIONS), "optimizer": list(OPTIMIZERS)}
 MINIMUM = {"batch_size": 1, "grad_accum": 1, "max_length": 16, "seed": None}
+POLL_SECONDS = 1.0  # while a run is active; see polling.IDLE_SECONDS otherwise
 
 
 @dataclass
@@ -106,6 +109,8 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -
     # already running when Stop is clicked would write its older copy back and lose it.
     stopping = gr.State(None)
     view_outputs = [status, progress, *plots, log, summary]
+    # Rendered by attach_timer, outside the tabs; made here so that Start and Resume can wake it.
+    timer = gr.Timer(POLL_SECONDS, render=False)
 
     def on_estimate(project_id, current: RunDraft):
         model = project_model(db, project_id)
@@ -114,8 +119,8 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -
     def on_start(project_id, current: RunDraft):
         text, run_id = start_run(db, project_id, current)
         if run_id is None:
-            return text, gr.update()
-        return text, gr.update(choices=run_choices(db, project_id), value=run_id)
+            return text, gr.update(), gr.skip()
+        return text, gr.update(choices=run_choices(db, project_id), value=run_id), polling.wake(POLL_SECONDS)
 
     def on_select(run_id, state, old_key=None):
         """The selected run's view; parts whose key equals ``old_key`` are not re-sent (a plot
@@ -128,7 +133,10 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -
                 *([keep] * 3 if plots_same else new_plots),
                 *([keep] * 2 if texts_same else [view.log, view.summary]), {**state, "key": view.key}]
 
-    def poll(project_id, run_id, state, stopping_v=None):
+    def poll(project_id, run_id, state, stopping_v=None, period=None):
+        """[run list, *view, state, message, stopping, timer]: the view of the run to follow, and
+        the timer's interval for what can change now (fast while a run is active or a stop the
+        page asked for is not yet seen done)."""
         launch.reconcile(db)  # a worker that died cannot write its own end
         choices = run_choices(db, project_id)
         selected = run_to_follow(db, project_id, state.get("choices"), run_id)
@@ -141,8 +149,9 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -
         if stopping_v and (stopped is None or stopped.status != RunStatus.RUNNING.value):
             done = labels.TRAIN_MSG["stopped"][stopping_v[1]].format(
                 id=stopping_v[0], status=stopped.status if stopped else "deleted")
-            return [*outputs, done, None]
-        return [*outputs, gr.update(), gr.skip()]
+            return [*outputs, done, None, polling.pace(period, polling.interval(db, POLL_SECONDS))]
+        wanted = polling.interval(db, POLL_SECONDS, keep_fast=bool(stopping_v))
+        return [*outputs, gr.update(), gr.skip(), polling.pace(period, wanted)]
 
     def on_stop(run_id, pending, mode):
         run = db.get_run(run_id) if run_id is not None else None
@@ -161,19 +170,21 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -
     # Start reads the draft after the edits already sent (one queue): a value typed just before
     # the click is in the run.
     start.click(lambda: None, None, None, api_name=False, show_progress="hidden", concurrency_id=DRAFT_QUEUE).then(
-        on_start, [picker, draft], [message, run_dd], api_name=False).then(
+        on_start, [picker, draft], [message, run_dd, timer], api_name=False).then(
         on_select, [run_dd, shown], [*view_outputs, shown], api_name=False, show_progress="hidden")
     stop.click(lambda rid, p: on_stop(rid, p, "save"), [run_dd, stopping], [message, stopping], api_name=False)
     discard.click(lambda rid, p: on_stop(rid, p, "discard"), [run_dd, stopping], [message, stopping],
                   api_name=False)
-    resume.click(lambda rid: resume_run(db, rid), [run_dd], [message], api_name=False)
+    resume.click(lambda rid: (resume_run(db, rid), polling.wake(POLL_SECONDS)), [run_dd], [message, timer],
+                 api_name=False)
     run_dd.input(on_select, [run_dd, shown], [*view_outputs, shown], api_name=False, show_progress="hidden")
     view = DraftView(lambda project_id, current: redraw(db, project_id, current), [picker, draft],
                      [draft, data, method, *(widgets[name] for name in OPTIONS)], then=[estimate])
 
     def attach_timer() -> gr.Timer:
-        timer = gr.Timer(1.0)
-        timer.tick(poll, [picker, run_dd, shown, stopping], [run_dd, *view_outputs, shown, message, stopping],
+        timer.render()
+        timer.tick(poll, [picker, run_dd, shown, stopping, timer],
+                   [run_dd, *view_outputs, shown, message, stopping, timer],
                    api_name=False, show_progress="hidden", concurrency_limit=None)
         return timer
 
