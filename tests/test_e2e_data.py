@@ -1,4 +1,6 @@
-"""Browser test of the Data tab: upload a CSV, map its columns, see the preview and histogram."""
+"""Browser test of the Data tab: the newcomer's first look (the Train tab works at once on a
+sample; a sample's confirmation is visible where it was clicked), a typed path that wins over an
+earlier upload, then a CSV's columns mapped, its preview and histogram."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import csv
 import re
 
 import pytest
+
+from playwright.sync_api import expect
 
 from browser import browser_page
 from test_e2e_method import choose
@@ -25,13 +29,24 @@ def write_csv(path, rows: int = 24) -> None:
 def test_upload_csv_map_columns_preview_and_histogram(running_app, tmp_path, studio_home):
     from studio.db import Database
 
+    from studio.samples import SAMPLE_TASKS
+
     data = tmp_path / "qa.csv"
     write_csv(data)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"instruction": "hi", "output": "hello"}\n', encoding="utf-8")
     with browser_page() as page:
         page.goto(running_app)
         page.get_by_role("tab", name="Data").click()
-        page.locator("#data-upload input[type=file]").set_input_files(str(data))
-        page.get_by_text("Columns: q_text, a_text").wait_for()
+        # Issue 15 item 10: the page opens here, so it says that Train needs no import.
+        expect(page.locator("#data-intro")).to_contain_text("Train tab can start a run at once")
+        # An upload, then a typed path: the path is the newer choice and Inspect reads it (the
+        # upload won while it stayed).
+        page.locator("#data-upload input[type=file]").set_input_files(str(other))
+        page.get_by_text("Columns: instruction, output").wait_for()
+        page.locator("#data-path textarea").fill(str(data))
+        page.locator("#data-inspect").click()
+        expect(page.locator("#data-detected")).to_contain_text("Columns: q_text, a_text", timeout=60_000)
 
         choose(page, "data-format", "prompt_completion")
         choose(page, "data-slot-0", "q_text")
@@ -52,7 +67,12 @@ def test_upload_csv_map_columns_preview_and_histogram(running_app, tmp_path, stu
             .some(t => t.textContent.trim() === '0')""", timeout=30_000)
         assert "Token lengths" in page.locator("#data-stats").inner_text()
         shot(page, tmp_path, "data-csv-preview")
+        sample = next(iter(SAMPLE_TASKS))
+        page.locator(f"#sample-{sample}").click()
+        confirmation = page.locator("#data-sample-report")
+        expect(confirmation).to_contain_text("Imported", timeout=60_000)
+        expect(confirmation).to_be_in_viewport()  # it was below the fold, under Import
 
     db = Database()
-    (dataset,) = db.list_datasets(db.list_projects()[0].id)
+    (dataset,) = [d for d in db.list_datasets(db.list_projects()[0].id) if d.name == "qa"]
     assert dataset.format == "prompt_completion" and dataset.num_train + dataset.num_eval == 24

@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.db import Database
+from studio.runspec import RunSpec
 from studio.samples import SAMPLE_TASKS
 from studio.ui import labels
 
@@ -18,6 +19,9 @@ TXT = labels.DATA
 SLOT_COUNT = 4  # alpaca has the most slots: instruction, input, output, system
 STATS_SAMPLE = 2000  # rows tokenised for the statistics; enough for stable percentiles
 PREVIEW_ROWS = 3
+# One max length everywhere a newcomer meets one: the preview and the import's token check use
+# the run's own default, so "rows longer than N tokens" means the rows a default run would cut.
+MAX_LENGTH = RunSpec().max_length
 
 
 def _slots(fmt: str) -> list[str]:
@@ -53,19 +57,26 @@ def _tokenizer(db: Database, project_id: int | None):
     return load_tokenizer(project.model_source if project else "default")
 
 
+def _cleared(message: str, failed: str = "") -> list[Any]:
+    # A failed Inspect clears the previous file's rows and column mapping: left on screen they
+    # looked like the mapping Import would use.
+    hidden = [gr.update(visible=False, choices=[""], value="") for _ in range(SLOT_COUNT)]
+    return [message, pd.DataFrame(), gr.update(), *hidden, {"failed": failed} if failed else {}]
+
+
 def inspect(source_file: str | None, source_path: str, text_mode: str):
-    """Read the first rows and detect the layout: (message, raw rows, format, slots..., state)."""
+    """Read the first rows and detect the layout: (message, raw rows, format, slots..., state).
+    A typed path wins over the uploaded file: an upload clears the path (``build``), so a path
+    that is there was typed after it (it used to be ignored while the upload stayed)."""
     from studio.data import DataError, inspect_source
 
-    source = source_file or (source_path or "").strip()
+    source = (source_path or "").strip() or source_file
     if not source:
-        return [TXT["choose_first"], pd.DataFrame(), gr.update(),
-                *[gr.update() for _ in range(SLOT_COUNT)], {}]
+        return _cleared(TXT["choose_first"])
     try:
         preview = inspect_source(source, text_mode=text_mode)
     except DataError as exc:
-        return [TXT["cannot_read"].format(reason=exc), pd.DataFrame(), gr.update(),
-                *[gr.update() for _ in range(SLOT_COUNT)], {}]
+        return _cleared(TXT["cannot_read"].format(reason=exc), failed=str(exc))
     det = preview.detection
     lines = [TXT["detected"].format(format=det.format, confidence=det.confidence, evidence=det.evidence),
              TXT["file_kind"].format(kind=preview.file_kind, columns=", ".join(preview.columns))]
@@ -82,12 +93,15 @@ def inspect(source_file: str | None, source_path: str, text_mode: str):
 
 def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
     state = gr.State({})
+    gr.Markdown(TXT["train_at_once"], elem_id="data-intro")
     with gr.Row():
         with gr.Column(scale=2):
             gr.Markdown(TXT["samples"])
             with gr.Row():
                 samples = {name: gr.Button(task.title, size="sm", elem_id=f"sample-{name}")
                            for name, task in SAMPLE_TASKS.items()}
+            # Next to the buttons that cause it: the import report further down was below the fold.
+            sample_report = gr.Markdown(elem_id="data-sample-report")
             upload = gr.File(label=TXT["upload"], type="filepath",
                              file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"],
                              elem_id="data-upload")
@@ -107,14 +121,15 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
                 eval_ratio = gr.Slider(0.0, 0.5, value=0.1, step=0.01, label=TXT["eval_ratio"])
                 on_invalid = gr.Radio(["drop", "refuse"], value="drop", label=TXT["invalid"],
                                       info=TXT["invalid_help"])
-                max_tokens = gr.Number(value=1024, precision=0, label=TXT["max_tokens"])
+                max_tokens = gr.Number(value=MAX_LENGTH, precision=0, label=TXT["max_tokens"],
+                                       info=TXT["max_tokens_help"])
                 on_long = gr.Radio(["keep", "truncate", "drop"], value="keep", label=TXT["long"])
             import_btn = gr.Button(TXT["import"], variant="primary", elem_id="data-import")
             report = gr.Markdown(elem_id="data-report")
         with gr.Column(scale=3):
             dataset = gr.Dropdown(label=TXT["dataset"], choices=[], elem_id="data-dataset")
             with gr.Row():
-                max_len = gr.Number(value=512, precision=0, label=TXT["max_len"])
+                max_len = gr.Number(value=MAX_LENGTH, precision=0, label=TXT["max_len"])
                 loss_on = gr.Radio(["assistant", "all"], value="assistant", label=TXT["loss_on"])
             preview = gr.HTML(elem_id="data-preview")
             stats = gr.Markdown(elem_id="data-stats")
@@ -132,6 +147,8 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
         slot_values, (name_v, ratio, invalid, max_tok, long_rows) = rest[:SLOT_COUNT], rest[SLOT_COUNT:]
         if project_id is None:
             return TXT["no_project"], gr.update()
+        if st.get("failed"):
+            return TXT["inspect_failed"].format(reason=st["failed"]), gr.update()
         if not st.get("source"):
             return TXT["inspect_first"], gr.update()
         mapping = {slot: col for slot, col in zip(_slots(fmt_value), slot_values) if col}
@@ -159,18 +176,20 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown) -> None:
     def on_preview(project_id, dataset_id, length, loss):
         if dataset_id is None:
             return "", "", histogram_update(empty_histogram())
-        html, text, frame = render_dataset(db, project_id, dataset_id, int(length or 512), loss)
+        html, text, frame = render_dataset(db, project_id, dataset_id, int(length or MAX_LENGTH), loss)
         return html, text, histogram_update(frame)
 
     slot_and_state = [*slots, state]
     inspect_btn.click(inspect, [upload, path, text_mode], [detected, raw, fmt, *slot_and_state],
                       api_name=False)
-    upload.upload(inspect, [upload, path, text_mode], [detected, raw, fmt, *slot_and_state], api_name=False)
+    upload.upload(lambda file, mode: ["", *inspect(file, "", mode)], [upload, text_mode],
+                  [path, detected, raw, fmt, *slot_and_state], api_name=False)
     fmt.input(lambda f, st: _slot_updates(f, st.get("columns", []), {}), [fmt, state], slots, api_name=False)
     import_btn.click(on_import, [picker, state, fmt, *slots, name, eval_ratio, on_invalid, max_tokens, on_long],
                      [report, dataset], api_name=False)
     for task_name, button in samples.items():
-        button.click(lambda pid, t=task_name: on_sample(pid, t), [picker], [report, dataset], api_name=False)
+        button.click(lambda pid, t=task_name: on_sample(pid, t), [picker], [sample_report, dataset],
+                     api_name=False)
     preview_inputs = [picker, dataset, max_len, loss_on]
     for trigger in (dataset.change, max_len.submit, loss_on.change):
         trigger(on_preview, preview_inputs, [preview, stats, hist], api_name=False)

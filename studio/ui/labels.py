@@ -39,6 +39,8 @@ def delete_warning(name: str) -> str:
 
 # ---- Data tab ----
 DATA = {
+    "train_at_once": ("**New here?** The Train tab can start a run at once on a sample task; no "
+                      "dataset needed. Import your own data here when you are ready."),
     "samples": "**Start from a sample task** (imported into the current project):",
     "upload": "Upload a dataset (JSONL, JSON, CSV, TSV, Parquet, TXT)",
     "path": "…or a file path, a saved dataset folder, or a hub dataset id",
@@ -54,6 +56,8 @@ DATA = {
     "invalid": "Invalid rows",
     "invalid_help": "drop them (listed in the report) or refuse the whole import",
     "max_tokens": "Max tokens per example",
+    "max_tokens_help": "Rows longer than this are counted (or cut or dropped, below); the Train tab's "
+                       "default max length",
     "long": "Longer rows",
     "import": "Import",
     "dataset": "Dataset",
@@ -66,6 +70,7 @@ DATA = {
     "file_kind": "File kind: {kind}. Columns: {columns}.",
     "no_project": "**Pick or create a project first.**",
     "inspect_first": "**Inspect a file first.**",
+    "inspect_failed": "**The last Inspect failed, so there is nothing to import:** {reason}",
     "refused": "**Import refused:** {reason}",
     "imported": "**{how}: {name}** — {train} training / {eval} eval examples, format {format}.",
     "reused": "Already imported",
