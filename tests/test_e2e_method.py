@@ -56,3 +56,25 @@ def test_method_and_rank_change_the_count_and_the_bar(running_app, tmp_path):
         assert "30 × (192 k_proj out + 192 v_proj out + 1536 down_proj in)" in page.locator("#method-formula").inner_text()
         assert bar_svg(page) != bar_lora
         shot(page, tmp_path, "method-ia3")
+
+        # Issue 15 item 7: a verdict for the device the run will use (RAM on a CPU-only machine),
+        # and the advisor's table readable: every column inside the panel, none cut off.
+        total = page.locator("#memory-total").inner_text()
+        assert re.search(r"(fits|tight|exceeds).* of (RAM|GPU)", total), total
+        page.locator("#advisor").get_by_text("Advisor: which method for me?").click()
+        page.locator("#advisor-run").click()
+        # Gradio 6 draws a Dataframe as div rows and grid cells.
+        page.wait_for_function("() => document.querySelectorAll('#advisor-table [role=gridcell]').length >= 6",
+                               timeout=60_000)
+        table = page.locator("#advisor-table")
+        fit = page.evaluate("""() => {
+            const grid = document.querySelector('#advisor-table [role=grid]');
+            const cells = [...grid.querySelectorAll('th, [role=gridcell]')];
+            return {cells: cells.length, scroll: grid.scrollWidth, client: grid.clientWidth,
+                    right: Math.max(...cells.map(c => c.getBoundingClientRect().right)),
+                    edge: grid.getBoundingClientRect().right};
+        }""")
+        # No column cut off: nothing to scroll sideways, every cell ends inside the grid.
+        assert fit["cells"] >= 12 and fit["scroll"] <= fit["client"] + 1 and fit["right"] <= fit["edge"] + 1, fit
+        assert "no rule applies" not in table.inner_text()
+        shot(page, tmp_path, "method-advisor")
