@@ -34,7 +34,9 @@ def device_now() -> DeviceFacts:
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         return DeviceFacts("cuda", int(free), torch.cuda.is_bf16_supported(), None, int(total))
-    return DeviceFacts("cpu", None, False, None)
+    from studio.sysinfo import available_ram_bytes
+
+    return DeviceFacts("cpu", None, False, None, ram_available_bytes=available_ram_bytes())  # the OOM advice's budget
 
 
 def choose_compute(spec: RunSpec) -> Compute:
