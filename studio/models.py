@@ -10,7 +10,8 @@ A *model source* is what the user types or picks:
 * a local Hugging Face folder (``config.json`` + weights),
 * a ``.gguf`` file anywhere on disk (converted and cached like the default),
 * a hub id such as ``HuggingFaceTB/SmolLM2-360M-Instruct``: taken from the local hub cache, or
-  downloaded when online; offline it fails with a message that says what to do.
+  downloaded when online; offline it fails within seconds (a 3 s probe of the hub before the hub
+  client's own retries) with a message that says what to do.
 
 ``resolve_source`` turns any of them into a local folder; ``load_config`` reads only the config
 (no weights); ``load_tokenizer`` / ``load_model`` load for real. Heavy imports stay inside the
@@ -190,10 +191,46 @@ def _resolve_hub(repo_id: str) -> Path:
         pass  # not cached yet: try the network below
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise ModelSourceError(_offline_message(repo_id))
+    silent = _hub_silence()
+    if silent:  # fail in seconds: the hub client's own retries took 20 s to minutes offline
+        raise ModelSourceError(_offline_message(repo_id) + f" ({silent})")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # network errors come in many types; all mean the same here
         raise ModelSourceError(_offline_message(repo_id) + f" (hub said: {exc.__class__.__name__})")
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def _hub_silence(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """None when the hub's endpoint answers at all (any HTTP status) within ``timeout`` seconds,
+    else why not. Run in a thread joined with the timeout, because a name lookup that hangs is
+    not bounded by a socket timeout."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:  # it answered: reachable, whatever it thinks of a HEAD
+            outcome.append(None)
+        except Exception as exc:  # name lookup, refused, reset, timed out: all mean unreachable
+            outcome.append(f"{endpoint} did not answer: {exc.__class__.__name__}")
+
+    thread = threading.Thread(target=probe, daemon=True, name="hub-probe")
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"{endpoint} did not answer within {timeout:.0f} s"
+    return outcome[0]
 
 
 def _offline_message(repo_id: str) -> str:
