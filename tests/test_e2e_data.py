@@ -28,7 +28,6 @@ def write_csv(path, rows: int = 24) -> None:
 
 def test_upload_csv_map_columns_preview_and_histogram(running_app, tmp_path, studio_home):
     from studio.db import Database
-
     from studio.samples import SAMPLE_TASKS
 
     data = tmp_path / "qa.csv"
