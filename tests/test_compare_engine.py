@@ -216,7 +216,7 @@ def test_eval_set_can_be_an_imported_dataset(tiny_chat_model, adapter_dirs, tmp_
 
     engine = ChatEngine.load(str(tiny_chat_model))
     engine.add_adapter("lora1", adapter_dirs["lora1"])
-    table = eval_scores(engine, db, [BASE, "lora1"], f"dataset:{chat_set.id}", 3)
+    table, answers = eval_scores(engine, db, [BASE, "lora1"], f"dataset:{chat_set.id}", 3)
     assert list(table["examples"]) == [3, 3] and list(table["method"]) == ["base", "lora"]
     # Each column's figure is that model's own score on the same rows.
     rows = load_dataset_split(db, chat_set.id, "eval")
@@ -225,10 +225,16 @@ def test_eval_set_can_be_an_imported_dataset(tiny_chat_model, adapter_dirs, tmp_
     assert table.iloc[1]["correct"] == expected.correct and table.iloc[1]["exact match"] == f"{expected.exact_match:.0%}"
     answered = engine.score_examples([BASE, "lora1"], eval_examples(rows, engine.tokenizer, 3))
     assert answered["lora1"].predictions == expected.predictions != answered[BASE].predictions
+    # Row by row (issue 15 item 10: only percentages were shown): prompt, expected, each answer.
+    assert list(answers.columns) == ["prompt", "expected", "Base model", "lora1"] and len(answers) == 3
+    assert answers["expected"].str.startswith("answer ").all()
+    assert all(a[2:42] == " ".join(p.split())[:40] for a, p in zip(answers["lora1"], expected.predictions))
+    assert sum(a.startswith("✓") for a in answers["lora1"]) == expected.correct
 
-    assert "plain-text dataset" in eval_scores(engine, db, [BASE], f"dataset:{text_set.id}", 3).iloc[0]["note"]
-    assert "no longer exists" in eval_scores(engine, db, [BASE], "dataset:999", 3).iloc[0]["note"]
-    assert list(eval_scores(engine, db, [BASE], "sample:sentiment", 2)["examples"]) == [2]
+    assert "plain-text dataset" in eval_scores(engine, db, [BASE], f"dataset:{text_set.id}", 3)[0].iloc[0]["note"]
+    assert "no longer exists" in eval_scores(engine, db, [BASE], "dataset:999", 3)[0].iloc[0]["note"]
+    sample_table, sample_answers = eval_scores(engine, db, [BASE], "sample:sentiment", 2)
+    assert list(sample_table["examples"]) == [2] and len(sample_answers) == 2
     db.close()
 
 

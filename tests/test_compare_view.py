@@ -25,7 +25,9 @@ def test_a_message_goes_to_shown_columns_only_and_each_keeps_its_history():
                                 "b": ColumnAnswer("b", "yo", 1, 0.25, "switched", stopped=True)})
     st, conversations = view.with_user_message(st, ["Base model", "b"], "again")
     assert [m["content"] for m in conversations["b"]] == ["hi", "yo", "again"]
-    assert st["stats"]["b"] == "**switched** · 1 tokens · 0.25 s · 4.0 tokens/s · stopped"
+    # Plain words for how a column is answered (issue 15 item 10: "switched" was jargon).
+    assert st["stats"]["b"] == "**answered on its own** · 1 tokens · 0.25 s · 4.0 tokens/s · stopped"
+    assert "batched" not in st["stats"]["Base model"]
     frames = view.chat_frames(st, {"b": "partial"})
     assert frames[2][-1] == {"role": "assistant", "content": "partial"} and frames[1] == []
     assert len(frames) == view.SLOTS and frames[3] == []
@@ -55,3 +57,17 @@ def test_disk_columns_get_unique_labels(tmp_path):
     assert label == "folder my-adapter" and method is None and path == tmp_path / "my-adapter"
     st = view.with_column(st, label)
     assert view.disk_column(str(tmp_path / "my-adapter"), st)[0] == "folder my-adapter (2)"
+
+
+def test_the_answers_table_shows_each_row_and_marks_matches_by_the_scores_rule():
+    """Exact match was a percentage only; the table shows what each column answered."""
+    from studio.evaluate import TaskScore
+
+    results = {"__base__": TaskScore("t", "eval", 2, 1, 0.1, ["4", "five  \n"]),
+               "lora": TaskScore("t", "eval", 2, 2, 0.1, ["4", "5"])}
+    table = view.answers_table(["2+2?", "2+3?"], ["4", "5"], results, lambda a, e: a.strip() == e)
+    assert list(table.columns) == ["prompt", "expected", "Base model", "lora"]
+    assert list(table["Base model"]) == ["✓ 4", "✗ five"] and list(table["lora"]) == ["✓ 4", "✓ 5"]
+    long = view.answers_table(["p"] * 30, ["e"] * 30, {"lora": TaskScore("t", "eval", 30, 0, 0.1, ["x" * 500] * 30)},
+                              lambda a, e: False)
+    assert len(long) == view.ROWS_SHOWN and len(long["lora"][0]) == len("✗ ") + view.CELL_CHARS

@@ -1,5 +1,6 @@
 """Browser test of the Compare tab: two adapters from runs trained by real workers, one message,
-three answers (the base and both adapters) side by side, each with its path and speed."""
+three answers (the base and both adapters) side by side, each with how it was answered and its
+speed; then the eval set scored with each row's answers shown."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def test_pick_two_adapters_send_one_message_see_three_answers(two_finished_runs,
         choose(page, "compare-adapters", f"#{ia3.id} ia3 run")
         page.locator("#compare-status").click()  # close the option list
         page.locator("#compare-attach").click()
-        page.locator("#compare-status").get_by_text("Answered one by one").wait_for(timeout=60_000)
+        page.locator("#compare-status").get_by_text("Answered one at a time").wait_for(timeout=60_000)
         for slot in (1, 2):
             page.locator(f"#compare-chat-{slot}").wait_for(state="visible")
 
@@ -70,11 +71,23 @@ def test_pick_two_adapters_send_one_message_see_three_answers(two_finished_runs,
         for slot in (0, 1, 2):
             page.locator(f"#compare-stats-{slot}").get_by_text("tokens/s").wait_for(timeout=120_000)
         stats = [page.locator(f"#compare-stats-{slot}").inner_text() for slot in (0, 1, 2)]
-        assert stats[0].startswith("batched") and stats[1].startswith("batched")  # base + LoRA together
-        assert stats[2].startswith("switched")  # IA3: PEFT would ignore adapter_names
+        # Plain words (issue 15 item 10: "batched" / "switched" were jargon).
+        assert stats[0].startswith("answered in one batch") and stats[1].startswith("answered in one batch")
+        assert stats[2].startswith("answered on its own")  # IA3: PEFT would ignore adapter_names
         for slot in (0, 1, 2):
             chat = page.locator(f"#compare-chat-{slot}")
             assert "What is 2 + 2?" in chat.inner_text()
             assert chat.locator(".message.bot, [data-testid='bot']").count() >= 1
         assert not page.locator("#compare-chat-3").is_visible()
         shot(page, tmp_path, "compare-three-answers")
+
+        # Exact match with each row's answers (issue 15 item 10: only a percentage was shown).
+        page.get_by_text("Compare on an eval set (exact match)").click()
+        page.locator("#compare-eval-rows input").fill("2")
+        page.locator("#compare-eval").click()
+        table = page.locator("#compare-eval-answers")
+        table.get_by_text("expected").first.wait_for(timeout=180_000)
+        from studio.ui.labels import COMPARE
+
+        cells = table.inner_text().replace(COMPARE["row_answers"], "")
+        assert cells.count("✓") + cells.count("✗") == 2 * 3  # 2 rows × base and both adapters

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
+import pandas as pd
 
 from studio.compare.sources import chat_memory_refusal, project_adapters
 from studio.db import Database
@@ -81,9 +82,12 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         with gr.Row():
             task = gr.Dropdown(data_choice.choices(db, None), value=data_choice.DEFAULT,
                                label=TXT["eval_set"], info=TXT["eval_set_help"], elem_id="compare-task")
-            limit = gr.Number(20, precision=0, minimum=1, maximum=400, label=TXT["eval_rows"])
+            limit = gr.Number(20, precision=0, minimum=1, maximum=400, label=TXT["eval_rows"],
+                              elem_id="compare-eval-rows")
             score = gr.Button(TXT["score"], elem_id="compare-eval")
         scores = gr.Dataframe(interactive=False, elem_id="compare-eval-table")
+        answers = gr.Dataframe(interactive=False, label=TXT["row_answers"], wrap=True,
+                               elem_id="compare-eval-answers")
     state = gr.State(view.empty_state())
     chats = [c for _, c in slots]
     columns = [c for c, _ in slots]
@@ -174,7 +178,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
 
     def on_score(visible, st, task_v, limit_v, progress=gr.Progress()):
         if engine() is None:
-            return view.note_table(TXT["load_first"])
+            return view.note_table(TXT["load_first"]), pd.DataFrame()
         progress(0.05, desc=TXT["scoring"])
         return view.eval_scores(engine(), db, view.engine_columns(st, visible), task_v, int(limit_v or 20))
 
@@ -200,4 +204,4 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
     message.submit(on_send, inputs, [message, state, *chats, *stats], **serial)
     stop.click(lambda: engine() and engine().request_stop(), None, None, api_name=False)
     clear.click(on_clear, [state, shown], [state, *chats, *stats], api_name=False)
-    score.click(on_score, [shown, state, task, limit], [scores], **serial)
+    score.click(on_score, [shown, state, task, limit], [scores, answers], **serial)

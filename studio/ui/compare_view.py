@@ -24,6 +24,8 @@ TXT = labels.COMPARE
 BASE_LABEL = TXT["base_column"]
 ENGINE_BASE = "__base__"  # studio.compare.engine.BASE, repeated here so this module needs no torch
 SETTING_COLUMNS = ["column", "decoding", "temperature", "top_p", "max_new_tokens", "seed"]
+ROWS_SHOWN = 20  # per-row answers shown under the exact-match table (the first rows)
+CELL_CHARS = 160  # a long answer is cut in the table; the score used all of it
 
 
 def empty_state() -> dict[str, Any]:
@@ -77,9 +79,10 @@ def _slot_title(label: str, engine: Any) -> str:
         return label
     column = to_engine(label)
     path = engine.path(column)
+    how = TXT["paths"][path]
     if column == ENGINE_BASE:
-        return f"{label} · {path}"
-    return f"{label} · {engine.adapters[column].method} · {path}"
+        return f"{label} · {how}"
+    return f"{label} · {engine.adapters[column].method} · {how}"
 
 
 def settings_from(mode: str, temperature: Any, top_p: Any, max_new: Any, seed: Any) -> GenerationSettings:
@@ -139,7 +142,7 @@ def with_answers(st: dict[str, Any], answers: dict[str, ColumnAnswer]) -> dict[s
 
 def stats_line(answer: ColumnAnswer) -> str:
     stopped = TXT["stopped"] if answer.stopped else ""
-    return TXT["stats"].format(path=answer.path, tokens=answer.tokens, seconds=answer.seconds,
+    return TXT["stats"].format(path=TXT["paths"][answer.path], tokens=answer.tokens, seconds=answer.seconds,
                                speed=answer.tokens_per_second, stopped=stopped)
 
 
@@ -196,28 +199,58 @@ def note_table(text: str) -> pd.DataFrame:
     return pd.DataFrame({"note": [text]})
 
 
-def eval_scores(engine: Any, db: Any, columns: list[str], eval_set: str | None, limit: int) -> pd.DataFrame:
-    """Each column's exact match on an eval set: ``sample:<task>`` (the task's own scoring) or
-    ``dataset:<id>``, an imported dataset's eval split (its final assistant turns, compared after
-    whitespace normalisation; see ``studio.evaluate``). A set with nothing to score says why."""
+def eval_scores(engine: Any, db: Any, columns: list[str], eval_set: str | None,
+                limit: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(each column's exact match, the first rows' answers) on an eval set: ``sample:<task>``
+    (the task's own scoring) or ``dataset:<id>``, an imported dataset's eval split (its final
+    assistant turns, compared after whitespace normalisation; see ``studio.evaluate``). A set with
+    nothing to score says why, with an empty answers table."""
     try:
         choice = data_choice.decode(eval_set)
     except ValueError:
         choice = data_choice.DataChoice()
     if choice.sample_task is not None:
-        return score_table(engine, engine.score(columns, choice.sample_task, limit))
+        from studio.samples import load_rows, prompt_text
+        from studio.samples.scoring import exact_match
+
+        task = choice.sample_task
+        rows = load_rows(task, "eval")[:limit]
+        results = engine.score(columns, task, limit)
+        return score_table(engine, results), answers_table(
+            [prompt_text(r) for r in rows], [r["output"] for r in rows], results,
+            lambda answer, expected: exact_match(task, answer, expected))
     if choice.dataset_id is None:
-        return note_table(TXT["pick_eval"])
+        return note_table(TXT["pick_eval"]), pd.DataFrame()
     value = choice.dataset_id
     from studio.data.store import load_dataset_split
-    from studio.evaluate import eval_examples
+    from studio.evaluate import eval_examples, normalise_answer
 
     if db.get_dataset(value) is None:
-        return note_table(TXT["eval_gone"].format(id=value))
+        return note_table(TXT["eval_gone"].format(id=value)), pd.DataFrame()
     examples = eval_examples(load_dataset_split(db, value, "eval"), engine.tokenizer, limit)
     if not examples.references:
-        return note_table(TXT["nothing_to_score"].format(reason=examples.reason))
-    return score_table(engine, engine.score_examples(columns, examples))
+        return note_table(TXT["nothing_to_score"].format(reason=examples.reason)), pd.DataFrame()
+    results = engine.score_examples(columns, examples)
+    prompts = [next((m["content"] for m in reversed(c) if m["role"] == "user"), "") for c in examples.conversations]
+    return score_table(engine, results), answers_table(
+        prompts, examples.references, results,
+        lambda answer, expected: normalise_answer(answer) == normalise_answer(expected))
+
+
+def answers_table(prompts: list[str], expected: list[str], results: dict[str, Any],
+                  matches: Any) -> pd.DataFrame:
+    """One row per eval row (the first ``ROWS_SHOWN``): the prompt, the expected answer, and each
+    column's answer marked ✓ or ✗ by the same rule as the score, so a percentage can be read."""
+    def cut(text: str) -> str:
+        text = " ".join(str(text).split())
+        return text if len(text) <= CELL_CHARS else text[:CELL_CHARS - 1] + "…"
+
+    frame: dict[str, list[str]] = {TXT["row_prompt"]: [cut(p) for p in prompts[:ROWS_SHOWN]],
+                                   TXT["row_expected"]: [cut(e) for e in expected[:ROWS_SHOWN]]}
+    for column, score in results.items():
+        answers = list(score.predictions)[:ROWS_SHOWN]
+        frame[to_label(column)] = [("✓ " if matches(a, e) else "✗ ") + cut(a) for a, e in zip(answers, expected)]
+    return pd.DataFrame(frame)
 
 
 def score_table(engine: Any, results: dict[str, Any]) -> pd.DataFrame:

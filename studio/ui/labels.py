@@ -334,8 +334,13 @@ COMPARE = {
     "stopped": " · stopped",
     "loaded": ("**Loaded** `{source}`: {millions:.1f} M parameters on {device} ({dtype}), {mib:.0f} MiB of "
                "weights in memory for all columns."),
-    "batched": "Batched in one generate with the base: {names}.",
-    "switched": "Answered one by one (PEFT cannot mix them in a batch): {names}.",
+    "batched": "Answered together with the base model, in one batch: {names}.",
+    "switched": "Answered one at a time, each on its own (their method cannot share a batch): {names}.",
+    # How a column is answered (the engine's "batched" / "switched"), in the column titles and stats.
+    "paths": {"batched": "answered in one batch with the others", "switched": "answered on its own"},
+    "row_answers": "Answers, row by row (✓ counts as an exact match)",
+    "row_prompt": "prompt",
+    "row_expected": "expected",
     "quantized": ("{names}: trained over the 4-bit base, answered here over the loaded base at its own "
                   "precision (answers can differ slightly from the 4-bit model)."),
     "pick_eval": "Pick an eval set.",
