@@ -8,6 +8,7 @@ History's polls are switched off when another main tab is opened and on when His
 
 from __future__ import annotations
 
+import gradio as gr
 import pytest
 
 from studio import projects
@@ -69,18 +70,18 @@ def test_polls_slow_down_with_no_active_run_and_wake_when_one_starts(app, sleepe
 
 
 def test_history_polls_run_only_while_history_is_open(app):
-    _, _, demo, _ = app
+    _, _, demo, fns = app
     timers = [b for b in demo.blocks.values() if b.get_block_name() == "timer"]
-    tabs = {b.elem_id: b for b in demo.blocks.values() if b.get_block_name() in ("tab", "tabitem") and b.elem_id}
     history_timers = [t for t in timers if t.value == history_tab.LIVE_SECONDS]
     assert len(timers) == 3 and len(history_timers) == 2  # the runs table's and the Bake-off's
+    switch = fns["history_polls"]
+    tabs = next(b for b in demo.blocks.values() if b.elem_id == "main-tabs")
+    assert switch.targets == [(tabs._id, "select")]
+    assert {o._id for o in switch.outputs} == {t._id for t in history_timers}
 
-    def on_select(tab_id):
-        fns = [f for f in demo.fns.values() if (tabs[tab_id]._id, "select") in f.targets
-               and {o._id for o in f.outputs} == {t._id for t in history_timers}]
-        assert len(fns) == 1, tab_id
-        return [u.active for u in fns[0].fn()]
+    def opened(label):  # what the tab strip's select sends when ``label`` is opened
+        return [u.active for u in switch.fn(gr.SelectData(None, {"value": label, "index": 0, "selected": True}))]
 
-    assert on_select("tab-history") == [True, True]
-    for other in ("tab-data", "tab-method", "tab-train", "tab-compare", "tab-export"):
-        assert on_select(other) == [False, False]
+    assert opened("History") == [True, True]
+    for other in ("Data", "Method", "Train", "Compare", "Export"):
+        assert opened(other) == [False, False]

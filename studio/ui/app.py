@@ -64,13 +64,13 @@ def build_app(db: Database | None = None) -> gr.Blocks:
         # Each view of the draft draws from it when opened; both follow the project.
         train.view.on(tabs["Train"].select)
         method.view.on(tabs["Method"].select)
-        # History's polls run only while History is open (its own select refreshes it at once).
-        tabs["History"].select(lambda: [gr.Timer(active=True)] * len(history.timers), None, history.timers,
-                               api_name=False, show_progress="hidden")
-        for name in labels.TABS:
-            if name != "History":
-                tabs[name].select(lambda: [gr.Timer(active=False)] * len(history.timers), None, history.timers,
-                                  api_name=False, show_progress="hidden")
+        # History's polls run only while History is open (its own select refreshes it at once). One
+        # handler on the tab strip, not a second one on each tab: a second select handler on the
+        # Export tab made its re-list read the run picked as empty (tests/test_e2e_tab_refresh.py).
+        def history_polls(evt: gr.SelectData):
+            return [gr.Timer(active=evt.value == "History")] * len(history.timers)
+
+        main_tabs.select(history_polls, None, history.timers, api_name=False, show_progress="hidden")
 
         def for_project(project_id, current: RunDraft) -> RunDraft:
             project = db.get_project(project_id) if project_id is not None else None
