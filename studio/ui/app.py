@@ -65,8 +65,7 @@ def build_app(db: Database | None = None) -> gr.Blocks:
         train.view.on(tabs["Train"].select)
         method.view.on(tabs["Method"].select)
         # History's polls run only while History is open (its own select refreshes it at once). One
-        # handler on the tab strip, not a second one on each tab: a second select handler on the
-        # Export tab made its re-list read the run picked as empty (tests/test_e2e_tab_refresh.py).
+        # handler on the tab strip rather than one more on each tab's select.
         def history_polls(evt: gr.SelectData):
             return [gr.Timer(active=evt.value == "History")] * len(history.timers)
 
