@@ -146,8 +146,12 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
     go.click(on_export, [picker, run, weights, kind, dtype, shard, dest, overwrite, verify], [result, table],
              api_name=False)
     run.change(lambda rid: (pick_weights(rid), run_note(db, rid)), [run], [weights, note], api_name=False)
-    picker.change(refresh, [picker], [run, weights, note, table], api_name=False)
-    demo.load(refresh, [picker], [run, weights, note, table], api_name=False)
+    # Every re-list keeps the picked run while it is in the project: the project picker is filled
+    # at page load, and its change could arrive after the user had picked a run (the e2e test
+    # saw the newest run replace the picked one).
+    relist = [picker, run, weights]
+    picker.change(refresh, relist, [run, weights, note, table], api_name=False)
+    demo.load(refresh, relist, [run, weights, note, table], api_name=False)
     if tab is not None:
-        tab.select(refresh, [picker, run, weights], [run, weights, note, table], api_name=False)
+        tab.select(refresh, relist, [run, weights, note, table], api_name=False)
     return ExportHandles(run=run, weights=weights)
