@@ -217,12 +217,12 @@ def test_run_history_is_off_and_uploads_are_capped_by_default(open_app):
     for path in ("/gradio_api/runs", "/gradio_api/run-history/buckets",
                  "/gradio_api/run-history/records"):
         assert open_app.request("GET", path)[0] == 404, path
-    # 3 GB announced, nothing sent: refused from the header, before any byte is read.
+    # 3 GiB announced, nothing sent: refused from the header, before any byte is read.
     started = time.monotonic()
     status, _, text = open_app.request("POST", "/gradio_api/upload",
                                        {"Content-Type": "multipart/form-data; boundary=x",
                                         "Content-Length": str(3 << 30)})
-    assert status == 413 and b"over the 2.0 GB limit" in text
+    assert status == 413 and b"over the 2.0 GiB limit" in text
     assert time.monotonic() - started < 5
 
 
