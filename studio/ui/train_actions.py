@@ -24,18 +24,19 @@ _start_lock = threading.Lock()
 
 def run_choices(db: Database, project_id: int | None) -> list[tuple[str, int]]:
     """Newest first, so a restarted UI selects the run that is (or was last) training."""
-    runs = db.list_runs(project_id) if project_id is not None else []
+    return choices_of(db.list_runs(project_id) if project_id is not None else [])
+
+
+def choices_of(runs: list) -> list[tuple[str, int]]:
     return [(f"#{r.id} {r.name} — {r.status}", r.id) for r in runs]
 
 
-def run_to_follow(db: Database, project_id: int | None, shown_before: list[tuple[str, int]] | None,
-                  selected: int | None) -> int | None:
+def run_to_follow(runs: list, shown_before: list[tuple[str, int]] | None, selected: int | None) -> int | None:
     """The run the Train panel shows after a poll: a run that appeared since the page's last
     list (started here, from the CLI or by a bake-off) — the running one first, else the newest —
     otherwise the selected one while it exists, else the newest. Without this, a poll that began
     before Start's answer wrote the old selection back and the panel stayed on the old run."""
-    runs = db.list_runs(project_id) if project_id is not None else []
-    ids = [r.id for r in runs]
+    ids = [r.id for r in runs]  # the project's runs, newest first
     if shown_before is not None:
         known = {choice[1] for choice in shown_before}
         fresh = [r for r in runs if r.id not in known]

@@ -23,7 +23,7 @@ from studio.runs import launch
 from studio.runspec import OPTIMIZERS, PRECISIONS, SCHEDULES, RunSpec
 from studio.ui import data_choice, estimates, labels, polling
 from studio.ui.draft import TRAINING_FIELDS, RunDraft
-from studio.ui.train_actions import resume_run, run_choices, run_to_follow, start_run, stop_run
+from studio.ui.train_actions import choices_of, resume_run, run_choices, run_to_follow, start_run, stop_run
 from studio.ui.train_view import LOG_LINES, nice_limits, render_run
 from studio.ui.wiring import DRAFT_QUEUE, DraftView, edits
 
@@ -138,8 +138,9 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -
         the timer's interval for what can change now (fast while a run is active or a stop the
         page asked for is not yet seen done)."""
         launch.reconcile(db)  # a worker that died cannot write its own end
-        choices = run_choices(db, project_id)
-        selected = run_to_follow(db, project_id, state.get("choices"), run_id)
+        runs = db.list_runs(project_id) if project_id is not None else []  # once per tick
+        choices = choices_of(runs)
+        selected = run_to_follow(runs, state.get("choices"), run_id)
         run_update = gr.update()
         if choices != state.get("choices") or selected != run_id:
             run_update = gr.update(choices=choices, value=selected)
