@@ -55,6 +55,10 @@ def test_pick_two_adapters_send_one_message_see_three_answers(two_finished_runs,
         page.get_by_role("tab", name="Compare").click()
         page.wait_for_function("() => (document.querySelector('#compare-model textarea, #compare-model input') || {})"
                                ".value?.includes('tiny-chat')")
+        # Opened now, long before its number is typed: Gradio mounts an accordion's children when
+        # it first opens (CI once scored the default 20 rows after typing 2 right after opening).
+        page.get_by_text("Compare on an eval set (exact match)").click()
+        page.locator("#compare-eval-rows input").wait_for(state="visible")
         page.locator("#compare-load").click()
         page.locator("#compare-status").get_by_text("parameters on cpu").wait_for(timeout=120_000)
 
@@ -82,14 +86,15 @@ def test_pick_two_adapters_send_one_message_see_three_answers(two_finished_runs,
         shot(page, tmp_path, "compare-three-answers")
 
         # Exact match with each row's answers (issue 15 item 10: only a percentage was shown).
-        page.get_by_text("Compare on an eval set (exact match)").click()
         rows_box = page.locator("#compare-eval-rows input")
         rows_box.fill("2")
-        rows_box.press("Tab")  # the number is committed on blur, before the click reads it
+        rows_box.press("Tab")
+        page.wait_for_function("() => document.querySelector('#compare-eval-rows input').value === '2'")
         page.locator("#compare-eval").click()
         page.locator("#compare-eval-answers").get_by_text("expected").first.wait_for(timeout=180_000)
         # Read the cells, not the text: the tiny random model's answers may hold any character.
         rows = page.evaluate("""() => [...document.querySelectorAll('#compare-eval-answers .virtual-row[role=row]')]
             .map(r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.textContent.trim()))""")
         marks = [cell for row in rows for cell in row[2:] if cell[:1] in ("✓", "✗")]
-        assert 1 <= len(rows) <= 2 and len(marks) == 3 * len(rows), rows  # base and both adapters per row
+        examples = page.locator("#compare-eval-table").inner_text()
+        assert 1 <= len(rows) <= 2 and len(marks) == 3 * len(rows), (examples, rows)  # base, both adapters

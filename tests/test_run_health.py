@@ -71,9 +71,9 @@ def test_a_run_whose_worker_still_lives_is_not_started_again(tiny_chat_model, mo
 
 
 def long_answers_dataset(db: Database, folder) -> int:
-    """A chat dataset of 8 training and 8 eval rows whose answers are ~50 tokens long: the exact
+    """A chat dataset of 8 training and 8 eval rows whose answers are ~230 tokens long: the exact
     match generates one batch of that many tokens (a sample task's 50 eval rows cost far more)."""
-    answer = " ".join(f"word{i}" for i in range(25))
+    answer = " ".join(f"word{i}" for i in range(80))
     rows = [{"messages": [{"role": "user", "content": f"Say the words ({n})."},
                           {"role": "assistant", "content": answer}]} for n in range(16)]
     for name, part in (("train", rows[:8]), ("eval", rows[8:])):
@@ -87,7 +87,8 @@ def test_a_long_evaluation_beats_and_shows_its_progress(tiny_chat_model, tmp_pat
     """Before: the heartbeat was written only at step end, so an evaluation longer than the hang
     timeout got a healthy run marked failed, and the Train tab showed a frozen step bar. One
     evaluation (the final one; a mid-training one goes through the same ``evaluate``): eval loss
-    on two batches, then eight ~66-token answers, with a beat at most every quarter second."""
+    on two batches, then eight answers of up to 246 tokens, with a beat at most every quarter
+    second and one as soon as the number of answers is known."""
     db = Database()
     dataset_id = long_answers_dataset(db, tmp_path)
     run = new_run(db, tiny_spec(tiny_chat_model, sample_task=None, dataset_id=dataset_id, max_steps=1,
@@ -108,7 +109,7 @@ def test_a_long_evaluation_beats_and_shows_its_progress(tiny_chat_model, tmp_pat
     assert row.status == "completed", explain(db, row)
 
     answers = [a for _, a in seen if a["part"] == "exact match" and a["total"]]
-    assert answers and {(a["total"], a["step"]) for a in answers} == {(8, 1)}, answers
+    assert answers and {(a["total"], a["step"]) for a in answers} == {(8, 1)}, seen
     assert 0 in {a["done"] for a in answers} <= {0, 8}  # k of n (one batch of 8: 0, then 8)
     assert len({beat for beat, a in seen if a["part"] == "exact match"}) >= 2, seen  # beats while generating
     assert 1 in metrics(db, run.id)["eval_seconds"]  # timed, for the ETA of the next ones

@@ -223,9 +223,10 @@ class StudioCallback(TrainerCallback):
     def _answered(self, done: int, total: int) -> None:
         """``evaluate.reporting``'s listener: called after every generated token."""
         now = {"phase": "evaluating", "part": "exact match", "done": done, "total": total}
-        if not self._activity or any(self._activity.get(k) != v for k, v in now.items()):
+        first = not self._activity or self._activity.get("total") != total  # "0 of n" is news
+        if first or any(self._activity.get(k) != v for k, v in now.items()):
             self._set_activity(**now)
-        self._beat()
+        self._beat(force=first)
 
     def _memory_bytes(self) -> float:
         if torch.cuda.is_available():
