@@ -1,0 +1,361 @@
+"""The serving engine: one base model in memory, many adapters over it, one scheduler thread.
+
+``submit`` puts a request in a bounded waiting queue (``Busy`` when full) and returns its
+``Completion`` handle at once. The scheduler thread owns every model: it admits waiting requests
+(attaching their adapter through the ``AdapterPool``, the LRU adapter memory), puts each in a
+lane (``lanes.py``) and lets the lanes with work take turns, one step each (round robin; a
+prefill is a step), so no adapter's requests starve another's.
+
+The only module of ``studio.serve`` that imports torch at module level (with those it uses).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.serve import pool as pool_module
+from studio.serve.lanes import GenerateLane, Row
+from studio.serve.sampling import TextStream, new_generator
+
+
+# ---- errors a client sees (str(exc) is the message) ----------------------------------------
+class ServeError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    param: str | None = None
+
+
+class UnknownModel(ServeError):
+    status, type, code, param = 404, "invalid_request_error", "model_not_found", "model"
+
+
+class PromptTooLong(ServeError):
+    status, type, code = 400, "invalid_request_error", "context_length_exceeded"
+
+
+class Busy(ServeError):
+    status, type, code = 429, "server_busy", "server_busy"
+
+
+class AdapterInUse(ServeError):
+    status, type, code = 409, "invalid_request_error", "adapter_in_use"
+
+
+class AdapterLoadFailed(ServeError):
+    status, type, code = 500, "server_error", "adapter_load_failed"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_p: float = 1.0
+    seed: int | None = None  # a seed makes a sampled answer reproducible whatever else is running
+    stop: tuple[str, ...] = ()  # the answer ends before the first stop string; it is never emitted
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    parent: str | None  # None for the base; the base's name for an adapter
+    method: str | None
+    folder: Path | None
+    loaded: bool
+    mixable: bool  # joins the mixed LoRA batch
+
+
+class Completion:
+    """The handle of one request. The scheduler thread writes, any thread reads."""
+
+    def __init__(self, prompt_tokens: int, stream: TextStream, max_tokens: int, eos_ids: set[int]):
+        self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        self.prompt_tokens = prompt_tokens
+        self.finish_reason: str | None = None
+        self.token_ids: list[int] = []
+        self.error: ServeError | None = None
+        self.token_times: list[float] = []  # when each token arrived (monotonic): tests, stats
+        self._stream, self._max_tokens, self._eos = stream, max_tokens, eos_ids
+        self._pieces: list[str] = []
+        self._cond = threading.Condition()
+        self._cancel = threading.Event()
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    # ---- reading (any thread) ----
+    def deltas(self, timeout: float | None = None) -> Iterator[str]:
+        """Text pieces as they decode; raises the ServeError that ended the request."""
+        seen = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                while seen >= len(self._pieces) and self.finish_reason is None and self.error is None:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"{self.id}: no answer within {timeout} s")
+                    self._cond.wait(left)
+                pieces, seen = self._pieces[seen:], len(self._pieces)
+                ended, error = self.finish_reason is not None or self.error is not None, self.error
+            yield from (p for p in pieces if p)
+            if ended and seen >= len(self._pieces):
+                if error is not None:
+                    raise error
+                return
+
+    def text(self, timeout: float | None = None) -> str:
+        return "".join(self.deltas(timeout))
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    # ---- writing (the scheduler) ----
+    def _cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def _accept(self, token: int) -> bool:
+        """One generated token; True when the row is done (EOS, a stop string, the budget)."""
+        if self.done:
+            return True
+        if token in self._eos:
+            self._finish("stop")
+            return True
+        self.token_ids.append(token)
+        self.token_times.append(time.monotonic())
+        piece, stopped = self._stream.add(token)
+        self._put(piece)
+        if stopped:
+            self._finish("stop", flush=False)
+            return True
+        if len(self.token_ids) >= self._max_tokens:
+            self._finish("length")
+            return True
+        return False
+
+    def _put(self, piece: str) -> None:
+        if piece:
+            with self._cond:
+                self._pieces.append(piece)
+                self._cond.notify_all()
+
+    def _finish(self, reason: str, flush: bool = True) -> None:
+        if self.done:
+            return
+        if flush and reason != "cancelled":
+            piece, stopped = self._stream.flush()
+            self._put(piece)
+            reason = "stop" if stopped else reason
+        with self._cond:
+            self.finish_reason = reason
+            self._cond.notify_all()
+
+    def _fail(self, error: ServeError) -> None:
+        with self._cond:
+            if not self.done:
+                self.error = error
+            self._cond.notify_all()
+
+
+@dataclass
+class _Request:
+    name: str
+    completion: Completion
+    prompt_ids: list[int]
+    sampling: Sampling
+
+
+class ServeEngine:
+    def __init__(self, base_model: Any, tokenizer: Any, base_name: str, *, max_active: int = 8,
+                 max_waiting: int = 64, max_batch: int = 16):
+        self.base = base_model.eval()
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.max_waiting, self.max_batch = max_waiting, max_batch
+        config = base_model.config
+        self.max_context = int(getattr(config, "max_position_embeddings", None) or 2048)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = _eos_ids(tokenizer, base_model)
+        self.pool = pool_module.AdapterPool(self.base, max_active)
+        self._lock = threading.Lock()  # the registry and the waiting queue
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[_Request] = deque()
+        self._running: list[Row] = []
+        self._max_batch_seen = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="serve-scheduler")
+        self._thread.start()
+
+    @classmethod
+    def load(cls, source: str, base_name: str, *, device: str | None = None, dtype: str | None = None,
+             trust_remote_code: bool = False, **options: Any) -> "ServeEngine":
+        from studio import models
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+        tokenizer = models.load_tokenizer(source, trust_remote_code=trust_remote_code)
+        model = models.load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, base_name, **options)
+
+    # ---- the catalog ------------------------------------------------------------------------
+    def register(self, name: str, folder: Path) -> ModelEntry:
+        folder = Path(folder).expanduser()
+        with self._lock:
+            pool_module.check_name(name, self.base_name, self.pool.adapters)
+            adapter = self.pool.add(name, folder)
+            return self._entry(adapter)
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            adapter = self._adapter(name)
+            if adapter.inflight or any(r.name == name for r in self._waiting):
+                raise AdapterInUse(f"adapter {name!r} is answering requests; try again when they finish")
+            self.pool.remove(name)
+
+    def models(self) -> list[ModelEntry]:
+        with self._lock:
+            base = ModelEntry(self.base_name, None, None, None, True, True)
+            return [base, *(self._entry(a) for a in self.pool.adapters.values())]
+
+    def _entry(self, adapter: pool_module.Adapter) -> ModelEntry:
+        return ModelEntry(adapter.name, self.base_name, adapter.method, adapter.folder,
+                          adapter.view is not None, adapter.mixable)
+
+    def _adapter(self, name: str) -> pool_module.Adapter:
+        adapter = self.pool.adapters.get(name)
+        if adapter is None:
+            raise UnknownModel(f"the model {name!r} does not exist; GET /v1/models lists the "
+                               f"{len(self.pool.adapters) + 1} models served")
+        return adapter
+
+    def tokenizer_for(self, name: str) -> Any:
+        """The adapter folder's own tokenizer when it saved one (its chat template), else the base's."""
+        if name == self.base_name:
+            return self.tokenizer
+        with self._lock:
+            adapter = self._adapter(name)
+        if adapter.tokenizer is None:
+            adapter.tokenizer = self.tokenizer
+            if (adapter.folder / "tokenizer_config.json").is_file():
+                from transformers import AutoTokenizer
+
+                try:
+                    adapter.tokenizer = AutoTokenizer.from_pretrained(str(adapter.folder))
+                except (OSError, ValueError) as exc:
+                    print(f"serve: {adapter.folder}: its tokenizer did not load ({exc}); using the base's",
+                          file=sys.stderr)
+        return adapter.tokenizer
+
+    # ---- requests ---------------------------------------------------------------------------
+    def submit(self, name: str, prompt_ids: list[int], sampling: Sampling) -> Completion:
+        prompt_ids = [int(t) for t in prompt_ids]
+        if name != self.base_name:
+            with self._lock:
+                self._adapter(name)
+        if len(prompt_ids) + sampling.max_tokens > self.max_context:
+            raise PromptTooLong(f"this model's context is {self.max_context} tokens; the prompt has "
+                                f"{len(prompt_ids)} and max_tokens asks {sampling.max_tokens}")
+        tokenizer = self.tokenizer_for(name)
+        completion = Completion(len(prompt_ids), TextStream(tokenizer, tuple(sampling.stop)),
+                                sampling.max_tokens, self.eos_ids)
+        with self._lock:
+            if self._closed:
+                raise ServeError("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise Busy(f"the server is busy: {len(self._waiting)} requests are already waiting; "
+                           "retry shortly")
+            self._waiting.append(_Request(name, completion, prompt_ids, sampling))
+            self._wake.notify()
+        return completion
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"active_adapters": [a.name for a in self.pool.active()],
+                    "running": len(self._running), "waiting": len(self._waiting),
+                    "resident_bytes": self.pool.resident_bytes(), "max_batch_seen": self._max_batch_seen}
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # ---- the scheduler thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    for request in self._waiting:
+                        request.completion._finish("cancelled")
+                    self._waiting.clear()
+                    return
+                request = self._waiting.popleft()
+            self._answer(request)
+
+    def _answer(self, request: _Request) -> None:
+        completion = request.completion
+        if completion._cancel_requested():
+            completion._finish("cancelled")
+            return
+        adapter, model = None, self.base
+        if request.name != self.base_name:
+            with self._lock:
+                adapter = self.pool.adapters.get(request.name)
+                if adapter is None:
+                    completion._fail(UnknownModel(f"the model {request.name!r} was unregistered"))
+                    return
+                try:
+                    adapter = self.pool.acquire(request.name)
+                except pool_module.LoadFailed as exc:
+                    completion._fail(AdapterLoadFailed(str(exc)))
+                    return
+            model = adapter.view
+            if adapter.view is self.pool.mixed_view:
+                model.set_adapter(adapter.key)
+        row = Row(completion, adapter.key if adapter else None, request.prompt_ids, request.sampling,
+                  new_generator(request.sampling.seed), adapter)
+        with self._lock:
+            self._running = [row]
+            self._max_batch_seen = max(self._max_batch_seen, 1)
+        lane = GenerateLane(model, self.pad_id, sorted(self.eos_ids), 1, self._fail_rows)
+        lane.add(row)
+        try:
+            while lane.has_work():
+                lane.step()
+        finally:
+            with self._lock:
+                self._running = []
+                if adapter is not None:
+                    self.pool.release(adapter)
+
+    def _fail_rows(self, rows: list[Row], exc: BaseException) -> None:
+        print(f"serve: a generation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        for row in rows:
+            row.completion._fail(ServeError(f"generation failed: {type(exc).__name__}: {exc}"))
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+
