@@ -5,7 +5,8 @@ Sub-commands so far: ``ui`` (the web app), ``setup`` (prepare the embedded model
 and ``stop`` (a run from a runspec file, through the same worker the UI uses; in
 ``studio/cli_train.py``), ``export`` (merged or adapter-only files of a run's final weights or
 one of its checkpoints, verified), ``bakeoff`` (several methods, one budget, one
-table; in ``studio/bakeoff/cli.py``). Each sub-command's heavy imports stay in its handler.
+table; in ``studio/bakeoff/cli.py``), ``serve`` (an OpenAI-compatible endpoint over one base and
+many adapters; in ``studio/cli_serve.py``). Each sub-command's heavy imports stay in its handler.
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.bakeoff.cli import add_parser as add_bakeoff
 
     add_bakeoff(sub)
+
+    from studio.cli_serve import add_parsers as add_serve
+
+    add_serve(sub)
     return parser
 
 
@@ -186,6 +191,7 @@ INTERRUPTED_NOTES = {
     "ui": "the web app stopped; runs that were training keep training in their workers",
     "export": "the partial export was removed and the export recorded as failed",
     "bakeoff": "the bake-off's runs keep training in the background (the queue goes on)",
+    "serve": "the server stopped",
     "setup": "the model cache is only marked ready once complete; run setup again",
 }
 
