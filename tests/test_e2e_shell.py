@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 # Tabs that are built, and an element each shows once ready.
 BUILT = {"Method": "#method-count h2", "Data": "#data-inspect", "Train": "#train-start", "Export": "#export-go",
-         "History": "#history-runs", "Compare": "#compare-load"}
+         "History": "#history-runs", "Compare": "#compare-load", "Serve": "#serve-start"}
 
 
 def shot(page, tmp_path: Path, name: str) -> Path:

@@ -1,4 +1,4 @@
-"""The app shell: header, project picker, system panel and the six tabs, wired explicitly.
+"""The app shell: header, project picker, system panel and the seven tabs, wired explicitly.
 
 Each tab's ``build`` returns the handles other tabs need; the wiring between tabs is here, not
 found by searching the built blocks. The session's run draft (``studio.ui.draft``) is one
@@ -19,7 +19,7 @@ from studio import projects
 from studio.db import Database
 from studio.runs import launch
 from studio.ui import (bakeoff_tab, compare_tab, data_tab, export_tab, history_tab, labels, method_tab,
-                       projects_panel, system_panel, train_tab)
+                       projects_panel, serve_tab, system_panel, train_tab)
 from studio.ui.draft import RunDraft
 from studio.ui.wiring import DRAFT_QUEUE
 
@@ -57,6 +57,8 @@ def build_app(db: Database | None = None) -> gr.Blocks:
                             ("Bake-off", lambda sub: bakeoff_tab.build(demo, db, picker, sub))])
                     with tabs["Export"]:
                         export_tab.build(demo, db, picker, tabs["Export"])
+                    with tabs["Serve"]:
+                        serve_tab.build(demo, db, picker, tabs["Serve"])
                 train.attach_timer()
             with gr.Column(scale=1, min_width=260):
                 summary, read_summary = system_panel.build()

@@ -5,7 +5,7 @@ from studio.runs import outcome
 TITLE = "PEFT Studio"
 TAGLINE = "Fine-tune a language model with any parameter-efficient method, on your own machine."
 
-TABS = ["Data", "Method", "Train", "Compare", "History", "Export"]
+TABS = ["Data", "Method", "Train", "Compare", "History", "Export", "Serve"]
 
 PROJECT_LABEL = "Project"
 NEW_PROJECT = "New project name"
@@ -376,4 +376,42 @@ TRAIN_VIEW = {
     "restarted": "**Restarted run #{id} from step 0:** it has no checkpoint to continue from{why}.",
     "restart_why": {outcome.DISCARDED: " (Stop and discard removed its checkpoints)",
                     outcome.NEVER_STARTED: " (it never started)"},
+}
+
+SERVE = {
+    "intro": ("**Serve this project's adapters** over one copy of the base model, at an OpenAI-compatible "
+              "endpoint (`/v1/chat/completions`, `/v1/completions`, `/v1/models`): any tool that speaks the "
+              "OpenAI API picks an adapter by sending its name as `model`. The server is a separate "
+              "process; it keeps running while you use the other tabs, and stops when the app stops."),
+    "planned": "What will be served",
+    "runs": "Runs to serve",
+    "runs_help": "Empty: every finished run of the project (each one's trained adapter).",
+    "host": "Host",
+    "host_help": "127.0.0.1: this machine only. Any other address needs an API key.",
+    "port": "Port",
+    "port_help": "0 picks a free port.",
+    "key": "API key",
+    "key_help": "Clients send it as 'Authorization: Bearer KEY'. Required unless the host is 127.0.0.1.",
+    "generate": "Generate a key",
+    "max_active": "Max active adapters",
+    "max_active_help": "How many adapters are attached at once; others load on first request, the least "
+                       "recently used is detached.",
+    "start": "Start server",
+    "stop": "Stop server",
+    "status": "Status",
+    "models": "Served models (GET /v1/models)",
+    "curl": "curl",
+    "python": "Python (openai client)",
+    "no_project": "**Pick a project first.**",
+    "not_running": "**Not running.**",
+    "starting": "Starting the server: loading the base model ({seconds:.0f} s)…",
+    "running": "**Running** at `{url}` (pid {pid}, since {since}): {models} models. Log: `{log}`",
+    "stopped": "**Stopped.** {reason}",
+    "refused": "**Not started:** {reason}",
+    "no_adapters": "No finished run with an adapter in this project yet: only the base model would be served.",
+    "skipped": "Not served: {notes}",
+    "cannot_list": "**Cannot list what would be served:** {reason}",
+    "models_failed": "The server did not answer GET /v1/models: {reason}",
+    "key_note": "The key is read from `$PEFT_STUDIO_API_KEY` in these snippets: `export PEFT_STUDIO_API_KEY=...` first.",
+    "snippet_idle": "Start the server to see the lines to use, with its real address.",
 }
