@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from studio.serve import pool as pool_module
-from studio.serve.lanes import GenerateLane, Row
+from studio.serve.lanes import DecodeLane, GenerateLane, Row, full_attention_cache
 from studio.serve.sampling import TextStream, new_generator
 
 
@@ -194,11 +194,28 @@ class ServeEngine:
         self._lock = threading.Lock()  # the registry and the waiting queue
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Request] = deque()
-        self._running: list[Row] = []
-        self._max_batch_seen = 0
+        self._running = self._pending = self._max_batch_seen = 0
         self._closed = False
+        # Our decode loop pads and concatenates caches: only for plain full-attention caches.
+        self._decode_loop = full_attention_cache(base_model)
+        if not self._decode_loop:
+            print(f"serve: {type(base_model).__name__}'s cache is not plain full attention (sliding window or "
+                  "hybrid): every request is answered through generate, without joining running batches",
+                  file=sys.stderr)
+        lane_class = DecodeLane if self._decode_loop else GenerateLane
+        mixed_args = (self._mixed_model, self.pad_id) + (() if self._decode_loop else (sorted(self.eos_ids),))
+        self._mixed = lane_class(*mixed_args, max_batch, self._fail_rows, mixed=True)
+        self._solo: dict[str, Any] = {}
+        self._unregistered: list[pool_module.Adapter] = []
+        self._order: list[Any] = [self._mixed]  # the lanes, in turn order
+        self._turn = 0
         self._thread = threading.Thread(target=self._loop, daemon=True, name="serve-scheduler")
         self._thread.start()
+
+    def _mixed_model(self) -> Any:
+        """The base's rows and plain LoRA rows share one forward: the LoRA view while any is
+        attached (base rows there are ``__base__``), else the base model itself."""
+        return self.pool.mixed_view if self.pool.mixed_view is not None else self.base
 
     @classmethod
     def load(cls, source: str, base_name: str, *, device: str | None = None, dtype: str | None = None,
@@ -224,7 +241,8 @@ class ServeEngine:
             adapter = self._adapter(name)
             if adapter.inflight or any(r.name == name for r in self._waiting):
                 raise AdapterInUse(f"adapter {name!r} is answering requests; try again when they finish")
-            self.pool.remove(name)
+            self._unregistered.append(self.pool.remove(name))  # detached by the scheduler, between steps
+            self._wake.notify()
 
     def models(self) -> list[ModelEntry]:
         with self._lock:
@@ -275,7 +293,7 @@ class ServeEngine:
         with self._lock:
             if self._closed:
                 raise ServeError("the server is shutting down")
-            if len(self._waiting) >= self.max_waiting:
+            if len(self._waiting) + self._pending >= self.max_waiting:
                 raise Busy(f"the server is busy: {len(self._waiting)} requests are already waiting; "
                            "retry shortly")
             self._waiting.append(_Request(name, completion, prompt_ids, sampling))
@@ -285,7 +303,7 @@ class ServeEngine:
     def stats(self) -> dict:
         with self._lock:
             return {"active_adapters": [a.name for a in self.pool.active()],
-                    "running": len(self._running), "waiting": len(self._waiting),
+                    "running": self._running, "waiting": len(self._waiting) + self._pending,
                     "resident_bytes": self.pool.resident_bytes(), "max_batch_seen": self._max_batch_seen}
 
     def close(self) -> None:
@@ -298,51 +316,110 @@ class ServeEngine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._waiting and not self._closed:
+                while (not self._closed and not self._waiting and not self._unregistered
+                       and not self._lanes_with_work()):
                     self._wake.wait()
                 if self._closed:
-                    for request in self._waiting:
-                        request.completion._finish("cancelled")
-                    self._waiting.clear()
-                    return
-                request = self._waiting.popleft()
-            self._answer(request)
+                    break
+                self._admit()
+            lane = self._next_lane()
+            if lane is not None:
+                self._step(lane)
+        self._drain()
 
-    def _answer(self, request: _Request) -> None:
-        completion = request.completion
-        if completion._cancel_requested():
-            completion._finish("cancelled")
-            return
-        adapter, model = None, self.base
-        if request.name != self.base_name:
-            with self._lock:
-                adapter = self.pool.adapters.get(request.name)
-                if adapter is None:
+    def _admit(self) -> None:
+        """Waiting requests into lanes (under the lock). A request whose adapter cannot be
+        attached yet (every slot busy) keeps its place; the others go past it."""
+        for adapter in self._unregistered:
+            self.pool.detach(adapter)
+        self._unregistered = []
+        still: deque[_Request] = deque()
+        for request in self._waiting:
+            completion = request.completion
+            if completion._cancel_requested():
+                completion._finish("cancelled")
+                continue
+            adapter = None
+            if request.name != self.base_name:
+                if request.name not in self.pool.adapters:
                     completion._fail(UnknownModel(f"the model {request.name!r} was unregistered"))
-                    return
+                    continue
                 try:
                     adapter = self.pool.acquire(request.name)
                 except pool_module.LoadFailed as exc:
                     completion._fail(AdapterLoadFailed(str(exc)))
-                    return
-            model = adapter.view
-            if adapter.view is self.pool.mixed_view:
-                model.set_adapter(adapter.key)
-        row = Row(completion, adapter.key if adapter else None, request.prompt_ids, request.sampling,
-                  new_generator(request.sampling.seed), adapter)
+                    continue
+                if adapter is None:
+                    still.append(request)
+                    continue
+            row = Row(completion, adapter.key if adapter is not None and adapter.mixable else None,
+                      request.prompt_ids, request.sampling, new_generator(request.sampling.seed), adapter)
+            self._lane_for(adapter).add(row)
+        self._waiting = still
+        self._forget_lanes()
+
+    def _lane_for(self, adapter: pool_module.Adapter | None):
+        """The mixed lane for the base and plain LoRA; a lane of its own for any other adapter."""
+        if adapter is None or adapter.mixable:
+            return self._mixed
+        lane = self._solo.get(adapter.name)
+        if lane is None or lane.view is not adapter.view:
+            def model_for(adapter=adapter):
+                return adapter.view
+
+            if adapter.prompt_learning or not self._decode_loop:
+                lane = GenerateLane(model_for, self.pad_id, sorted(self.eos_ids), self.max_batch, self._fail_rows)
+            else:
+                lane = DecodeLane(model_for, self.pad_id, self.max_batch, self._fail_rows)
+            lane.view = adapter.view  # a re-attached adapter is a new view: a new lane
+            self._solo[adapter.name] = lane
+            self._order.append(lane)
+        return lane
+
+    def _forget_lanes(self) -> None:
+        """Drop the lanes of detached adapters (they have no rows: only idle adapters detach)."""
+        for name, lane in list(self._solo.items()):
+            adapter = self.pool.adapters.get(name)
+            if not lane.has_work() and (adapter is None or adapter.view is not lane.view):
+                del self._solo[name]
+                self._order.remove(lane)
+
+    def _lanes_with_work(self) -> bool:
+        return any(lane.has_work() for lane in self._order)
+
+    def _next_lane(self):
+        """Round robin: the next lane after the last one served that has work."""
+        for _ in range(len(self._order)):
+            self._turn = (self._turn + 1) % len(self._order)
+            lane = self._order[self._turn]
+            if lane.has_work():
+                return lane
+        return None
+
+    def _step(self, lane) -> None:
+        ended = lane.step()
         with self._lock:
-            self._running = [row]
-            self._max_batch_seen = max(self._max_batch_seen, 1)
-        lane = GenerateLane(model, self.pad_id, sorted(self.eos_ids), 1, self._fail_rows)
-        lane.add(row)
-        try:
+            for row in ended:
+                if row.adapter is not None:
+                    self.pool.release(row.adapter)
+            self._running = sum(len(l.running) for l in self._order)
+            self._pending = sum(len(l.pending) for l in self._order)
+            self._max_batch_seen = max(self._max_batch_seen, len(lane.running))
+
+    def _drain(self) -> None:
+        """Closing: cancel everything, and let each lane end its rows (a generate thread ends)."""
+        with self._lock:
+            for request in self._waiting:
+                request.completion._finish("cancelled")
+            self._waiting.clear()
+        for lane in self._order:
+            for row in lane.pending:
+                row.completion._finish("cancelled")
+            lane.pending = []
+            for row in lane.running:
+                row.completion.cancel()
             while lane.has_work():
-                lane.step()
-        finally:
-            with self._lock:
-                self._running = []
-                if adapter is not None:
-                    self.pool.release(adapter)
+                self._step(lane)
 
     def _fail_rows(self, rows: list[Row], exc: BaseException) -> None:
         print(f"serve: a generation failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -91,16 +91,28 @@ class _RowEnds(StoppingCriteria):
                 row.done = True
 
 
-def generate_batch(model: Any, rows: list[Row], pad_id: int, eos_ids: list[int], after_step=None) -> None:
+def adapter_names(model: Any, rows: list[Row]) -> dict:
+    """PEFT's per-row adapter choice for a mixed LoRA view (``__base__``: no adapter); nothing
+    when the model is the plain base (no LoRA adapter attached)."""
+    if not hasattr(model, "peft_config"):
+        return {}
+    from studio.compare.engine import BASE
+
+    return {"adapter_names": [r.key or BASE for r in rows]}
+
+
+def generate_batch(model: Any, rows: list[Row], pad_id: int, eos_ids: list[int], after_step=None,
+                   mixed: bool = False) -> None:
     """Answer ``rows`` with one left-padded ``generate`` (each row its own sampler and budget)."""
     ids, mask = left_pad([r.prompt_ids for r in rows], pad_id)
     device = getattr(model, "device", torch.device("cpu"))
     budget = max(r.sampling.max_tokens for r in rows)
+    extra = adapter_names(model, rows) if mixed else {}
     with torch.no_grad():
         model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
                        do_sample=False, logits_processor=LogitsProcessorList([_Sampler(rows)]),
                        stopping_criteria=StoppingCriteriaList([_RowEnds(rows, after_step)]),
-                       pad_token_id=pad_id, eos_token_id=eos_ids)
+                       pad_token_id=pad_id, eos_token_id=eos_ids, **extra)
     for row in rows:  # generate stopped: every row is done, whatever the reason
         if not row.done:
             row.completion._finish("length")
@@ -114,8 +126,10 @@ class GenerateLane:
     turn back after one decoding step (or after its ``generate`` ends). Rows arriving while a
     ``generate`` runs wait for the next one: ``generate`` cannot take rows mid-flight."""
 
-    def __init__(self, model: Any, pad_id: int, eos_ids: list[int], max_batch: int, on_error):
-        self.model, self.pad_id, self.eos_ids, self.max_batch = model, pad_id, eos_ids, max_batch
+    def __init__(self, model_for, pad_id: int, eos_ids: list[int], max_batch: int, on_error,
+                 mixed: bool = False):
+        self.model_for = model_for  # () -> the model now
+        self.pad_id, self.eos_ids, self.max_batch, self.mixed = pad_id, eos_ids, max_batch, mixed
         self.on_error = on_error  # (rows, exception): the engine fails those rows
         self.pending: list[Row] = []
         self.running: list[Row] = []
@@ -153,7 +167,8 @@ class GenerateLane:
     def _run(self, batch: list[Row]) -> None:
         self._turn.acquire()
         try:
-            generate_batch(self.model, batch, self.pad_id, self.eos_ids, after_step=self._yield_turn)
+            generate_batch(self.model_for(), batch, self.pad_id, self.eos_ids, after_step=self._yield_turn,
+                           mixed=self.mixed)
         except BaseException as exc:  # the rows fail with it; the lane (and the engine) go on
             self.on_error([r for r in batch if not r.done], exc)
             for r in batch:
@@ -165,3 +180,149 @@ class GenerateLane:
     def _yield_turn(self) -> None:
         self._back.release()
         self._turn.acquire()
+
+
+def full_attention_cache(model: Any) -> bool:
+    """True when the model's cache is plain full attention (every layer a ``DynamicLayer``): the
+    only kind whose keys and values ``DecodeLane`` may pad, concatenate and select by row."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class DecodeLane:
+    """Continuous batching over one model: our decode loop with a ``DynamicCache``.
+
+    State between steps: the cache (keys/values, batch × heads × columns × head size), the
+    attention mask (batch × columns; 0 for left padding) and each row's last token. Rows are
+    left-padded so that every row's newest token is the last column.
+
+    - join: new rows are prefilled as one left-padded batch (position ids from the mask:
+      cumsum − 1, as ``generate`` does); then the side with fewer columns is left-padded
+      (zeros in keys, values and mask) and the two are concatenated on the batch dimension.
+    - decode: one token per row; its position is the count of the row's real tokens so far.
+    - leave: finished rows are dropped with ``batch_select_indices``, then the left columns no
+      remaining row needs (all-zero in the mask) are cut.
+    With ``mixed``, ``model_for()`` is a PEFT LoRA view and each row names its adapter through
+    PEFT's ``adapter_names`` (``__base__`` for base rows)."""
+
+    def __init__(self, model_for, pad_id: int, max_batch: int, on_error, mixed: bool = False):
+        self.model_for = model_for  # () -> the model now (the mixed view can come and go)
+        self.pad_id, self.max_batch, self.on_error, self.mixed = pad_id, max_batch, on_error, mixed
+        self.pending: list[Row] = []
+        self.rows: list[Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None  # (batch, 1): each row's newest token, not yet in the cache
+
+    def add(self, row: Row) -> None:
+        self.pending.append(row)
+
+    def has_work(self) -> bool:
+        return bool(self.pending or self.rows)
+
+    @property
+    def running(self) -> list[Row]:
+        return self.rows
+
+    def step(self) -> list[Row]:
+        """A prefill of the waiting rows (when there is room) or one decoding step; the rows that
+        ended (EOS, stop string, budget, cancelled, failed)."""
+        ended = self._leave()
+        room = self.max_batch - len(self.rows)
+        joining: list[Row] = []
+        try:
+            if self.pending and room > 0:
+                joining, self.pending = self.pending[:room], self.pending[room:]
+                self._prefill(joining)
+            elif self.rows:
+                self._decode()
+        except Exception as exc:  # a failed forward fails its rows; the lane starts afresh
+            failed = [r for r in self.rows + joining if not r.done]
+            self.on_error(failed, exc)
+            for r in failed:
+                r.done = True
+            self.rows, self._cache, self._mask, self._last = [], None, None, None
+            return ended + failed
+        return ended + self._leave()
+
+    def _forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: Any) -> torch.Tensor:
+        model = self.model_for()
+        device = getattr(model, "device", torch.device("cpu"))
+        extra = adapter_names(model, rows) if self.mixed else {}
+        with torch.no_grad():
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        position_ids=positions.to(device), cache=cache, use_cache=True, logits_to_keep=1,
+                        **extra)
+        return out.logits[:, -1, :].float().cpu()
+
+    def _accept(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        tokens = choose_rows(logits, rows)
+        for row, token in zip(rows, tokens):
+            row.done = row.completion._accept(token)
+        return torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
+
+    def _prefill(self, joining: list[Row]) -> None:
+        from transformers import DynamicCache
+
+        ids, mask = left_pad([r.prompt_ids for r in joining], self.pad_id)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache(config=self.model_for().config)
+        logits = self._forward(joining, ids, mask, positions, cache)
+        last = self._accept(joining, logits)
+        if not self.rows:
+            self.rows, self._cache, self._mask, self._last = list(joining), cache, mask, last
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)], dim=0)
+            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)], dim=0)
+        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], dim=0)
+        self._last = torch.cat([self._last, last], dim=0)
+        self.rows = self.rows + list(joining)
+
+    def _decode(self) -> None:
+        positions = self._mask.sum(-1, keepdim=True)  # the row's real tokens so far: 0..n-1 are taken
+        self._mask = torch.cat([self._mask, torch.ones_like(self._last)], dim=1)
+        logits = self._forward(self.rows, self._last, self._mask, positions, self._cache)
+        self._last = self._accept(self.rows, logits)
+
+    def _leave(self) -> list[Row]:
+        """Drop finished and cancelled rows from the batch and the columns nobody needs."""
+        for row in self.rows:
+            if not row.done and row.completion._cancel_requested():
+                row.completion._finish("cancelled")
+                row.done = True
+        ended = [r for r in self.rows if r.done]
+        if not ended:
+            return []
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self._cache, self._mask, self._last = None, None, None
+            return ended
+        index = torch.tensor(keep, dtype=torch.long)
+        self._cache.batch_select_indices(index)
+        self._mask, self._last = self._mask[index], self._last[index]
+        first = int((self._mask.cumsum(-1) == 0).sum(-1).min())  # leading pad columns every row has
+        if first:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
+        return ended
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``tensor`` with zero columns added on the left of ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -94,11 +94,10 @@ class AdapterPool:
         self.adapters[name] = adapter
         return adapter
 
-    def remove(self, name: str) -> None:
-        adapter = self.adapters[name]
-        if adapter.view is not None:
-            self._detach(adapter)
-        del self.adapters[name]
+    def remove(self, name: str) -> Adapter:
+        """Forget ``name``; the caller detaches the returned adapter between decoding steps
+        (``detach``), never while a forward may be running on its view."""
+        return self.adapters.pop(name)
 
     def active(self) -> list[Adapter]:
         return [a for a in self.adapters.values() if a.view is not None]
@@ -143,6 +142,10 @@ class AdapterPool:
             adapter.view = None
             raise LoadFailed(f"adapter {adapter.name!r} ({folder}) could not be attached to the base model: "
                              f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from exc
+
+    def detach(self, adapter: Adapter) -> None:
+        if adapter.view is not None:
+            self._detach(adapter)
 
     def _detach(self, adapter: Adapter) -> None:
         if adapter.view is self.mixed_view and self.mixed_view is not None:
