@@ -5,6 +5,9 @@ refusals (busy, unknown model, too long, a broken adapter) behave as the contrac
 
 from __future__ import annotations
 
+import json
+import shutil
+import threading
 import time
 
 import pytest
@@ -98,3 +101,150 @@ def test_concurrent_requests_join_the_running_batch_and_equal_their_single_answe
                for c in joined)
     assert engine.stats()["max_batch_seen"] >= 2
     wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
+
+
+def test_a_seed_reproduces_a_sampled_answer_alone_and_beside_others(engine, prompt):
+    seeded = Sampling(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    alone = engine.submit("lora1", prompt, seeded)
+    alone.text(timeout=60)
+    crowd = [engine.submit(name, prompt, Sampling(max_tokens=10, temperature=1.0))
+             for name in ("tiny", "lora2", "lora1")]
+    beside = engine.submit("lora1", prompt, seeded)
+    crowd.append(engine.submit("lora1", prompt, Sampling(max_tokens=10, temperature=1.0, seed=8)))
+    for completion in [beside, *crowd]:
+        completion.text(timeout=60)
+    assert beside.token_ids == alone.token_ids
+    assert crowd[-1].token_ids != alone.token_ids  # another seed, another draw: the seed matters
+
+
+def test_a_stop_string_ends_the_answer_before_it_and_is_never_streamed(engine, prompt, references):
+    full = engine.tokenizer.decode(references["lora2"], skip_special_tokens=True)
+    stop = full[6:9]
+    assert stop and full.index(stop) == 6
+    completion = engine.submit("lora2", prompt, Sampling(max_tokens=8, temperature=0, stop=("zzzq", stop)))
+    pieces = list(completion.deltas(timeout=60))
+    assert "".join(pieces) == full[:6]
+    assert completion.finish_reason == "stop"
+    assert not any(stop in piece for piece in pieces)  # and the join above holds none of it
+    budget = engine.submit("lora2", prompt, Sampling(max_tokens=3, temperature=0))
+    budget.text(timeout=60)
+    assert budget.finish_reason == "length" and budget.token_ids == references["lora2"][:3]
+
+
+def test_refusals_name_the_problem_and_the_engine_keeps_serving(engine, adapters, prompt, references, tmp_path):
+    from studio.compare.sources import AdapterSourceError
+    from studio.serve.engine import AdapterLoadFailed, PromptTooLong, UnknownModel
+
+    with pytest.raises(UnknownModel, match="'nope'") as unknown:
+        engine.submit("nope", prompt, GREEDY)
+    assert unknown.value.status == 404 and unknown.value.param == "model"
+    with pytest.raises(PromptTooLong, match=r"context is 512 tokens; the prompt has \d+ and max_tokens asks 600"):
+        engine.submit("tiny", prompt, Sampling(max_tokens=600))
+    for bad in ["", "a/b", "x" * 65, "tiny"]:
+        with pytest.raises(ValueError):
+            engine.register(bad, adapters["lora1"])
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapters["lora1"], pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(AdapterSourceError, match="pickled"):
+        engine.register("pickled", pickled)
+
+    # A folder that passes the checks but does not fit the base fails its request, named.
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["lora1"], broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
+    engine.register("broken", broken)
+    with pytest.raises(AdapterLoadFailed, match="broken") as failed:
+        engine.submit("broken", prompt, GREEDY).text(timeout=60)
+    assert str(broken) in str(failed.value)
+    assert not any(m.loaded for m in engine.models() if m.name == "broken")
+    engine.unregister("broken")
+    again = engine.submit("lora1", prompt, GREEDY)
+    again.text(timeout=60)
+    assert again.token_ids == references["lora1"]
+
+
+def test_sampling_maths_and_streamed_text(engine):
+    import torch
+
+    from studio.serve.sampling import TextStream, top_p_probabilities
+
+    # p = softmax(log [0.5, 0.3, 0.15, 0.05]) = the same; top_p 0.7 keeps the first two (0.5 < 0.7,
+    # 0.8 >= 0.7), renormalised to 0.625 / 0.375; top_p 0 keeps the top token only.
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3]))
+    q = top_p_probabilities(logits, 1.0, 0.7)
+    assert torch.allclose(q, torch.tensor([0.0, 0.625, 0.0, 0.375]))
+    assert torch.equal(top_p_probabilities(logits, 1.0, 0.0), torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    # T = 0.5 squares the probabilities before normalising
+    sharp = top_p_probabilities(logits, 0.5, 1.0)
+    assert torch.allclose(sharp, torch.tensor([0.05, 0.5, 0.15, 0.3]) ** 2 / 0.365)
+
+    tokenizer = engine.tokenizer  # the real SmolLM2 byte-level BPE: é and 🎉 span several tokens
+    text = "Café 🎉 naïve — fin. END here"
+    stream = TextStream(tokenizer, stops=("END",))
+    pieces = []
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any(tokenizer.decode([t]).endswith("\ufffd") for t in ids)  # a character split over tokens
+    for token in ids:
+        piece, stopped = stream.add(token)
+        pieces.append(piece)
+        assert "\ufffd" not in piece
+        if stopped:
+            break
+    assert stopped and "".join(pieces) == "Café 🎉 naïve — fin. "
+    assert not any("E" in p for p in pieces)
+
+
+def test_lru_keeps_at_most_max_active_adapters_attached(tiny_chat_model, adapters, prompt, references):
+    """max_active=2 over 4 adapters (mixed and solo): all answer correctly, in turn and at once;
+    never more than 2 attached; memory stays at base + 2 adapters; a full queue is Busy."""
+    from studio.serve.engine import Busy
+
+    names = ["lora1", "dora", "lora2", "prompt"]
+    engine = ServeEngine.load(str(tiny_chat_model), "tiny", max_active=2)
+    try:
+        base_bytes = engine.stats()["resident_bytes"]
+        adapter_bytes = max((adapters[n] / "adapter_model.safetensors").stat().st_size for n in names)
+        for name in names:
+            engine.register(name, adapters[name])
+        seen, stop = [], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                stats = engine.stats()
+                seen.append((len(stats["active_adapters"]), stats["resident_bytes"]))
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        for name in names + names[:2]:  # in turn: each first request loads, LRU detaches
+            completion = engine.submit(name, prompt, GREEDY)
+            completion.text(timeout=60)
+            assert completion.token_ids == references[name], name
+        together = [(n, engine.submit(n, prompt, GREEDY)) for n in names * 2]
+        for name, completion in together:  # at once: requests wait for a free slot
+            completion.text(timeout=60)
+            assert completion.token_ids == references[name], name
+
+        # Both slots busy with long answers: requests for a third adapter wait; a full queue is Busy.
+        long = [engine.submit(n, prompt, Sampling(max_tokens=400, temperature=0)) for n in ("lora1", "lora2")]
+        wait_for(lambda: all(c.token_ids for c in long))
+        engine.max_waiting = 2
+        waiting = [engine.submit("dora", prompt, GREEDY) for _ in range(2)]
+        with pytest.raises(Busy, match="busy") as busy:
+            engine.submit("dora", prompt, GREEDY)
+        assert busy.value.status == 429
+        assert engine.stats()["waiting"] == 2 and not any(c.token_ids for c in waiting)
+        for completion in long:
+            completion.cancel()
+        for completion in waiting:
+            completion.text(timeout=60)
+            assert completion.token_ids == references["dora"]
+        stop.set()
+        sampler.join()
+    finally:
+        engine.close()
+    assert max(n for n, _ in seen) == 2
+    assert max(b for _, b in seen) <= base_bytes + 2 * adapter_bytes * 1.5
+    assert all(c.finish_reason == "cancelled" for c in long)
