@@ -52,26 +52,28 @@ def test_an_evaluation_shows_its_own_progress(running):
 
 
 def test_the_eta_counts_the_evaluations_still_to_come(running):
-    """Before: 40 steps × 3 s = "ETA 2 min 0 s", though three evaluations (40, 60 and the final
-    one) of 5 minutes each were still to come."""
+    """Before: 40 steps × 3 s = "ETA 2 min 0 s", though two evaluations (40, and 60 which is the
+    final one) of 5 minutes each were still to come."""
     db, run_id = running
     untimed = train_view.render_run(db, run_id, now=NOW).progress
-    assert "ETA 2 min 0 s + 3 evaluation(s), not timed yet" in untimed
+    assert "ETA 2 min 0 s + 2 evaluation(s), not timed yet" in untimed
 
     db.log_metrics(run_id, 20, {"eval_seconds": 300.0})  # the step-20 evaluation took 5 minutes
-    assert "ETA 17 min 0 s" in train_view.render_run(db, run_id, now=NOW).progress  # 120 + 3 × 300 s
+    assert "ETA 12 min 0 s" in train_view.render_run(db, run_id, now=NOW).progress  # 120 + 2 × 300 s
 
     # At step 40's evaluation, 30 s in: what is left of it (300 - 30 s) comes on top of the 20
-    # steps and the two evaluations (60, final) still to come.
+    # steps and the evaluation at step 60 (the final one) still to come.
     for step in range(21, 41):
         db.log_metrics(run_id, step, {"loss": 2.0, "elapsed_s": 3.0 * step})
     db.heartbeat(run_id, {**evaluating(12, 50, since=NOW - 30), "step": 40})
-    assert "ETA 15 min 30 s" in train_view.render_run(db, run_id, now=NOW).progress  # 60 + 600 + 270
+    assert "ETA 10 min 30 s" in train_view.render_run(db, run_id, now=NOW).progress  # 60 + 300 + 270
 
 
 def test_evaluations_left_by_schedule():
     spec = RunSpec(sample_task="dates", max_steps=60, eval_steps=20)
-    assert [train_view.evaluations_left(spec, s, 60, True) for s in (0, 19, 20, 59, 60)] == [4, 4, 3, 2, 1]
+    # Step 60 is an eval step: that evaluation is the final one (the worker does not run another).
+    assert [train_view.evaluations_left(spec, s, 60, True) for s in (0, 19, 20, 59, 60)] == [3, 3, 2, 1, 0]
+    assert [train_view.evaluations_left(spec, s, 50, True) for s in (0, 40, 50)] == [3, 1, 1]
     assert train_view.evaluations_left(spec, 10, 60, False) == 0
     assert train_view.evaluations_left(RunSpec(sample_task="dates", eval_steps=0), 10, 60, True) == 1
 

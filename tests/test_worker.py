@@ -47,6 +47,10 @@ def test_a_run_trains_end_to_end_through_the_worker(tiny_chat_model):
     assert m["epoch"][1] == pytest.approx(FAST["batch_size"] / 400)  # 400 training examples
     assert sorted(m["eval_loss"]) == [3, 6]
     assert sorted(m["eval_exact_match"]) == [3, 6]
+    # One evaluation per eval step: the Trainer's at step 6 is the final one (the worker used to
+    # evaluate the same weights again, doubling the wait at the end of every run).
+    log = (folder_of(db, run.id) / launch.LOG_NAME).read_text()
+    assert log.count("'eval_loss'") == 2, log
     assert all(0.0 <= v <= 1.0 for v in m["eval_exact_match"].values())
 
     folder = folder_of(db, run.id)

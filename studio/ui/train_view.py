@@ -170,11 +170,13 @@ def progress_html(step: int, total: int | None, eta: float | None, status: str,
 
 def evaluations_left(spec: RunSpec, step: int, total: int | None, evaluates: bool) -> int:
     """Evaluations still to come after ``step``: every ``eval_steps`` up to the last step, plus
-    the final one the worker always runs after training (when the run has an eval split)."""
+    the final one the worker runs after training (when the run has an eval split) unless the
+    last step is itself an eval step (the worker then keeps that evaluation as the final one)."""
     if not evaluates or not total:
         return 0
     periodic = (total // spec.eval_steps - step // spec.eval_steps) if spec.eval_steps > 0 else 0
-    return max(0, periodic) + 1
+    final = 0 if spec.eval_steps > 0 and total % spec.eval_steps == 0 else 1
+    return max(0, periodic) + final
 
 
 def time_left(per_step: float | None, steps_left: int, evals_left: int, eval_seconds: list[float],

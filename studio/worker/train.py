@@ -252,7 +252,11 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     step = trainer.state.global_step
     final = training_stats(trainer, model, wall)  # before the evaluations below raise the peak
     if eval_set is not None:
-        final.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+        # When eval_steps divides the last step the Trainer has just evaluated these very weights
+        # (eval loss and exact match): reuse that instead of making the user wait for it twice.
+        already = callback.evaluated_step == step
+        evaluated = callback.evaluated_metrics if already else trainer.evaluate()
+        final.update({k: v for k, v in evaluated.items() if k == "eval_loss"})
     # The final evaluate() above already ran the callback's exact match, unless the callback
     # has no scorer (QLoRA) or there was no eval split to evaluate.
     if scorer is not None and (callback.evaluate_exact_match is None or eval_set is None):

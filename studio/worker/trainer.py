@@ -185,6 +185,10 @@ class StudioCallback(TrainerCallback):
         self.trainer: StudioTrainer | None = None
         self.cancel_mode: str | None = None
         self.stopped_by: str | None = None  # the signal's name when a signal stopped the run
+        # The step and metrics of the Trainer's latest evaluation: when it evaluated at the last
+        # step, the worker's final evaluation would score the same weights a second time.
+        self.evaluated_step: int | None = None
+        self.evaluated_metrics: dict[str, float] = {}
         self.saved_steps: set[int] = set()  # checkpoints written to the end by this process
         self._last_busy = 0.0
         self._last_tokens = 0
@@ -295,6 +299,7 @@ class StudioCallback(TrainerCallback):
             self.writer.log_metrics(state.global_step, values, wall_time=time.time())
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        self.evaluated_step, self.evaluated_metrics = state.global_step, dict(metrics or {})
         if self.evaluate_exact_match is not None and model is not None:
             from studio import evaluate
 
