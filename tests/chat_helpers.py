@@ -23,8 +23,9 @@ def _perturb(model, seed: int, scale: float) -> None:
                 param.add_(noise.to(param.dtype))
 
 
-def save_peft_adapter(base_dir: Path, dest: Path, method: str, seed: int) -> Path:
-    """Train-free adapter of ``method`` (lora, dora, rslora, ia3, prompt, prefix) over the model in ``base_dir``."""
+def save_peft_adapter(base_dir: Path, dest: Path, method: str, seed: int, r: int = 4) -> Path:
+    """Train-free adapter of ``method`` (lora, dora, rslora, ia3, prompt, prefix) over the model in
+    ``base_dir``; ``r`` is the LoRA-family rank (alpha 2r)."""
     from peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType,
                       get_peft_model)
 
@@ -33,7 +34,7 @@ def save_peft_adapter(base_dir: Path, dest: Path, method: str, seed: int) -> Pat
     torch.manual_seed(seed)
     base = load_model(str(base_dir))
     if method in ("lora", "dora", "rslora"):
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, use_dora=method == "dora",
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS, use_dora=method == "dora",
                             use_rslora=method == "rslora", task_type=TaskType.CAUSAL_LM)
     elif method == "ia3":
         config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
