@@ -1,9 +1,10 @@
-"""The benchmark scripts' own logic (bench/train_speed.py, bench/gpu_check.py), without training.
+"""The benchmark scripts' own logic (bench/train_speed.py, bench/gpu_check.py, bench/serve.py), without training.
 
 Their end-to-end runs cost minutes here (``--smoke`` modes, run by hand: see the scripts'
 docstrings); these tests pin what a wrong benchmark would silently get wrong: the studio side's
 settings equal the reference's, the sides alternate ABBA, the ratios and goals are computed from
 the right columns, and a failing or overrunning stage of the GPU check is a row, not a crash.
+The serving benchmark's ``--smoke`` runs here on the tiny model (a real server child, ~10 s).
 """
 
 from __future__ import annotations
@@ -104,3 +105,39 @@ def test_gpu_check_names_missing_dependencies(gpu, monkeypatch, capsys):
     problem = gpu.check_environment(gpu.parse_args(["--device", "cpu"]))
     assert problem.startswith("missing the studio's dependencies: no-such-package-xyz")
     assert "liger-kernel" in capsys.readouterr().out  # the versions line came first
+
+
+def test_serve_bench_plan_percentiles_and_goals():
+    """bench/serve.py's own arithmetic: client j asks adapter j % k, nearest-rank percentiles, and
+    the two goal ratios taken from the right rows (largest clients × adapters, the base's row)."""
+    serve = load("serve")
+    schedule = serve.plan(4, ["a", "b"], 2)
+    assert [[r.model for r in client] for client in schedule] == [["a", "a"], ["b", "b"], ["a", "a"], ["b", "b"]]
+    assert len({r.prompt for client in schedule for r in client}) == 8  # no two requests share a prompt
+    result = serve.Result(tokens=100, wall=4.0, latencies=[float(i) for i in range(1, 21)])
+    assert (result.tokens_per_s, result.percentile(50), result.percentile(95)) == (25.0, 10.0, 19.0)
+
+    def row(clients, adapters, tps, seq_tps):
+        return serve.Row(clients, adapters, serve.Result(tokens=int(tps * 10), wall=10.0),
+                         serve.Result(tokens=int(seq_tps * 10), wall=10.0))
+
+    lines = serve.goals([row(1, 1, 20, 20), row(16, 16, 90, 25), row(16, 4, 95, 25), row(16, 0, 100, 25)])
+    assert lines[0].startswith("- 16 clients × 16 adapters / the same requests one at a time: ×3.60 (goal ≥ 3: met)")
+    assert lines[1].startswith("- 16 clients × 16 adapters / 16 clients on the base: 0.90 (goal ≥ 0.9: met)")
+
+
+def test_serve_bench_smoke_through_the_real_server(tiny_chat_model, studio_home, tmp_path, capsys):
+    """The script end to end: adapters made, ``peft-studio serve`` started as a child, requests
+    through HTTP, the table and goals printed, the server stopped."""
+    serve = load("serve")
+    out = tmp_path / "serve.md"
+    assert serve.main(["--smoke", "--model", str(tiny_chat_model), "--clients", "2", "--adapters", "2",
+                       "--cache", str(studio_home), "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 2 and rows[1].startswith("| 2 | base | 2 | ")
+    tokens = [int(r.split("|")[4]) for r in rows]
+    assert all(0 < t <= 2 * 4 for t in tokens)  # usage counted, bounded by max_tokens
+    assert "2 clients × 2 adapters / the same requests one at a time" in text
+    assert "load average before:" in text and "after:" in text
+    assert "answers that differ between concurrent and one at a time: 0" in text

@@ -1,0 +1,418 @@
+"""Serving throughput: concurrent clients over many LoRA adapters against one request at a time.
+
+    python bench/serve.py [--model default] [--clients 1,4,16] [--adapters 1,4,16] [--rounds 2]
+                          [--max-tokens 64] [--threads N] [--out FILE.md] [--smoke]
+
+The real server, through HTTP: ``peft-studio serve`` as a child process on 127.0.0.1 (its own
+process, as a user runs it, so the clients' threads here never share its interpreter), serving
+the base and ``max(--adapters)`` random LoRA adapters made here (r 16, alpha 32 on q, k, v, o;
+B drawn from a seeded normal so each adapter really changes the answers; saved by PEFT's
+``save_pretrained``). ``--max-active`` is the number of adapters, so every adapter stays
+attached: this measures batching, not the LRU's disk loads. Every adapter (and the base) gets
+one short request before anything is measured, so loading is not timed.
+
+For each adapter count k and client count c: c clients (threads, released together), each
+sending ``--rounds`` chat requests one after another, client j's to adapter j % k, greedy,
+``max_tokens`` fixed, prompts from a fixed list. Then the same requests one at a time. Both sides
+are measured side by side in one run (one at a time first, then concurrent, per configuration),
+and the base alone with the largest c is the reference for the adapters' cost.
+
+The figures: output tokens/s = the responses' ``usage.completion_tokens`` summed over the wall
+time from the first request sent to the last answer (an answer may end early at end-of-sequence;
+the API has no ignore-EOS, so tokens are counted, never assumed), and p50 / p95 request latency
+(nearest rank). Greedy answers must be the same concurrent or alone: the table counts those that
+differ (the engine's contract is zero). Goals (issue 16): (largest c × largest k) over one at a
+time ≥ 3, and over (largest c on the base) ≥ 0.9. The machine's load average is printed before
+and after: a busy machine makes every figure worse.
+
+``--smoke`` is a quick end-to-end check of the script (a tiny random model, 2 adapters, 1-2
+clients, 4 tokens), not a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+READY = re.compile(r"PEFT Studio serving (\d+) models at (http://\S+)/v1")
+PROMPTS = (
+    "Write one sentence about the sea.", "What is the capital of France?", "Name three colours.",
+    "Explain what a list is in Python.", "Give me a tip for sleeping well.", "What is 12 times 7?",
+    "Describe a cat in a few words.", "Why is the sky blue?", "Suggest a name for a small dog.",
+    "What does a compiler do?", "Write a short greeting for a friend.", "How many days are in a week?",
+    "What is photosynthesis?", "Tell me a fact about the moon.", "What is a prime number?",
+    "Translate 'thank you' into Spanish.",
+)
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+B_SCALE = 0.02  # std of LoRA B: non-zero (B = 0 would answer like the base), small enough to stay fluent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2-135M; "
+                        "with --smoke, a tiny random model)")
+    parser.add_argument("--clients", default=None, help="concurrent client counts (default 1,4,16)")
+    parser.add_argument("--adapters", default=None, help="adapter counts (default 1,4,16)")
+    parser.add_argument("--rounds", type=int, default=None, help="requests per client (default 2)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (default 64)")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the server (0: torch's default)")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "peft-studio-bench-cache"),
+                        help="studio home holding the converted embedded model (kept between runs)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for the server to start")
+    parser.add_argument("--out", default=None, help="also write the Markdown report to this file")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 adapters, 1-2 clients: a quick check")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    args.clients = _counts(parser, "--clients", args.clients or ("1,2" if smoke else "1,4,16"))
+    args.adapters = _counts(parser, "--adapters", args.adapters or ("1,2" if smoke else "1,4,16"))
+    args.rounds = args.rounds or (1 if smoke else 2)
+    args.max_tokens = args.max_tokens or (4 if smoke else 64)
+    if args.rounds < 1 or args.max_tokens < 1:
+        parser.error("--rounds and --max-tokens must be at least 1")
+    return args
+
+
+def _counts(parser: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        parser.error(f"{flag} takes numbers separated by commas, e.g. 1,4,16")
+    if not values or values[0] < 1:
+        parser.error(f"{flag}: every count must be at least 1")
+    return values
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# ---------------------------------------------------------------- the model and the adapters
+
+
+def base_folder(args: argparse.Namespace, work: Path) -> Path:
+    """A local model folder: ``--model`` resolved (the embedded model converted once into
+    ``--cache``), or with ``--smoke`` a 2-layer random Llama with the real tokenizer."""
+    from studio import models
+
+    if args.model is not None or not args.smoke:
+        return models.resolve_source(args.model or "default")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models.tokenizer_folder("default")))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    folder = work / "tiny-model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_adapters(base: Path, dest: Path, count: int, seed: int = 0) -> dict[str, Path]:
+    """``count`` LoRA adapters over ``base`` (``LORA``), B seeded per adapter, each in its own
+    folder as PEFT saves it (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from studio.models import load_model
+
+    names = [f"lora{i}" for i in range(count)]
+    model = get_peft_model(load_model(str(base)), LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA),
+                           adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA))
+    for i, name in enumerate(names):
+        generator = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if f"lora_B.{name}." in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * B_SCALE)
+    folders = {}
+    for name in names:
+        model.save_pretrained(str(dest), selected_adapters=[name])  # PEFT writes dest/<name>/
+        folders[name] = dest / name
+    del model
+    gc.collect()
+    return folders
+
+
+# ---------------------------------------------------------------- the server
+
+
+class Server:
+    """``peft-studio serve`` as a child process; ``url`` once it printed its ready line."""
+
+    def __init__(self, args: argparse.Namespace, base: Path, adapters: dict[str, Path], log: Path):
+        env = {**os.environ, "PEFT_STUDIO_HOME": os.environ["PEFT_STUDIO_HOME"], "HF_HUB_OFFLINE": "1",
+               "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        command = [sys.executable, "-m", "studio", "serve", "--model", str(base), "--port", "0",
+                   "--max-active", str(max(1, len(adapters)))]
+        for name, folder in adapters.items():
+            command += ["--adapter", f"{name}={folder}"]
+        self.log_path = log
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
+                                     start_new_session=True)
+        self.url = self._wait_ready(args.timeout)
+
+    def _wait_ready(self, timeout: float) -> str:
+        found: dict[str, str] = {}
+
+        def read():  # a thread: readline would block past the deadline
+            for line in self.proc.stdout:
+                match = READY.search(line)
+                if match:
+                    found["url"] = match.group(2) + "/v1"
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if "url" not in found:
+            self.stop()
+            tail = self.log_path.read_text()[-2000:]
+            raise RuntimeError(f"the server did not start within {timeout:.0f} s "
+                               f"(exit code {self.proc.returncode}):\n{tail}")
+        return found["url"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+# ---------------------------------------------------------------- the clients
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str
+    prompt: str
+
+
+@dataclass
+class Result:
+    tokens: int = 0
+    wall: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    answers: dict[Request, str] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+    def percentile(self, p: float) -> float:
+        """Nearest rank: the smallest latency with at least p % of the requests at or below it,
+        i.e. sorted[ceil(p / 100 · n) − 1]."""
+        ranked = sorted(self.latencies)
+        return ranked[max(0, math.ceil(p / 100 * len(ranked)) - 1)] if ranked else 0.0
+
+
+def plan(clients: int, models: list[str], rounds: int) -> list[list[Request]]:
+    """Each client's requests in order: client j asks models[j % k]; prompts rotate, so two
+    clients on one adapter do not send the same text."""
+    return [[Request(models[j % len(models)], PROMPTS[(j + r * clients) % len(PROMPTS)]) for r in range(rounds)]
+            for j in range(clients)]
+
+
+def ask(client, url: str, request: Request, max_tokens: int) -> tuple[int, float, str]:
+    """One greedy chat completion: (completion tokens, seconds, text)."""
+    started = time.perf_counter()
+    response = client.post(f"{url}/chat/completions", json={
+        "model": request.model, "messages": [{"role": "user", "content": request.prompt}],
+        "max_tokens": max_tokens, "temperature": 0})
+    elapsed = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"{request.model}: HTTP {response.status_code}: {response.text[:300]}")
+    body = response.json()
+    return body["usage"]["completion_tokens"], elapsed, body["choices"][0]["message"]["content"]
+
+
+def concurrent(url: str, schedule: list[list[Request]], max_tokens: int) -> Result:
+    """One thread per client, released together; the wall time runs from the release to the last answer."""
+    import httpx
+
+    result, lock, errors = Result(), threading.Lock(), []
+    gate = threading.Barrier(len(schedule) + 1)
+
+    def client_loop(requests: list[Request]) -> None:
+        with httpx.Client(timeout=3600) as client:
+            gate.wait()
+            try:
+                for request in requests:
+                    tokens, seconds, text = ask(client, url, request, max_tokens)
+                    with lock:
+                        result.tokens += tokens
+                        result.latencies.append(seconds)
+                        result.answers[request] = text
+            except Exception as exc:  # reported after the others finish
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client_loop, args=(requests,)) for requests in schedule]
+    for thread in threads:
+        thread.start()
+    gate.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    result.wall = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return result
+
+
+def one_at_a_time(url: str, schedule: list[list[Request]], max_tokens: int) -> Result:
+    """The same requests, each sent when the previous one has answered."""
+    import httpx
+
+    result = Result()
+    with httpx.Client(timeout=3600) as client:
+        started = time.perf_counter()
+        for requests in schedule:
+            for request in requests:
+                tokens, seconds, text = ask(client, url, request, max_tokens)
+                result.tokens += tokens
+                result.latencies.append(seconds)
+                result.answers[request] = text
+        result.wall = time.perf_counter() - started
+    return result
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class Row:
+    clients: int
+    adapters: int  # 0: the base alone
+    concurrent: Result
+    sequential: Result
+
+    @property
+    def differing(self) -> int:
+        return sum(self.concurrent.answers.get(req) != text for req, text in self.sequential.answers.items())
+
+    def cells(self) -> list[str]:
+        c, s = self.concurrent, self.sequential
+        speedup = c.tokens_per_s / s.tokens_per_s if s.tokens_per_s else 0.0
+        return [str(self.clients), str(self.adapters) if self.adapters else "base", str(len(c.latencies)),
+                str(c.tokens), f"{c.tokens_per_s:.1f}", f"{c.percentile(50):.2f}", f"{c.percentile(95):.2f}",
+                f"{s.tokens_per_s:.1f}", f"{s.percentile(50):.2f}", f"{s.percentile(95):.2f}",
+                f"×{speedup:.2f}", str(self.differing)]
+
+
+HEADER = ["clients", "adapters", "requests", "tokens", "tokens/s", "p50 s", "p95 s",
+          "one at a time tokens/s", "p50 s", "p95 s", "speed-up", "answers differing"]
+
+
+def report(rows: list[Row], args: argparse.Namespace, machine: str) -> str:
+    lines = [f"## Serving: {args.model or ('tiny random model' if args.smoke else 'default')}", "", machine,
+             f"max_tokens {args.max_tokens}, {args.rounds} request(s) per client, greedy; LoRA r 16 on q,k,v,o", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    lines.append("")
+    lines += goals(rows)
+    return "\n".join(lines) + "\n"
+
+
+def goals(rows: list[Row]) -> list[str]:
+    """The issue's two ratios, on the largest configuration measured."""
+    adapter_rows = [row for row in rows if row.adapters]
+    if not adapter_rows:
+        return []
+    top = max(adapter_rows, key=lambda row: (row.clients, row.adapters))
+    tps = top.concurrent.tokens_per_s
+    out = []
+    if top.sequential.tokens_per_s:
+        ratio = tps / top.sequential.tokens_per_s
+        out.append(f"- {top.clients} clients × {top.adapters} adapters / the same requests one at a time: "
+                   f"×{ratio:.2f} (goal ≥ 3: {'met' if ratio >= 3 else 'not met'})")
+    base = next((row for row in rows if not row.adapters and row.clients == top.clients), None)
+    if base is not None and base.concurrent.tokens_per_s:
+        ratio = tps / base.concurrent.tokens_per_s
+        out.append(f"- {top.clients} clients × {top.adapters} adapters / {top.clients} clients on the base: "
+                   f"{ratio:.2f} (goal ≥ 0.9: {'met' if ratio >= 0.9 else 'not met'})")
+    differing = sum(row.differing for row in rows)
+    out.append(f"- answers that differ between concurrent and one at a time: {differing}")
+    return out
+
+
+def base_model_name(url: str, adapters: dict[str, Path]) -> str:
+    import httpx
+
+    listed = [entry["id"] for entry in httpx.get(f"{url}/models", timeout=30).json()["data"]]
+    return next(name for name in listed if name not in adapters)
+
+
+def measure(args: argparse.Namespace, url: str, adapters: dict[str, Path]) -> list[Row]:
+    names, rows = list(adapters), []
+    base = base_model_name(url, adapters)
+    concurrent(url, [[Request(name, PROMPTS[0])] for name in [base, *names]], 2)  # load each adapter, unmeasured
+    configurations = [(c, k) for k in args.adapters for c in args.clients] + [(max(args.clients), 0)]
+    for clients, k in configurations:
+        schedule = plan(clients, names[:k] if k else [base], args.rounds)
+        sequential = one_at_a_time(url, schedule, args.max_tokens)
+        row = Row(clients, k, concurrent(url, schedule, args.max_tokens), sequential)
+        rows.append(row)
+        print("| " + " | ".join(row.cells()) + " |", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["PEFT_STUDIO_HOME"] = str(Path(args.cache).resolve())  # before studio reads it
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if str(REPO) not in sys.path:  # run as `python bench/serve.py`: the studio is beside bench/
+        sys.path.insert(0, str(REPO))
+    from studio.sysinfo import cpu_model
+
+    before = load_average()
+    machine = f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.python_version()}; load average before: {before}"
+    print(machine, flush=True)
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        work = Path(tmp)
+        started = time.perf_counter()
+        base = base_folder(args, work)
+        adapters = make_adapters(base, work / "adapters", max(args.adapters))
+        print(f"{len(adapters)} adapters made in {time.perf_counter() - started:.1f} s", flush=True)
+        started = time.perf_counter()
+        server = Server(args, base, adapters, work / "server.log")
+        try:
+            print(f"server at {server.url} ready in {time.perf_counter() - started:.1f} s; base {base}", flush=True)
+            rows = measure(args, server.url, adapters)
+        finally:
+            server.stop()
+    machine += f"; after: {load_average()}"
+    text = report(rows, args, machine)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
