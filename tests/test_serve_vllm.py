@@ -61,6 +61,9 @@ def test_lora_refusals_vllm_applies(adapters, tmp_path):
     pickled = variant("pickled")
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     assert "pickled .bin adapters are not loaded" in vllm.adapter_verdict(pickled)
+    truncated = variant("truncated")
+    (truncated / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00")
+    assert "unreadable" in vllm.adapter_verdict(truncated)
 
     other_base = tmp_path / "other-base"  # a model whose matrices have other names
     other_base.mkdir()

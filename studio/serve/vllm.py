@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from studio import models
 from studio.compare.sources import (BOTTLENECK_CONFIG, PEFT_CONFIG, PEFT_WEIGHTS, AdapterSourceError,
                                     detect_method)
@@ -94,7 +96,7 @@ def adapter_verdict(folder: Path, base_folder: Path | None = None) -> str | None
         return "; ".join(problems)
     try:
         names = _weight_names(folder / PEFT_WEIGHTS)
-    except Exception as exc:  # safetensors' own errors: a truncated or foreign file
+    except (OSError, SafetensorError) as exc:  # a truncated or foreign file
         return f"{folder / PEFT_WEIGHTS}: unreadable ({exc})"
     stray = [name for name in names if not name.endswith(LORA_WEIGHT_SUFFIXES)]
     if stray:
@@ -162,9 +164,12 @@ def _base_mismatch(adapter_names: list[str], base_folder: Path) -> str | None:
 
     A PEFT name is ``base_model.model.<module>.lora_A.weight``; the base's own tensor is
     ``<module>.weight``. A tied ``lm_head`` has no tensor of its own: the embedding stands in."""
-    shapes = _base_shapes(base_folder)
+    try:
+        shapes = _base_shapes(base_folder)
+    except (OSError, ValueError, SafetensorError):
+        shapes = None  # an unreadable base is vLLM's to report, with its own words
     if shapes is None:
-        return None  # no safetensors listing to check against (vLLM will say)
+        return None  # nothing to check against
     missing = []
     for name in adapter_names:
         module = name.removeprefix("base_model.model.")
