@@ -187,3 +187,42 @@ def test_a_silent_child_times_out_and_a_stop_during_start_ends_it(monkeypatch, p
     with pytest.raises(ServeRefused, match="stopped before it was ready"):
         serve.start(ServeSettings(project=1, port=0), timeout=30)
     assert time.monotonic() - began < 15 and serve.status().reason == "Stopped."
+
+
+APP_STAND_IN = """
+import sys, time
+from studio.serve import process
+process.command = lambda settings, key_file: [sys.executable, "-c",
+    "import time; print('PEFT Studio serving 1 models at http://127.0.0.1:9/v1', flush=True); time.sleep(120)"]
+process.stop_on_exit()  # what the Serve tab's build does on the app's main thread
+print(process.SERVER.start(process.ServeSettings(project=1, port=0)).pid, flush=True)
+if sys.argv[1] == "sleep":
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "normal exit"])
+def test_the_child_is_stopped_when_the_app_exits(how):
+    """The child has its own process group, so nothing but the app's own exit handling stops it:
+    atexit on a normal exit, the SIGTERM handler when the app is terminated (SIGTERM's default
+    action skips atexit)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    app = subprocess.Popen([sys.executable, "-c", APP_STAND_IN, "sleep" if how == "SIGTERM" else "exit"],
+                           stdout=subprocess.PIPE, text=True)
+    child = int(app.stdout.readline())
+    if how == "SIGTERM":
+        app.send_signal(signal.SIGTERM)
+    assert app.wait(timeout=30) == (-signal.SIGTERM if how == "SIGTERM" else 0)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(child, signal.SIGKILL)
+    pytest.fail(f"the serve child {child} outlived the app ({how})")
