@@ -141,3 +141,51 @@ def test_cli_engine_vllm_prints_the_verdicts_and_exits_2(adapters, tiny_chat_mod
     module = shlex.quote(f"lora40={adapters['lora40'].resolve()}")
     assert f"--lora-modules {module} --max-lora-rank 64 --max-loras 4" in proc.stdout
     assert proc.stderr.strip().endswith(vllm.NOT_INSTALLED)
+
+
+# A stand-in for vLLM's server (it needs a GPU): /health answers 200; with "once" it then exits 3.
+HEALTH_SERVER = """
+import http.server, pathlib, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+        pathlib.Path(sys.argv[3]).touch()
+    def log_message(self, *args): pass
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health)
+if sys.argv[2] == "once":
+    server.handle_request(); sys.exit(3)
+server.serve_forever()
+"""
+
+
+def test_supervise_prints_the_ready_line_forwards_exit_code_and_stops_on_sigterm(tmp_path, capsys):
+    """The child's /health makes the studio's ready line (what the Serve panel waits for); its
+    exit code is returned; SIGTERM to us stops the child and is a clean 0."""
+    import os
+    import signal
+    import threading
+    import time
+
+    port = vllm._free_port("127.0.0.1")
+    hit = tmp_path / "hit"
+    code = vllm.supervise([sys.executable, "-c", HEALTH_SERVER, str(port), "once", str(hit)], dict(os.environ),
+                          "127.0.0.1", port, served=3, poll_s=0.1)
+    assert code == 3
+    assert capsys.readouterr().out == f"PEFT Studio serving 3 models at http://127.0.0.1:{port}/v1\n"
+
+    hit.unlink()
+    port = vllm._free_port("127.0.0.1")
+
+    def terminate_when_ready():
+        deadline = time.monotonic() + 30
+        while not hit.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)  # our handler (installed by supervise) takes it
+
+    threading.Thread(target=terminate_when_ready, daemon=True).start()
+    previous = signal.getsignal(signal.SIGTERM)
+    assert vllm.supervise([sys.executable, "-c", HEALTH_SERVER, str(port), "forever", str(hit)],
+                          dict(os.environ), "127.0.0.1", port, served=1, poll_s=0.1) == 0
+    assert signal.getsignal(signal.SIGTERM) is previous  # our handler is gone again
+    assert "PEFT Studio serving 1 models" in capsys.readouterr().out

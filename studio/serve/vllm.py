@@ -27,8 +27,12 @@ import ipaddress
 import json
 import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -280,13 +284,14 @@ def run(catalog, *, host: str, port: int, api_key: str | None, max_active: int) 
 
     Returns 2 with the reason on stderr when vLLM cannot run here, or when an exposed host has
     no key; the verdicts and the command are printed first even then, so a user can take them to
-    a machine that has a GPU."""
+    a machine that has a GPU. ``port`` 0 picks a free port first (vLLM's command needs a number)."""
     checked = verdicts(catalog)
     for name, why in checked.items():
         print(f"adapter {name}: " + ("served by vLLM" if why is None else f"not served: {why}"), flush=True)
     if not any(why is None for why in checked.values()):
         print("no adapter vLLM can serve: vLLM will serve the base model alone", flush=True)
     try:
+        port = port or _free_port(host)
         command = build_command(catalog, host=host, port=port, api_key=api_key, max_active=max_active,
                                 checked=checked)
     except (ValueError, OSError, models.ModelSourceError) as exc:
@@ -306,10 +311,61 @@ def run(catalog, *, host: str, port: int, api_key: str | None, max_active: int) 
     env.pop(API_KEY_ENV, None)  # a stale key in the caller's environment must not open or lock the server
     if api_key:
         env[API_KEY_ENV] = api_key
+    served = 1 + sum(why is None for why in checked.values())
+    return supervise(command, env, host, port, served)
+
+
+def supervise(command: list[str], env: dict[str, str], host: str, port: int, served: int,
+              poll_s: float = 1.0) -> int:
+    """Run the server child until it exits; its exit code is returned (0 when we stopped it).
+
+    Once its ``/health`` answers 200 (vLLM leaves /health outside the key check) this prints the
+    studio's ready line, ``PEFT Studio serving N models at http://HOST:PORT/v1``, so the Serve
+    panel and scripts wait for vLLM as they wait for the studio's engine. SIGTERM and SIGINT are
+    passed on to the child, which shuts down on its own."""
+    child = subprocess.Popen(command, env=env)
+    stopped = threading.Event()
+
+    def stop(sig, _frame):
+        stopped.set()
+        if child.poll() is None:
+            child.send_signal(sig)
+
+    # Python lets only the main thread set handlers; elsewhere the caller owns the signals.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    url_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    url_host = f"[{url_host}]" if ":" in url_host else url_host
+    shown = f"[{host}]" if ":" in host else host
+
+    def announce():
+        while child.poll() is None and not stopped.is_set():
+            try:
+                with urllib.request.urlopen(f"http://{url_host}:{port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        print(f"PEFT Studio serving {served} models at http://{shown}:{port}/v1", flush=True)
+                        return
+            except OSError:
+                pass  # not listening yet: vLLM loads the model and profiles the GPU first
+            stopped.wait(poll_s)
+
+    watcher = threading.Thread(target=announce, daemon=True)
+    watcher.start()
     try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:  # Ctrl-C reaches vLLM too (same process group); it stops on its own
-        return 0
+        code = child.wait()
+        watcher.join(timeout=10)  # a ready line in flight is printed before we return
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if stopped.is_set() else code
+
+
+def _free_port(host: str) -> int:
+    """A port free on ``host`` now (the OS picks it); vLLM binds it a moment later."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _loopback(host: str) -> bool:
