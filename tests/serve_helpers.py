@@ -44,16 +44,31 @@ def load_reference_model(base_dir: Path, folder: Path | None = None):
 def reference_ids(base_dir: Path, folder: Path | None, prompt_ids: list[int], max_new_tokens: int,
                   model=None) -> list[int]:
     """The new token ids of a plain greedy ``generate`` on the base with only this adapter, cut
-    at the first end-of-sequence (pass ``model`` from ``load_reference_model`` to reuse one)."""
+    at the first end-of-sequence (pass ``model`` from ``load_reference_model`` to reuse one).
+
+    Prefix tuning is the exception: PEFT 0.21's ``generate`` drops the prefix under transformers
+    5 (its past_key_values lose to generate's own ``cache``: the answer is the base's), so its
+    reference is the definition instead: greedy argmax of PEFT's full forward over the whole
+    sequence at every step, no cache."""
     import torch
+    from transformers import Cache
 
     model = model if model is not None else load_reference_model(base_dir, folder)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=next(iter(eos), 0))
+        if getattr(model, "peft_config", None) and model.active_peft_config.is_prompt_learning \
+                and isinstance(model.get_prompt(1), Cache):
+            out = ids
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=out, attention_mask=torch.ones_like(out)).logits[:, -1]
+                out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
+                if int(out[0, -1]) in eos:
+                    break
+        else:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=next(iter(eos), 0))
     new = out[0, len(prompt_ids):].tolist()
     cut = next((i for i, t in enumerate(new) if t in eos), len(new))
     return new[:cut]

@@ -211,8 +211,9 @@ class DecodeLane:
     With ``mixed``, ``model_for()`` is a PEFT LoRA view and each row names its adapter through
     PEFT's ``adapter_names`` (``__base__`` for base rows)."""
 
-    def __init__(self, model_for, pad_id: int, max_batch: int, on_error, mixed: bool = False):
+    def __init__(self, model_for, pad_id: int, max_batch: int, on_error, mixed: bool = False, seed=None):
         self.model_for = model_for  # () -> the model now (the mixed view can come and go)
+        self.seed = seed  # (batch) -> a cache to start from: prefix tuning's virtual keys/values
         self.pad_id, self.max_batch, self.on_error, self.mixed = pad_id, max_batch, on_error, mixed
         self.pending: list[Row] = []
         self.rows: list[Row] = []
@@ -272,8 +273,15 @@ class DecodeLane:
         from transformers import DynamicCache
 
         ids, mask = left_pad([r.prompt_ids for r in joining], self.pad_id)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = DynamicCache(config=self.model_for().config)
+        if self.seed is not None:
+            # Prefix tuning: every row starts from the virtual keys/values, seen through the mask
+            # (PEFT's forward prepends ones to the mask the same way); positions count them too.
+            with torch.no_grad():
+                cache = self.seed(len(joining))
+            mask = torch.cat([torch.ones((len(joining), cache.get_seq_length()), dtype=mask.dtype), mask], dim=1)
+        else:
+            cache = DynamicCache(config=self.model_for().config)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
         logits = self._forward(joining, ids, mask, positions, cache)
         last = self._accept(joining, logits)
         if not self.rows:
