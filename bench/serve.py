@@ -239,8 +239,8 @@ def plan(clients: int, models: list[str], rounds: int) -> list[list[Request]]:
             for j in range(clients)]
 
 
-def ask(client, url: str, request: Request, max_tokens: int) -> tuple[int, float, str]:
-    """One greedy chat completion: (completion tokens, seconds, text)."""
+def ask(client, url: str, request: Request, max_tokens: int, result: Result, lock: threading.Lock) -> None:
+    """One greedy chat completion, its completion tokens, latency and text added to ``result``."""
     started = time.perf_counter()
     response = client.post(f"{url}/chat/completions", json={
         "model": request.model, "messages": [{"role": "user", "content": request.prompt}],
@@ -249,7 +249,10 @@ def ask(client, url: str, request: Request, max_tokens: int) -> tuple[int, float
     if response.status_code != 200:
         raise RuntimeError(f"{request.model}: HTTP {response.status_code}: {response.text[:300]}")
     body = response.json()
-    return body["usage"]["completion_tokens"], elapsed, body["choices"][0]["message"]["content"]
+    with lock:
+        result.tokens += body["usage"]["completion_tokens"]
+        result.latencies.append(elapsed)
+        result.answers[request] = body["choices"][0]["message"]["content"]
 
 
 def concurrent(url: str, schedule: list[list[Request]], max_tokens: int) -> Result:
@@ -264,11 +267,7 @@ def concurrent(url: str, schedule: list[list[Request]], max_tokens: int) -> Resu
             gate.wait()
             try:
                 for request in requests:
-                    tokens, seconds, text = ask(client, url, request, max_tokens)
-                    with lock:
-                        result.tokens += tokens
-                        result.latencies.append(seconds)
-                        result.answers[request] = text
+                    ask(client, url, request, max_tokens, result, lock)
             except Exception as exc:  # reported after the others finish
                 errors.append(exc)
 
@@ -286,20 +285,8 @@ def concurrent(url: str, schedule: list[list[Request]], max_tokens: int) -> Resu
 
 
 def one_at_a_time(url: str, schedule: list[list[Request]], max_tokens: int) -> Result:
-    """The same requests, each sent when the previous one has answered."""
-    import httpx
-
-    result = Result()
-    with httpx.Client(timeout=3600) as client:
-        started = time.perf_counter()
-        for requests in schedule:
-            for request in requests:
-                tokens, seconds, text = ask(client, url, request, max_tokens)
-                result.tokens += tokens
-                result.latencies.append(seconds)
-                result.answers[request] = text
-        result.wall = time.perf_counter() - started
-    return result
+    """The same requests, each sent when the previous one has answered: one client asking them all."""
+    return concurrent(url, [[request for requests in schedule for request in requests]], max_tokens)
 
 
 # ---------------------------------------------------------------- the report
