@@ -24,7 +24,7 @@ from studio import config
 from studio.db import NAME_MAX, Database, Run, RunStatus, utcnow
 from studio.db.summary import MetricSummary, metric_summaries
 from studio.runspec import RunSpec
-from studio.runs import launch
+from studio.runs import launch, outcome
 
 NOTE_MAX = 10_000
 MISSING = "(not set)"  # a field one runspec has and another lacks, as the diff shows it
@@ -51,6 +51,7 @@ class RunSummary:
     peak_memory_bytes: float | None
     created_at: datetime
     notes: str
+    stopped: str | None = None  # a cancelled run: how (runs.outcome.stop_kind: saved, discarded, ...)
 
 
 SORT_FIELDS = tuple(f.name for f in dataclasses.fields(RunSummary))
@@ -133,7 +134,7 @@ def summarize(db: Database, runs: Sequence[Run]) -> list[RunSummary]:
             steps=max((s for s, _ in m.last.values()), default=step), train_loss=_last(m, "loss"),
             eval_loss=_last(m, "eval_loss"), eval_score=_last(m, "eval_exact_match"),
             duration_s=duration_s(run, now), peak_memory_bytes=_peak_memory(m), created_at=run.created_at,
-            notes=run.notes or ""))
+            notes=run.notes or "", stopped=outcome.stop_kind(run)))
     return rows
 
 

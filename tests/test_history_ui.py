@@ -56,6 +56,21 @@ def test_runs_listing_filters_sorts_and_lists_methods(setup):
     assert history_tab.runs_listing(db, None)[0].empty
 
 
+def test_the_two_stop_modes_read_differently_in_the_table_and_the_run_panel(setup):
+    """Before: both showed a bare "cancelled", though only a saved stop can be resumed."""
+    db, project, a, b = setup
+    db.update_run(a.id, status="cancelled", cancel_request="save")
+    db.update_run(b.id, status="cancelled", cancel_request="discard")
+    table, choices, _ = history_tab.runs_listing(db, project.id)
+    status = dict(zip(table["#"], table["status"]))
+    assert status == {str(a.id): "cancelled (saved)", str(b.id): "cancelled (discarded)"}
+    assert "cancelled (discarded)" in choices[0][0]
+    table, _, _ = history_tab.runs_listing(db, project.id, statuses=["cancelled"])  # filters by the status
+    assert len(table) == 2
+    assert "cancelled: stopped and discarded, no checkpoint kept" in history_view.run_detail(db, b.id).summary
+    assert "cancelled: stopped and saved, no checkpoint was saved" in history_view.run_detail(db, a.id).summary
+
+
 def test_live_listing_sends_the_table_only_when_a_run_changed(setup):
     db, project, a, b = setup
     shown, listing = history_tab.live_listing(db, project.id, None)

@@ -20,6 +20,7 @@ import pandas as pd
 from studio import history
 from studio.db import Database
 from studio.db.summary import project_counts
+from studio.runs import outcome
 from studio.ui import labels, train_view
 
 # (RunSummary field, column title): the runs table, left to right.
@@ -58,9 +59,15 @@ def cell(field: str, value: Any) -> str:
     return str(value)
 
 
+def status_text(row: history.RunSummary) -> str:
+    """The status as the table shows it: a cancelled run says how it was stopped ("cancelled
+    (saved)" keeps a checkpoint to resume from, "cancelled (discarded)" does not)."""
+    return f"{row.status} ({row.stopped})" if row.stopped else row.status
+
+
 def runs_table(rows: list[history.RunSummary]) -> pd.DataFrame:
-    return pd.DataFrame([[cell(f, getattr(r, f)) for f, _ in RUN_COLUMNS] for r in rows],
-                        columns=[title for _, title in RUN_COLUMNS], dtype=str)
+    return pd.DataFrame([[status_text(r) if f == "status" else cell(f, getattr(r, f)) for f, _ in RUN_COLUMNS]
+                         for r in rows], columns=[title for _, title in RUN_COLUMNS], dtype=str)
 
 
 def run_label(run_id: int, name: str, width: int = 36) -> str:
@@ -69,7 +76,7 @@ def run_label(run_id: int, name: str, width: int = 36) -> str:
 
 
 def run_choices(rows: list[history.RunSummary]) -> list[tuple[str, int]]:
-    return [(f"#{r.id} {r.name} — {r.status}", r.id) for r in rows]
+    return [(f"#{r.id} {r.name} — {status_text(r)}", r.id) for r in rows]
 
 
 # ---- one run ----
@@ -93,7 +100,8 @@ def run_detail(db: Database, run_id: int | None) -> RunDetail:
                          view.x_lim, "", "", "", "")
     run = view.run
     (row,) = history.summarize(db, [run])
-    facts = [(title, cell(field, getattr(row, field))) for field, title in RUN_COLUMNS[2:-1]]
+    facts = [(title, outcome.status_words(db, run) if field == "status" else cell(field, getattr(row, field)))
+             for field, title in RUN_COLUMNS[2:-1]]
     facts += [("run folder", f"`{run.folder or EMPTY}`")]
     table = "\n".join(f"| {k} | {v} |" for k, v in facts)
     text = f"### #{run.id} {run.name}\n| field | value |\n|---|---|\n{table}"
