@@ -27,7 +27,7 @@ def adapters(tiny_chat_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-adapters")
     dirs = {"lora8": save_peft_adapter(tiny_chat_model, root / "lora8", "lora", seed=1, r=8),
             "lora40": save_peft_adapter(tiny_chat_model, root / "lora40", "lora", seed=2, r=40)}
-    for seed, method in enumerate(("dora", "ia3", "prompt", "prefix"), start=3):
+    for seed, method in enumerate(("rslora", "dora", "ia3", "prompt", "prefix"), start=3):
         dirs[method] = save_peft_adapter(tiny_chat_model, root / method, method, seed=seed)
     dirs["bottleneck"] = save_bottleneck_adapter(tiny_chat_model, root / "bottleneck", seed=9)
     return dirs
@@ -40,6 +40,7 @@ def catalog(base, adapters: dict) -> Catalog:
 def test_only_plain_lora_is_servable_each_other_kind_says_why(adapters, tiny_chat_model):
     found = {name: vllm.adapter_verdict(folder, tiny_chat_model) for name, folder in adapters.items()}
     assert found["lora8"] is None and found["lora40"] is None
+    assert found["rslora"] is None  # vLLM scales by alpha / sqrt(r) when use_rslora is set
     assert "DoRA" in found["dora"]
     assert "PEFT type IA3" in found["ia3"] and "only LoRA" in found["ia3"]
     assert "PROMPT_TUNING" in found["prompt"] and "PREFIX_TUNING" in found["prefix"]
@@ -78,7 +79,7 @@ def test_lora_refusals_vllm_applies(adapters, tmp_path):
 
 def test_command_holds_exactly_the_lora_adapters(adapters, tiny_chat_model, tmp_path):
     command = vllm.build_command(catalog(tiny_chat_model, adapters), host="127.0.0.1", port=8123,
-                                 api_key=SECRET, max_active=3)
+                                 api_key=SECRET, max_active=2)
     assert command[:5] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_chat_model)]
     assert not any(SECRET in part for part in command)  # the key goes by environment only
     option = {command[i]: command[i + 1] for i in range(5, len(command) - 1) if command[i].startswith("--")}
@@ -86,9 +87,9 @@ def test_command_holds_exactly_the_lora_adapters(adapters, tiny_chat_model, tmp_
     assert "--enable-lora" in command
     start = command.index("--lora-modules") + 1
     modules = command[start:command.index("--max-lora-rank")]
-    assert modules == [f"lora8={adapters['lora8'].resolve()}", f"lora40={adapters['lora40'].resolve()}"]
+    assert modules == [f"{name}={adapters[name].resolve()}" for name in ("lora8", "lora40", "rslora")]
     assert option["--max-lora-rank"] == "64"  # 40 rounded up to vLLM's next allowed value
-    assert (option["--max-loras"], option["--max-cpu-loras"]) == ("3", "3")
+    assert (option["--max-loras"], option["--max-cpu-loras"]) == ("2", "3")  # 2 on the GPU, all 3 in RAM
 
     comma = shutil.copytree(adapters["lora8"], tmp_path / "a,b")  # vLLM reads a comma as JSON
     small = vllm.build_command(catalog(tiny_chat_model, {"only8": comma}), host="127.0.0.1", port=1,
