@@ -105,6 +105,10 @@ def test_concurrent_requests_join_the_running_batch_and_equal_their_single_answe
     assert any(c.token_times[0] > first.token_times[4] and first.token_times[-1] > c.token_times[0]
                for c in joined)
     assert engine.stats()["max_batch_seen"] >= 2
+    # Lanes take turns: the first wave (mixed LoRA, IA3's own lane, prompt tuning's generate)
+    # had all started before any of them finished.
+    wave = [c for _, c in jobs[:4]]
+    assert max(c.token_times[0] for c in wave) < min(c.token_times[-1] for c in wave)
     wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
 
 

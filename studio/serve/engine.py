@@ -184,6 +184,9 @@ class ServeEngine:
             lane = self._next_lane()
             if lane is not None:
                 self._step(lane)
+            else:  # only requests waiting for a slot that nothing is using: look again shortly
+                with self._lock:
+                    self._wake.wait(0.05)
         self._drain()
 
     def _admit(self) -> None:
@@ -211,10 +214,19 @@ class ServeEngine:
                 if adapter is None:
                     still.append(request)
                     continue
+                if adapter.virtual_kv and not self._decode_loop:
+                    # PEFT's generate would silently answer as the base (it drops the prefix).
+                    self.pool.release(adapter)
+                    completion._fail(AdapterLoadFailed(
+                        f"adapter {adapter.name!r} ({adapter.folder}) keeps its virtual tokens as keys/values "
+                        "(prefix tuning), which needs the studio's decode loop; this model's cache (sliding "
+                        "window or hybrid) does not allow it, and PEFT's generate would ignore the prefix"))
+                    continue
             row = Row(completion, adapter.key if adapter is not None and adapter.mixable else None,
                       request.prompt_ids, request.sampling, new_generator(request.sampling.seed), adapter)
             self._lane_for(adapter).add(row)
         self._waiting = still
+        self._pending = sum(len(lane.pending) for lane in self._order)
         self._forget_lanes()
 
     def _lane_for(self, adapter: pool_module.Adapter | None):
