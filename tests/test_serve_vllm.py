@@ -115,7 +115,10 @@ def test_run_prints_verdicts_and_command_then_refuses_without_vllm(adapters, tin
     assert err.strip() == f"refused: {vllm.NOT_INSTALLED}"
     assert "adapter lora40: served by vLLM" in out and "adapter ia3: not served: ia3 adapter (PEFT type IA3)" in out
     line = next(line for line in out.splitlines() if "vllm.entrypoints.cli.main serve" in line)
-    assert line.strip().startswith('VLLM_API_KEY="$VLLM_API_KEY" ')
+    assert line.strip().startswith(f'VLLM_API_KEY="$VLLM_API_KEY" {sys.executable} -m vllm.entrypoints.cli.main serve ')
+    portable = next(line for line in out.splitlines() if " vllm serve " in line).strip()
+    assert portable.startswith(f'VLLM_API_KEY="$VLLM_API_KEY" vllm serve {tiny_chat_model} ')
+    assert portable.split(" serve ", 1)[1] == line.split(" serve ", 1)[1]
     assert SECRET not in out + err
 
 

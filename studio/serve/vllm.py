@@ -272,10 +272,13 @@ def _lora_module(name: str, folder: Path, base_name: str) -> str:
     return json.dumps({"name": name, "path": str(folder), "base_model_name": base_name})
 
 
-def shown_command(command: list[str], api_key: str | None) -> str:
+def shown_command(command: list[str], api_key: str | None, portable: bool = False) -> str:
     """The command as a user pastes it into a shell (shell-quoted); the key appears only as
-    ``$VLLM_API_KEY``, the variable the user sets on their own machine."""
+    ``$VLLM_API_KEY``, the variable the user sets on their own machine. ``portable``: spelled
+    ``vllm serve ...`` (vLLM's console script), for a machine where this interpreter is not."""
     key = f'{API_KEY_ENV}="${API_KEY_ENV}" ' if api_key else ""
+    if portable and command[1:1 + len(VLLM_SERVE)] == list(VLLM_SERVE):
+        command = ["vllm", "serve", *command[1 + len(VLLM_SERVE):]]
     return key + shlex.join(command)
 
 
@@ -297,8 +300,10 @@ def run(catalog, *, host: str, port: int, api_key: str | None, max_active: int) 
     except (ValueError, OSError, models.ModelSourceError) as exc:
         print(f"cannot build the vLLM command: {exc}", file=sys.stderr, flush=True)
         return 2
-    print("vLLM command (run it on any machine with vLLM and a GPU; copy the folders it names):", flush=True)
+    print("vLLM command:", flush=True)
     print(f"  {shown_command(command, api_key)}", flush=True)
+    print("on another machine with vLLM and a GPU (copy the folders it names there first):", flush=True)
+    print(f"  {shown_command(command, api_key, portable=True)}", flush=True)
     if not api_key and not _loopback(host):
         print(f"refused: {host} is reachable from other machines; give --api-key or --api-key-file",
               file=sys.stderr, flush=True)
