@@ -34,6 +34,7 @@ from studio.serve.schemas import RequestError, error_body
 log = logging.getLogger("studio.serve")
 
 MAX_BODY = 1 << 20  # 1 MiB: a long conversation is tens of KB; the context bounds the rest
+DRAIN_LIMIT = 8 << 20  # an oversized body up to this is read before the 413 (see ServeGuard)
 MAX_TOKENS_CAP = 4096  # the largest max_tokens a request may ask (never past the context)
 DEFAULT_MAX_TOKENS = 256  # when a request does not say (the room left in the context if less)
 STREAM_THREADS = 256  # threads that may wait on a stream's next piece at once
@@ -80,12 +81,24 @@ class ServeGuard:
                 return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY:
+            # A body up to a few MiB is read and dropped first: answering before the client has
+            # sent it makes the closing socket reset the connection, and the client would see a
+            # network error instead of the 413. A larger one is answered at once, then closed.
+            if int(declared) <= DRAIN_LIMIT:
+                await _drain(receive)
             await _json(413, error_body(f"the request body is {int(declared)} bytes, over the "
                                         f"{MAX_BODY} byte limit", code="request_too_large"),
                         {"connection": "close"})(scope, receive, send)
             return
         # A body sent without a length (chunked) is counted as it arrives.
         await RequestBodyLimitMiddleware(self.app, MAX_BODY)(scope, receive, send)
+
+
+async def _drain(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 def _json(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
