@@ -294,7 +294,7 @@ BAKEOFF = {
 # ---- Compare tab ----
 COMPARE = {
     "intro": ("Ask the base model and your adapters the same thing, side by side, over one copy of the base "
-              "weights. LoRA columns are answered together in one batched generate; other methods are "
+              "weights. LoRA columns are answered together in one batch (faster); other methods are "
               "answered one after another. Each column keeps its own conversation."),
     "model": "Base model",
     "model_help": "the project's model, or any model folder / hub id",
