@@ -226,3 +226,21 @@ def test_the_child_is_stopped_when_the_app_exits(how):
         time.sleep(0.1)
     os.killpg(child, signal.SIGKILL)
     pytest.fail(f"the serve child {child} outlived the app ({how})")
+
+
+def test_the_serve_tab_lists_what_it_will_serve_without_importing_torch(project):
+    """The Serve tab's reads (what a project would serve, its runs, the status) in a fresh
+    process, as the UI process runs them: no torch, no transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from studio.db import Database; from studio.serve import process; "
+            "from studio.ui import serve_view; "
+            f"table, note = serve_view.planned(Database(), {project[0].id}); "
+            f"print(list(table['served name']), serve_view.run_choices(Database(), {project[0].id})); "
+            "serve_view.snippets(process.SERVER.status(), []); print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    run = project[1]
+    assert out.stdout.splitlines() == [f"['lora-on-dates-{run.id}'] [('#{run.id} lora on dates', {run.id})]",
+                                       "False False"], out.stdout

@@ -62,7 +62,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
             with gr.Row():
                 key = gr.Textbox(label=TEXT["key"], info=TEXT["key_help"], type="password", scale=3,
                                  elem_id="serve-key")
-                generate = gr.Button(TEXT["generate"], scale=1, elem_id="serve-generate")
+                generate = gr.Button(TEXT["generate"], scale=1, size="sm", elem_id="serve-generate")
             max_active = gr.Number(8, precision=0, minimum=1, maximum=1024, label=TEXT["max_active"],
                                    info=TEXT["max_active_help"], elem_id="serve-max-active")
             with gr.Row():
