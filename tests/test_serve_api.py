@@ -163,7 +163,9 @@ def test_eight_concurrent_streams_over_four_adapters_each_equal_its_answer(clien
     assert engine.stats()["max_batch_seen"] >= 2  # they were answered together, not one by one
 
 
-def test_a_stream_closed_early_frees_its_slot(server, engine, monkeypatch):
+def test_a_client_that_goes_away_frees_its_slot(server, engine, monkeypatch):
+    """A stream closed after its first event, and a non-streamed request whose client timed out:
+    both completions are cancelled and the engine runs nothing afterwards."""
     seen = []
     submit = engine.submit
 
@@ -172,16 +174,20 @@ def test_a_stream_closed_early_frees_its_slot(server, engine, monkeypatch):
         return seen[-1]
 
     monkeypatch.setattr(engine, "submit", recording)
-    body = {"model": "lora1", "messages": [{"role": "user", "content": "Count."}], "stream": True,
-            "max_tokens": 400, "temperature": 0}
-    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as resp:
-        assert resp.status_code == 200
-        lines = resp.iter_lines()
-        assert next(lines).startswith("data: ")  # the role: the request is decoding
+    body = {"model": "lora1", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 400,
+            "temperature": 0}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}) as resp:
+            assert resp.status_code == 200
+            assert next(resp.iter_lines()).startswith("data: ")  # the role: the request is decoding
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(server.url + "/v1/chat/completions", json=body, timeout=0.3)
     deadline = time.monotonic() + 10
-    while seen[0].finish_reason is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert seen[0].finish_reason == "cancelled" and seen[0].completion_tokens < 400
+    for completion in seen:
+        while completion.finish_reason is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert completion.finish_reason == "cancelled" and completion.completion_tokens < 400
+    assert len(seen) == 2
     while engine.stats()["running"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.stats()["running"] == 0
@@ -256,12 +262,14 @@ def test_adapters_load_only_from_allowed_folders_and_unload(server, client, adap
 
 @pytest.fixture(scope="module")
 def exposed(engine):
-    """A second app on the same engine as if started on 0.0.0.0: a key, no admin, and no room
+    """A second app on the same engine as if started on 0.0.0.0: a key, no admin, one page allowed
+    by --cors-origin, and no room
     in its waiting queue (a second engine over the same base, max_waiting 0: every request busy)."""
     from studio.serve.engine import ServeEngine
 
     busy = ServeEngine(engine.base, engine.tokenizer, BASE, max_waiting=0)
-    served = Server(create_app(busy, Catalog(BASE, BASE, {}, []), api_key="s3cret", host="0.0.0.0", port=0))
+    served = Server(create_app(busy, Catalog(BASE, BASE, {}, []), api_key="s3cret", host="0.0.0.0", port=0,
+                               cors_origins=("http://chat.example:3000",)))
     yield served
     served.stop()
     busy.close()
@@ -280,7 +288,14 @@ def test_an_exposed_server_wants_its_key_and_refuses_rebinding(exposed):
         rebound = http.get("/v1/models", headers={**right, "host": f"evil.example:{exposed.port}"})
         assert rebound.status_code == 421 and "DNS rebinding" in rebound.json()["error"]["message"]
         foreign = http.get("/v1/models", headers={**right, "origin": "http://evil.example"})
-        assert foreign.status_code == 403
+        assert foreign.status_code == 403 and "access-control-allow-origin" not in foreign.headers
+        page = {"origin": "http://chat.example:3000"}  # the page allowed with --cors-origin
+        allowed = http.get("/v1/models", headers={**right, **page, "sec-fetch-site": "cross-site"})
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == page["origin"]
+        preflight = http.options("/v1/chat/completions", headers={
+            **page, "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization,content-type"})
+        assert preflight.status_code == 200
         off = http.post("/v1/adapters", headers=right, json={"name": "a", "path": "/tmp"})
         assert off.status_code == 403 and "--allow-adapter-admin" in off.json()["error"]["message"]
     keyed = openai.OpenAI(base_url=exposed.url + "/v1", api_key="s3cret", max_retries=0)

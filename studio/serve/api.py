@@ -37,6 +37,7 @@ MAX_BODY = 1 << 20  # 1 MiB: a long conversation is tens of KB; the context boun
 DRAIN_LIMIT = 8 << 20  # an oversized body up to this is read before the 413 (see ServeGuard)
 MAX_TOKENS_CAP = 4096  # the largest max_tokens a request may ask (never past the context)
 DEFAULT_MAX_TOKENS = 256  # when a request does not say (the room left in the context if less)
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request checks its client is there
 STREAM_THREADS = 256  # threads that may wait on a stream's next piece at once
 PUBLIC_PATHS = frozenset({"/health"})  # answered without the key: says only "ok"
 
@@ -274,7 +275,7 @@ async def _complete(request: Request, state: _State, model_type, chat: bool):
     make = stream.ChatShapes if chat else stream.TextShapes
     if not body.stream:
         try:
-            text = await anyio.to_thread.run_sync(completion.text, limiter=state.limiter)
+            text = await _whole_text(request, completion, state.limiter)
         except Exception as exc:
             return error_response(exc)
         finally:
@@ -291,6 +292,30 @@ async def _complete(request: Request, state: _State, model_type, chat: bool):
         return error_response(exc)
     return stream.CompletionStream(stream.events(completion, pieces, first, make(completion, body.model),
                                      body.include_usage(), state.limiter), completion)
+
+
+async def _whole_text(request: Request, completion, limiter) -> str:
+    """The whole answer, waited for in a worker thread. A client that goes away meanwhile (a
+    timeout, Ctrl-C) cancels it, as a closed stream does: nobody would read the answer."""
+    outcome: dict[str, Any] = {}
+
+    async def watch():
+        while completion.finish_reason is None:
+            await anyio.sleep(DISCONNECT_POLL_S)
+            if await request.is_disconnected():
+                completion.cancel()
+                return
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        try:
+            outcome["text"] = await anyio.to_thread.run_sync(completion.text, limiter=limiter)
+        except Exception as exc:  # kept out of the task group's ExceptionGroup
+            outcome["error"] = exc
+        group.cancel_scope.cancel()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["text"]
 
 
 def _submit(state: _State, body, chat: bool):

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_STOP_CHARS = 256  # one stop string; longer is a mistake, not a stop sequence
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range (non-negative)
+UNION_TAGS = frozenset({"str", "int", "float", "bool", "none"})  # see _is_type_name
 
 
 class RequestError(Exception):
@@ -177,8 +178,9 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
 
 
 def _is_type_name(part: str) -> bool:
-    return part in {"str", "int", "float", "bool", "list[str]", "list[TextPart]", "function-after[_stop(), union[str,list[str]]]"} \
-        or part.startswith(("list[", "function-"))
+    """A union alternative's tag in pydantic's error location (``str``, ``list[str]``,
+    ``TextPart``, ``function-after[...]``), as opposed to a field name or a list index."""
+    return part in UNION_TAGS or "[" in part or part[:1].isupper()
 
 
 def _short(value: Any) -> str:
