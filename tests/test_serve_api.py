@@ -262,9 +262,9 @@ def test_adapters_load_only_from_allowed_folders_and_unload(server, client, adap
 
 @pytest.fixture(scope="module")
 def exposed(engine):
-    """A second app on the same engine as if started on 0.0.0.0: a key, no admin, one page allowed
-    by --cors-origin, and no room
-    in its waiting queue (a second engine over the same base, max_waiting 0: every request busy)."""
+    """A second app as if started on 0.0.0.0: a key, no admin, one page allowed by --cors-origin,
+    and no room in its waiting queue (a second engine over the same base model, max_waiting 0:
+    every request is busy)."""
     from studio.serve.engine import ServeEngine
 
     busy = ServeEngine(engine.base, engine.tokenizer, BASE, max_waiting=0)
