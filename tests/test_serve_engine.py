@@ -142,13 +142,19 @@ def test_a_stop_string_ends_the_answer_before_it_and_is_never_streamed(engine, p
 
 def test_refusals_name_the_problem_and_the_engine_keeps_serving(engine, adapters, prompt, references, tmp_path):
     from studio.compare.sources import AdapterSourceError
-    from studio.serve.engine import AdapterLoadFailed, PromptTooLong, UnknownModel
+    from studio.serve.engine import AdapterLoadFailed, InvalidRequest, PromptTooLong, UnknownModel
 
     with pytest.raises(UnknownModel, match="'nope'") as unknown:
         engine.submit("nope", prompt, GREEDY)
     assert unknown.value.status == 404 and unknown.value.param == "model"
     with pytest.raises(PromptTooLong, match=r"context is 512 tokens; the prompt has \d+ and max_tokens asks 600"):
         engine.submit("tiny", prompt, Sampling(max_tokens=600))
+    for ids, sampling, param in [([], GREEDY, "prompt"), ([1, 10**6], GREEDY, "prompt"),
+                                 (prompt, Sampling(max_tokens=0), "max_tokens"),
+                                 (prompt, Sampling(top_p=1.5), "top_p")]:
+        with pytest.raises(InvalidRequest) as invalid:
+            engine.submit("lora1", ids, sampling)
+        assert invalid.value.status == 400 and invalid.value.param == param
     for bad in ["", "a/b", "x" * 65, "tiny"]:
         with pytest.raises(ValueError):
             engine.register(bad, adapters["lora1"])

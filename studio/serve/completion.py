@@ -25,6 +25,16 @@ class ServeError(Exception):
     param: str | None = None
 
 
+class InvalidRequest(ServeError):
+    """A request the engine cannot answer as given (empty prompt, a token id outside the
+    vocabulary, sampling values out of range); ``param`` names the field."""
+    status, type = 400, "invalid_request_error"
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class UnknownModel(ServeError):
     status, type, code, param = 404, "invalid_request_error", "model_not_found", "model"
 

@@ -21,13 +21,13 @@ from typing import Any
 import torch
 
 from studio.serve import pool as pool_module
-from studio.serve.completion import (AdapterInUse, AdapterLoadFailed, Busy, Completion, ModelEntry,
-                                     PromptTooLong, Sampling, ServeError, UnknownModel)
+from studio.serve.completion import (AdapterInUse, AdapterLoadFailed, Busy, Completion, InvalidRequest,
+                                     ModelEntry, PromptTooLong, Sampling, ServeError, UnknownModel)
 from studio.serve.lanes import DecodeLane, GenerateLane, Row, full_attention_cache
 from studio.serve.sampling import TextStream, new_generator
 
-__all__ = ["AdapterInUse", "AdapterLoadFailed", "Busy", "Completion", "ModelEntry", "PromptTooLong",
-           "Sampling", "ServeEngine", "ServeError", "UnknownModel"]
+__all__ = ["AdapterInUse", "AdapterLoadFailed", "Busy", "Completion", "InvalidRequest", "ModelEntry",
+           "PromptTooLong", "Sampling", "ServeEngine", "ServeError", "UnknownModel"]
 
 
 @dataclass
@@ -47,6 +47,7 @@ class ServeEngine:
         self.max_waiting, self.max_batch = max_waiting, max_batch
         config = base_model.config
         self.max_context = int(getattr(config, "max_position_embeddings", None) or 2048)
+        self.vocab_size = base_model.get_input_embeddings().num_embeddings
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(tokenizer, base_model)
         self.pool = pool_module.AdapterPool(self.base, max_active)
@@ -143,6 +144,7 @@ class ServeEngine:
         if name != self.base_name:
             with self._lock:
                 self._adapter(name)
+        self._check(prompt_ids, sampling)
         if len(prompt_ids) + sampling.max_tokens > self.max_context:
             raise PromptTooLong(f"this model's context is {self.max_context} tokens; the prompt has "
                                 f"{len(prompt_ids)} and max_tokens asks {sampling.max_tokens}")
@@ -158,6 +160,23 @@ class ServeEngine:
             self._waiting.append(_Request(name, completion, prompt_ids, sampling))
             self._wake.notify()
         return completion
+
+    def _check(self, prompt_ids: list[int], sampling: Sampling) -> None:
+        """Refuse what would break a shared batch for everyone in it (an id outside the vocabulary
+        fails the whole forward) or what has no answer (an empty prompt)."""
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty: give at least one token", "prompt")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside this model's vocabulary (0..{self.vocab_size - 1})",
+                                 "prompt")
+        if not isinstance(sampling.max_tokens, int) or sampling.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be a whole number of at least 1, not {sampling.max_tokens!r}",
+                                 "max_tokens")
+        if not 0 <= sampling.temperature <= 100:
+            raise InvalidRequest(f"temperature must be between 0 and 100, not {sampling.temperature!r}", "temperature")
+        if not 0 <= sampling.top_p <= 1:
+            raise InvalidRequest(f"top_p must be between 0 and 1, not {sampling.top_p!r}", "top_p")
 
     def stats(self) -> dict:
         with self._lock:

@@ -6,10 +6,15 @@ A *row* is one request being answered. Each lane holds the rows one model answer
   (continuous batching: new rows are prefilled as a batch and join the running batch between
   decoding steps; finished rows leave). The mixed lane (every plain LoRA adapter and the base,
   one PEFT view, per-row ``adapter_names``) and each solo adapter's lane are DecodeLanes.
-- ``GenerateLane``: PEFT's own ``generate`` in a thread of its own, for prompt and prefix tuning
-  (their virtual tokens live inside PEFT's generate). It takes turns with the other lanes one
-  decoding step at a time: the stopping criteria, which ``generate`` calls after every token,
-  hand the turn back to the scheduler and wait for the next one.
+- ``GenerateLane``: PEFT's own ``generate`` in a thread of its own, for prompt tuning (its virtual
+  token embeddings live inside PEFT's generate), and for every row of a model whose cache our
+  loop cannot pad (sliding window, hybrid). It takes turns with the other lanes one decoding
+  step at a time: the stopping criteria, which ``generate`` calls after every token, hand the
+  turn back to the scheduler and wait for the next one.
+  Prefix tuning is NOT answered by generate: PEFT 0.21 under transformers 5 passes the prefix as
+  ``past_key_values`` beside generate's own ``cache`` and the model keeps the cache, so the
+  answer silently ignores the prefix. A DecodeLane starts its rows from the prefix's keys and
+  values instead (``seed``), which is what PEFT's forward computes.
 
 Why our own loop rather than a library's: transformers' continuous batching and ``transformers
 serve`` have no per-request PEFT adapter, and vLLM's LoRA serving needs CUDA. The loop is the
@@ -19,7 +24,7 @@ plain greedy/sampled decode ``generate`` runs, with rows joining and leaving bet
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +42,6 @@ class Row:
     generator: torch.Generator
     adapter: Any = None  # pool.Adapter, released when the row ends (None: the base)
     done: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +139,7 @@ class GenerateLane:
         self.running: list[Row] = []
         self._turn = threading.Semaphore(0)  # the lane's thread may run one step
         self._back = threading.Semaphore(0)  # the scheduler may go on
+        self.view: Any = None  # the adapter view it serves (a re-attached adapter gets a new lane)
         self._thread: threading.Thread | None = None
         self._finished = False
         self.closed = False
@@ -214,6 +219,7 @@ class DecodeLane:
     def __init__(self, model_for, pad_id: int, max_batch: int, on_error, mixed: bool = False, seed=None):
         self.model_for = model_for  # () -> the model now (the mixed view can come and go)
         self.seed = seed  # (batch) -> a cache to start from: prefix tuning's virtual keys/values
+        self.view: Any = None  # the adapter view it serves (a re-attached adapter gets a new lane)
         self.pad_id, self.max_batch, self.on_error, self.mixed = pad_id, max_batch, on_error, mixed
         self.pending: list[Row] = []
         self.rows: list[Row] = []
