@@ -245,10 +245,10 @@ def test_adapters_load_only_from_allowed_folders_and_unload(server, client, adap
     with httpx.Client(base_url=server.url, timeout=30) as http:
         inside = http.post("/v1/adapters", json={"name": "again", "path": str(adapters["lora2"])})
         assert inside.status_code == 200 and inside.json()["parent"] == BASE
-        outside = tmp_path / "elsewhere"
-        outside.symlink_to(adapters["lora2"].parent.parent, target_is_directory=True)  # out of the root
-        for path, status in ((str(tmp_path), 403), ("/etc", 403), (str(adapters["lora2"].parent), 400),
-                             (str(tmp_path / "missing"), 400)):
+        escape = adapters["lora2"].parent / f"escape-{tmp_path.name}"  # inside the root, by name only
+        escape.symlink_to(tmp_path, target_is_directory=True)
+        for path, status in ((str(tmp_path), 403), ("/etc", 403), (str(escape), 403),
+                             (str(adapters["lora2"].parent), 400), (str(tmp_path / "missing"), 400)):
             resp = http.post("/v1/adapters", json={"name": "x", "path": path})
             assert resp.status_code == status, (path, resp.json())
         taken = http.post("/v1/adapters", json={"name": "lora1", "path": str(adapters["lora2"])})
