@@ -57,6 +57,14 @@ def test_start_the_server_see_its_models_use_the_curl_line_and_stop(project, run
         page.wait_for_selector("#app-header")
         page.get_by_role("tab", name="Serve").click()
         shows(page, "#serve-planned", adapter)
+        # Exposed without a key: refused in the tab with the reason, nothing started.
+        host = page.locator("#serve-host textarea, #serve-host input").first
+        host.fill("0.0.0.0")
+        host.press("Tab")
+        page.locator("#serve-start").click()
+        shows(page, "#serve-status", "without an API key")
+        host.fill("127.0.0.1")
+        host.press("Tab")
         port = page.locator("#serve-port input")
         port.fill("0")  # a free port: the test must not depend on 8000 being free
         port.press("Tab")
