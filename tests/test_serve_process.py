@@ -140,9 +140,16 @@ def test_a_child_that_fails_says_why(project):
     serve = ServeProcess()
     with pytest.raises(ServeRefused) as refused:
         serve.start(ServeSettings(project="no such project", port=0), timeout=120)
-    message = str(refused.value)
-    assert "exited with code 2 before it was ready" in message and "no such project" in message, message
-    assert serve.status().state == "stopped" and "no such project" in serve.status().reason
+    message = str(refused.value)  # the CLI's own one-line refusal, not a log dump
+    assert message.startswith("no project 'no such project' (projects: serve me)"), message
+    assert serve.status().state == "stopped" and serve.status().reason == message
+
+    # A busy port: the child refuses at once, before loading the model, and the app says so.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ServeRefused, match=r"cannot listen on 127\.0\.0\.1:\d+"):
+            serve.start(ServeSettings(project=project[0].id, port=busy.getsockname()[1]), timeout=120)
 
 
 def stand_in(monkeypatch, code: str):

@@ -249,6 +249,10 @@ class ServeProcess:
         # The child is gone: say how once, forget it, and remove the key file it no longer needs.
         if child.stopping:
             reason = "Stopped."
+        elif code == 2 and _refusal(child.log):
+            # The CLI's refusal (a bad project, a busy port, a folder that is not an adapter) is
+            # one line that says what to do: that line, not a log dump.
+            reason = f"{_refusal(child.log)} (log: {child.log})"
         else:
             when = "while serving" if child.ready.is_set() else "before it was ready"
             reason = (f"The server {_exit_words(code)} {when}. The end of its log ({child.log}):\n"
@@ -272,6 +276,16 @@ def _ready_match(log: Path):
         if match:
             return match
     return None
+
+
+REFUSAL = "peft-studio serve: "
+
+
+def _refusal(log: Path) -> str | None:
+    """The last ``peft-studio serve: <reason>`` line of the log (warnings aside), the reason only."""
+    lines = [line[len(REFUSAL):].strip() for line in log_tail(log).splitlines()
+             if line.startswith(REFUSAL) and not line.startswith(REFUSAL + "warning:")]
+    return lines[-1] if lines else None
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
