@@ -229,6 +229,8 @@ def test_bad_requests_get_the_right_status_and_the_server_keeps_serving(server, 
             assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"], raw
         huge = http.post("/v1/completions", json={"model": "lora1", "prompt": "x" * (1 << 20)})
         assert huge.status_code == 413 and "limit" in huge.json()["error"]["message"]
+        chunked = http.post("/v1/completions", content=iter([b'{"prompt": "', b"x" * (1 << 20), b'"}']))
+        assert chunked.status_code == 413 and "limit" in chunked.json()["error"]["message"]
         two = http.post("/v1/completions", json={"model": "lora1", "prompt": ["a", "b"]})
         assert two.status_code == 400 and two.json()["error"]["param"] == "prompt"
         nowhere = http.get("/v1/engines")

@@ -116,6 +116,9 @@ def error_response(exc: BaseException) -> JSONResponse:
     serve_error = _serve_error_class()
     if serve_error is not None and isinstance(exc, serve_error):
         return _json(exc.status, error_body(str(exc), exc.type, exc.param, exc.code))
+    if isinstance(exc, HTTPException):  # a chunked body past the limit, met while reading it
+        return _json(exc.status_code, error_body(_http_message(exc.status_code, str(exc.detail)),
+                                                 code="request_too_large" if exc.status_code == 413 else None))
     if isinstance(exc, AdapterSourceError):
         return _json(400, error_body(str(exc), param="path", code="bad_adapter_folder"))
     log.error("serving failed", exc_info=exc)
@@ -167,14 +170,15 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    if exc.status_code == 413:
-        message = f"the request body is over the {MAX_BODY} byte limit"
-    elif exc.status_code == 404:
+    message = _http_message(exc.status_code, str(exc.detail))
+    if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path} (this server serves /v1/models, " \
                   "/v1/chat/completions, /v1/completions)"
-    else:
-        message = str(exc.detail)
     return _json(exc.status_code, error_body(message, "invalid_request_error"), getattr(exc, "headers", None))
+
+
+def _http_message(status: int, detail: str) -> str:
+    return f"the request body is over the {MAX_BODY} byte limit" if status == 413 else detail
 
 
 class _State:
