@@ -46,20 +46,20 @@ def reference_ids(base_dir: Path, folder: Path | None, prompt_ids: list[int], ma
     """The new token ids of a plain greedy ``generate`` on the base with only this adapter, cut
     at the first end-of-sequence (pass ``model`` from ``load_reference_model`` to reuse one).
 
-    Prefix tuning is the exception: PEFT 0.21's ``generate`` drops the prefix under transformers
-    5 (its past_key_values lose to generate's own ``cache``: the answer is the base's), so its
-    reference is the definition instead: greedy argmax of PEFT's full forward over the whole
-    sequence at every step, no cache."""
+    Prompt learning (prefix and prompt tuning) is the exception: PEFT 0.21's ``generate`` under
+    transformers 5 drops a prefix (its past_key_values lose to generate's own ``cache``: the
+    answer is the base's) and, for prompt tuning, parts from PEFT's own forward after a few
+    tokens (after 4 on the tiny model, whose prompt adapter has 4 virtual tokens). Their reference is the definition instead: greedy argmax of PEFT's own forward over
+    the whole sequence at every step, no cache (what the adapter was trained with).
+    """
     import torch
-    from transformers import Cache
 
     model = model if model is not None else load_reference_model(base_dir, folder)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        if getattr(model, "peft_config", None) and model.active_peft_config.is_prompt_learning \
-                and isinstance(model.get_prompt(1), Cache):
+        if getattr(model, "peft_config", None) and model.active_peft_config.is_prompt_learning:
             out = ids
             for _ in range(max_new_tokens):
                 logits = model(input_ids=out, attention_mask=torch.ones_like(out)).logits[:, -1]

@@ -234,12 +234,13 @@ class ServeEngine:
                     still.append(request)
                     continue
                 if adapter.virtual_kv and not self._decode_loop:
-                    # PEFT's generate would silently answer as the base (it drops the prefix).
+                    # PEFT hands the prefix over as a plain full-attention cache, which this
+                    # model's layers cannot start from; its generate would silently drop it.
                     self.pool.release(adapter)
                     completion._fail(AdapterLoadFailed(
                         f"adapter {adapter.name!r} ({adapter.folder}) keeps its virtual tokens as keys/values "
-                        "(prefix tuning), which needs the studio's decode loop; this model's cache (sliding "
-                        "window or hybrid) does not allow it, and PEFT's generate would ignore the prefix"))
+                        "(prefix tuning); this model's cache (sliding window or hybrid) cannot start from "
+                        "them, and PEFT's generate ignores a prefix under transformers 5"))
                     continue
             row = Row(completion, adapter.key if adapter is not None and adapter.mixable else None,
                       request.prompt_ids, request.sampling, new_generator(request.sampling.seed), adapter)
@@ -257,13 +258,20 @@ class ServeEngine:
             def model_for(adapter=adapter):
                 return adapter.view
 
-            if adapter.virtual_kv and self._decode_loop:
-                # Prefix tuning: PEFT's generate drops the prefix under transformers 5 (it passes
-                # past_key_values beside generate's own cache, and the model keeps the cache), so
-                # our loop runs the view's inner model from the prefix's keys/values instead.
+            if adapter.prompt_learning and self._decode_loop:
+                # Virtual tokens through our loop, from PEFT's own ``get_prompt``: PEFT 0.21's
+                # generate under transformers 5 drops a prefix (its past_key_values lose to
+                # generate's cache: the base's answer) and is inexact for prompt tuning rows
+                # batched with padding. The lane runs the view's inner model (PEFT's forward
+                # would add the virtual tokens a second time).
                 lane = DecodeLane(lambda adapter=adapter: adapter.view.get_base_model(), self.pad_id,
-                                  self.max_batch, self._fail_rows, seed=adapter.view.get_prompt)
-            elif adapter.prompt_learning or not self._decode_loop:
+                                  self.max_batch, self._fail_rows, virtual=adapter.view.get_prompt)
+            elif adapter.prompt_learning:
+                # A cache we cannot pad (sliding window, hybrid): the same loop, one row at a
+                # time (nothing to pad or join); a prefix is refused at admission.
+                lane = DecodeLane(lambda adapter=adapter: adapter.view.get_base_model(), self.pad_id,
+                                  1, self._fail_rows, virtual=adapter.view.get_prompt)
+            elif not self._decode_loop:
                 lane = GenerateLane(model_for, self.pad_id, sorted(self.eos_ids), self.max_batch, self._fail_rows)
             else:
                 lane = DecodeLane(model_for, self.pad_id, self.max_batch, self._fail_rows)

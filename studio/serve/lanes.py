@@ -216,9 +216,12 @@ class DecodeLane:
     With ``mixed``, ``model_for()`` is a PEFT LoRA view and each row names its adapter through
     PEFT's ``adapter_names`` (``__base__`` for base rows)."""
 
-    def __init__(self, model_for, pad_id: int, max_batch: int, on_error, mixed: bool = False, seed=None):
+    def __init__(self, model_for, pad_id: int, max_batch: int, on_error, mixed: bool = False, virtual=None):
         self.model_for = model_for  # () -> the model now (the mixed view can come and go)
-        self.seed = seed  # (batch) -> a cache to start from: prefix tuning's virtual keys/values
+        # (batch) -> a prompt-learning adapter's virtual tokens (PEFT's ``get_prompt``): a cache of
+        # keys/values (prefix tuning) or input embeddings (prompt tuning); ``model_for`` is then
+        # the view's inner model, so PEFT does not add them a second time.
+        self.virtual = virtual
         self.view: Any = None  # the adapter view it serves (a re-attached adapter gets a new lane)
         self.pad_id, self.max_batch, self.on_error, self.mixed = pad_id, max_batch, on_error, mixed
         self.pending: list[Row] = []
@@ -258,13 +261,17 @@ class DecodeLane:
             return ended + failed
         return ended + self._leave()
 
-    def _forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+    def _forward(self, rows: list[Row], inputs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any) -> torch.Tensor:
+        """Logits of each row's last position; ``inputs`` are token ids or (prefill of a prompt
+        tuning row) embeddings."""
         model = self.model_for()
         device = getattr(model, "device", torch.device("cpu"))
         extra = adapter_names(model, rows) if self.mixed else {}
+        key = "inputs_embeds" if inputs.is_floating_point() else "input_ids"
+        extra[key] = inputs.to(device)
         with torch.no_grad():
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+            out = model(attention_mask=mask.to(device),
                         position_ids=positions.to(device), cache=cache, use_cache=True, logits_to_keep=1,
                         **extra)
         return out.logits[:, -1, :].float().cpu()
@@ -275,20 +282,30 @@ class DecodeLane:
             row.done = row.completion._accept(token)
         return torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
 
+    @torch.no_grad()
     def _prefill(self, joining: list[Row]) -> None:
-        from transformers import DynamicCache
+        from transformers import Cache, DynamicCache
 
         ids, mask = left_pad([r.prompt_ids for r in joining], self.pad_id)
-        if self.seed is not None:
-            # Prefix tuning: every row starts from the virtual keys/values, seen through the mask
-            # (PEFT's forward prepends ones to the mask the same way); positions count them too.
-            with torch.no_grad():
-                cache = self.seed(len(joining))
-            mask = torch.cat([torch.ones((len(joining), cache.get_seq_length()), dtype=mask.dtype), mask], dim=1)
-        else:
-            cache = DynamicCache(config=self.model_for().config)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
-        logits = self._forward(joining, ids, mask, positions, cache)
+        model = self.model_for()
+        inputs, cache = ids, DynamicCache(config=model.config)
+        virtual = self.virtual(len(joining)) if self.virtual is not None else None
+        if isinstance(virtual, Cache):
+            # Prefix tuning: every row starts from the virtual keys/values.
+            cache = virtual
+            count = cache.get_seq_length()
+        elif virtual is not None:
+            # Prompt tuning: the virtual token embeddings go in front of the (left-padded) prompt.
+            count = virtual.shape[1]
+            embeds = model.get_input_embeddings()(ids.to(virtual.device))
+            inputs = torch.cat([virtual.to(embeds.dtype), embeds], dim=1)
+        if virtual is not None:
+            # As PEFT's forward does, the virtual tokens are seen through ones prepended to the
+            # mask, and positions count them: mask [1]*n [0]*pad [1]*prompt gives the prompt
+            # positions n, n+1, ... exactly as for the row alone.
+            mask = torch.cat([torch.ones((len(joining), count), dtype=mask.dtype), mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -inputs.shape[1]:]
+        logits = self._forward(joining, inputs, mask, positions, cache)
         last = self._accept(joining, logits)
         if not self.rows:
             self.rows, self._cache, self._mask, self._last = list(joining), cache, mask, last
