@@ -103,14 +103,12 @@ def build_catalog(args: argparse.Namespace):
     if args.project is not None:
         from studio.db import Database
 
-        catalog = project_catalog(Database(), args.project, args.runs)
+        catalog = project_catalog(Database(), args.project, args.runs, model=args.model)
     elif args.runs != "all":
         raise CatalogError("--runs picks runs of a project: add --project")
     else:
         source = args.model or config.DEFAULT_MODEL
         catalog = Catalog(source, base_name_for(source))
-    if args.model is not None:
-        catalog.base_source, catalog.base_name = args.model, base_name_for(args.model)
     for name, folder in extra.items():
         if name in catalog.adapters or name == catalog.base_name:
             raise CatalogError(f"--adapter {name}: the name is already served (a run's or the base's)")

@@ -82,6 +82,8 @@ def test_a_project_catalog_names_each_finished_run(db, project):
     assert list(project_catalog(db, found.id, f"{runs[1].id}").adapters) == [f"ia3-on-dates-{runs[1].id}"]
     with pytest.raises(ValueError, match="cannot be served: it is failed"):
         project_catalog(db, "serve me", f"{runs[3].id}")
+    other = project_catalog(db, "serve me", model="default")  # another base: no run fits it
+    assert other.adapters == {} and all("trained on" in note for note in other.notes[:3])
     with pytest.raises(ValueError, match="has no run 999"):
         project_catalog(db, "serve me", "999")
 

@@ -107,9 +107,11 @@ def find_project(db: Database, project: str | int):
     return found
 
 
-def project_catalog(db: Database, project: str | int, runs: str = "all") -> Catalog:
-    """The catalog of a project's runs (``runs``: "all" or "3,5,8"). A run named in ``runs``
-    that cannot be served is an error; with "all", such runs are skipped and noted."""
+def project_catalog(db: Database, project: str | int, runs: str = "all", model: str | None = None) -> Catalog:
+    """The catalog of a project's runs (``runs``: "all" or "3,5,8") over ``model`` (default: the
+    project's model). A run named in ``runs`` that cannot be served is an error; with "all",
+    such runs are skipped and noted. A run trained on another base model is not served: its
+    adapter's shapes may not even fit, and where they do its answers would be meaningless."""
     from studio.export import exports_dir
     from studio.runs.launch import runs_root
 
@@ -121,13 +123,14 @@ def project_catalog(db: Database, project: str | int, runs: str = "all") -> Cata
         if missing:
             raise CatalogError(f"project {found.name!r} has no run {', '.join(map(str, missing))} "
                                f"(its runs: {', '.join(map(str, sorted(by_id))) or 'none'})")
-    catalog = Catalog(found.model_source, base_name_for(found.model_source),
+    source = model or found.model_source
+    catalog = Catalog(source, base_name_for(source),
                       allowed_roots=[_resolved(runs_root(db, found.id)),
                                      _resolved(exports_dir(db, found.id))])
     for run in sorted(by_id.values(), key=lambda r: r.id):
         if wanted is not None and run.id not in wanted:
             continue
-        folder, why = _run_adapter(db, run)
+        folder, why = _run_adapter(db, run, source)
         if folder is None:
             if wanted is not None:
                 raise CatalogError(f"run {run.id} ({run.name!r}) cannot be served: {why}")
@@ -143,10 +146,14 @@ def served_name(run_name: str, run_id: int) -> str:
     return config.slugify(run_name, max_len=64 - len(suffix)) + suffix
 
 
-def _run_adapter(db: Database, run) -> tuple[Path | None, str]:
+def _run_adapter(db: Database, run, base_source: str) -> tuple[Path | None, str]:
     """(the adapter folder a run serves, "") or (None, why not)."""
     from studio.export.weights import exportable
     from studio.methods import SettingError, get_method
+
+    trained_on = str((run.spec or {}).get("model", base_source))
+    if not same_source(trained_on, base_source):
+        return None, f"it was trained on {trained_on}, not on the served base {base_source}"
 
     try:
         if get_method(run.method).whole_model:
@@ -164,6 +171,14 @@ def _run_adapter(db: Database, run) -> tuple[Path | None, str]:
     except AdapterSourceError as exc:
         return None, str(exc)
     return folder, ""
+
+
+def same_source(a: str, b: str) -> bool:
+    """Two model sources that name the same model: equal as written, or the same folder."""
+    if a == b:
+        return True
+    left, right = Path(a).expanduser(), Path(b).expanduser()
+    return left.exists() and right.exists() and _resolved(left) == _resolved(right)
 
 
 def _resolved(path: Path) -> Path:
