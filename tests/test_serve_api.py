@@ -7,7 +7,6 @@ rebinding Host. One engine on the tiny chat model for the whole module."""
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time

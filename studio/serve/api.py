@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +137,8 @@ def create_app(engine, catalog, *, api_key: str | None, host: str, port: int,
                max_tokens_cap: int = MAX_TOKENS_CAP) -> FastAPI:
     """The API over ``engine``, serving ``catalog`` (its adapters registered here when the
     engine does not hold them yet). A host other than loopback without ``api_key`` is refused
-    (``ValueError``): anyone who reaches the machine could use it."""
+    (``ValueError``): anyone who reaches the machine could use it. ``port`` is the one announced;
+    the Host check compares with the port each request really arrived on (``--port 0``)."""
     from studio.ui.launch import is_loopback
 
     if not api_key and not is_loopback(host):
