@@ -83,11 +83,12 @@ def test_concurrent_requests_join_the_running_batch_and_equal_their_single_answe
         jobs.append((name, engine.submit(name, prompts[name], Sampling(max_tokens=10, temperature=0))))
         if i == 3:
             time.sleep(0.01)
-    # two prefix-tuning rows of different lengths (left padding beside its virtual keys/values)
-    for text in ("Hi", "Name three colours."):
-        prefix_prompt = chat_prompt(engine.tokenizer, text)
-        refs[text] = reference_ids(tiny_chat_model, adapters["prefix"], prefix_prompt, 10)
-        jobs.append((text, engine.submit("prefix", prefix_prompt, Sampling(max_tokens=10, temperature=0))))
+    # prompt-learning rows of different lengths in one batch (left padding beside virtual tokens)
+    for name in ("prefix", "prompt"):
+        for text in ("Hi", "Name three colours."):
+            ids = chat_prompt(engine.tokenizer, text)
+            refs[name + text] = reference_ids(tiny_chat_model, adapters[name], ids, 10)
+            jobs.append((name + text, engine.submit(name, ids, Sampling(max_tokens=10, temperature=0))))
     victim = engine.submit("lora2", prompt, Sampling(max_tokens=10, temperature=0))
     pieces = victim.deltas(timeout=30)
     next(pieces)  # it is decoding

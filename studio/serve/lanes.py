@@ -6,15 +6,17 @@ A *row* is one request being answered. Each lane holds the rows one model answer
   (continuous batching: new rows are prefilled as a batch and join the running batch between
   decoding steps; finished rows leave). The mixed lane (every plain LoRA adapter and the base,
   one PEFT view, per-row ``adapter_names``) and each solo adapter's lane are DecodeLanes.
-- ``GenerateLane``: PEFT's own ``generate`` in a thread of its own, for prompt tuning (its virtual
-  token embeddings live inside PEFT's generate), and for every row of a model whose cache our
-  loop cannot pad (sliding window, hybrid). It takes turns with the other lanes one decoding
-  step at a time: the stopping criteria, which ``generate`` calls after every token, hand the
-  turn back to the scheduler and wait for the next one.
-  Prefix tuning is NOT answered by generate: PEFT 0.21 under transformers 5 passes the prefix as
-  ``past_key_values`` beside generate's own ``cache`` and the model keeps the cache, so the
-  answer silently ignores the prefix. A DecodeLane starts its rows from the prefix's keys and
-  values instead (``seed``), which is what PEFT's forward computes.
+- ``GenerateLane``: ``generate`` in a thread of its own, for models whose cache our loop cannot
+  pad and concatenate (sliding window, hybrid). It takes turns with the other lanes one
+  decoding step at a time: the stopping criteria, which ``generate`` calls after every token,
+  hand the turn back to the scheduler and wait for the next one.
+
+Prompt-learning adapters (prefix and prompt tuning) also go through a DecodeLane, started from
+PEFT's own ``get_prompt`` (virtual keys/values, or virtual embeddings put in front of the
+prompt), on the view's inner model. Not through PEFT's ``generate``: PEFT 0.21 under
+transformers 5 passes a prefix as ``past_key_values`` beside generate's own ``cache`` and the
+model keeps the cache (the answer is silently the base's), and for prompt tuning its answer
+parts from PEFT's own forward after a few tokens. Our loop equals PEFT's forward (tested).
 
 Why our own loop rather than a library's: transformers' continuous batching and ``transformers
 serve`` have no per-request PEFT adapter, and vLLM's LoRA serving needs CUDA. The loop is the

@@ -43,7 +43,7 @@ class Adapter:
     method: str
     key: str  # PEFT's adapter name: served names may hold "." (a module path separator)
     mixable: bool  # joins the mixed LoRA batch
-    prompt_learning: bool  # virtual tokens (PEFT config ``is_prompt_learning``)
+    prompt_learning: bool  # virtual tokens (PEFT config ``is_prompt_learning``): a lane of its own
     virtual_kv: bool = False  # its virtual tokens are keys/values (``get_prompt`` gives a cache), known once attached
     view: Any = None  # the model answering for it while attached
     inflight: int = 0  # requests admitted and not finished
