@@ -210,11 +210,14 @@ class ServeEngine:
 
     def _admit(self) -> None:
         """Waiting requests into lanes (under the lock). A request whose adapter cannot be
-        attached yet (every slot busy) keeps its place; the others go past it."""
+        attached yet (every slot busy) keeps its place, and so do the adapter requests behind
+        it: otherwise a steady stream to the attached adapters would keep them busy forever and
+        starve it. Base rows hold no slot and go on."""
         for adapter in self._unregistered:
             self.pool.detach(adapter)
         self._unregistered = []
         still: deque[_Request] = deque()
+        blocked = False  # an earlier request waits for a slot
         for request in self._waiting:
             completion = request.completion
             if completion._cancel_requested():
@@ -225,6 +228,9 @@ class ServeEngine:
                 if request.name not in self.pool.adapters:
                     completion._fail(UnknownModel(f"the model {request.name!r} was unregistered"))
                     continue
+                if blocked:
+                    still.append(request)
+                    continue
                 try:
                     adapter = self.pool.acquire(request.name)
                 except pool_module.LoadFailed as exc:
@@ -232,6 +238,7 @@ class ServeEngine:
                     continue
                 if adapter is None:
                     still.append(request)
+                    blocked = True
                     continue
                 if adapter.virtual_kv and not self._decode_loop:
                     # PEFT hands the prefix over as a plain full-attention cache, which this
