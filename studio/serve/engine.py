@@ -60,7 +60,8 @@ class ServeEngine:
         self._decode_loop = full_attention_cache(base_model)
         if not self._decode_loop:
             print(f"serve: {type(base_model).__name__}'s cache is not plain full attention (sliding window or "
-                  "hybrid): every request is answered through generate, without joining running batches",
+                  "hybrid): requests are answered through generate (new requests wait for the running batch "
+                  "to end instead of joining it), prompt tuning one request at a time, prefix tuning refused",
                   file=sys.stderr)
         lane_class = DecodeLane if self._decode_loop else GenerateLane
         mixed_args = (self._mixed_model, self.pad_id) + (() if self._decode_loop else (sorted(self.eos_ids),))
@@ -154,9 +155,10 @@ class ServeEngine:
         with self._lock:
             if self._closed:
                 raise ServeError("the server is shutting down")
-            if len(self._waiting) + self._pending >= self.max_waiting:
-                raise Busy(f"the server is busy: {len(self._waiting)} requests are already waiting; "
-                           "retry shortly")
+            waiting = len(self._waiting) + self._pending
+            if waiting >= self.max_waiting:
+                raise Busy(f"the server is busy: {waiting} requests are already waiting (at most "
+                           f"{self.max_waiting}); retry shortly")
             self._waiting.append(_Request(name, completion, prompt_ids, sampling))
             self._wake.notify()
         return completion
@@ -268,9 +270,9 @@ class ServeEngine:
             if adapter.prompt_learning and self._decode_loop:
                 # Virtual tokens through our loop, from PEFT's own ``get_prompt``: PEFT 0.21's
                 # generate under transformers 5 drops a prefix (its past_key_values lose to
-                # generate's cache: the base's answer) and is inexact for prompt tuning rows
-                # batched with padding. The lane runs the view's inner model (PEFT's forward
-                # would add the virtual tokens a second time).
+                # generate's cache: the base's answer) and parts from PEFT's own forward for
+                # prompt tuning (see lanes.py). The lane runs the view's inner model: PEFT's
+                # forward would add the virtual tokens a second time.
                 lane = DecodeLane(lambda adapter=adapter: adapter.view.get_base_model(), self.pad_id,
                                   self.max_batch, self._fail_rows, virtual=adapter.view.get_prompt)
             elif adapter.prompt_learning:
