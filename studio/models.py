@@ -354,8 +354,14 @@ def load_model(
     trust_remote_code: bool = False,
     **kwargs: Any,
 ):
-    """Load weights for real (safetensors only). ``kwargs`` go to ``from_pretrained``."""
+    """Load weights for real (safetensors only). ``kwargs`` go to ``from_pretrained``. Every model
+    the studio generates with comes through here, so PEFT's prompt-learning generation is fixed
+    here first (``studio.peft_compat``)."""
     import torch
+
+    from studio import peft_compat
+
+    peft_compat.install()
     (AutoModelForCausalLM,) = _from_transformers("AutoModelForCausalLM")
 
     folder = resolve_source(source)

@@ -29,7 +29,7 @@ import json, sys
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-folder, kind, base, texts_file, out_file = sys.argv[1:6]
+folder, kind, base, texts_file, out_file, compat_file = sys.argv[1:7]
 texts = json.load(open(texts_file))
 if kind == "gguf":
     import os
@@ -40,7 +40,11 @@ elif kind == "merged":
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
 else:
+    import runpy
     from peft import PeftModel
+    # PEFT 0.21 under transformers 5 generates prompt-learning adapters wrongly: the studio's fix,
+    # run from its file (no studio import), as a user of plain PEFT needs it too (see the card).
+    runpy.run_path(compat_file)["install"]()
     tok = AutoTokenizer.from_pretrained(base)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, use_safetensors=True), folder)
 model = (model if kind == "gguf" else model.float()).eval()  # a GGUF load is float32 already
@@ -84,8 +88,9 @@ def verify_export(folder: Path, kind: str, base_folder: Path, reference: list, t
         texts_file, out_file = Path(tmp) / "texts.json", Path(tmp) / "out.safetensors"
         texts_file.write_text(json.dumps(texts))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        compat = Path(__file__).resolve().parent.parent / "peft_compat.py"
         child = subprocess.run([sys.executable, "-c", _CHILD, str(folder), kind, str(base_folder),
-                                str(texts_file), str(out_file)], capture_output=True, text=True,
+                                str(texts_file), str(out_file), str(compat)], capture_output=True, text=True,
                                timeout=1800, cwd=tmp, env=env)
         if child.returncode != 0:
             return {"ok": False, "error": child.stderr.strip()[-2000:], "loader": "transformers"}
