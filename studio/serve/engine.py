@@ -63,9 +63,12 @@ class ServeEngine:
                   "hybrid): requests are answered through generate (new requests wait for the running batch "
                   "to end instead of joining it), prompt tuning one request at a time, prefix tuning refused",
                   file=sys.stderr)
-        lane_class = DecodeLane if self._decode_loop else GenerateLane
-        mixed_args = (self._mixed_model, self.pad_id) + (() if self._decode_loop else (sorted(self.eos_ids),))
-        self._mixed = lane_class(*mixed_args, max_batch, self._fail_rows, mixed=True)
+        if self._decode_loop:
+            self._mixed = DecodeLane(self._mixed_model, self.pad_id, max_batch, self._fail_rows, mixed=True,
+                                     base=self.base)
+        else:
+            self._mixed = GenerateLane(self._mixed_model, self.pad_id, sorted(self.eos_ids), max_batch,
+                                       self._fail_rows, mixed=True)
         self._solo: dict[str, Any] = {}
         self._unregistered: list[pool_module.Adapter] = []
         self._order: list[Any] = [self._mixed]  # the lanes, in turn order

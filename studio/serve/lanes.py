@@ -218,8 +218,10 @@ class DecodeLane:
     With ``mixed``, ``model_for()`` is a PEFT LoRA view and each row names its adapter through
     PEFT's ``adapter_names`` (``__base__`` for base rows)."""
 
-    def __init__(self, model_for, pad_id: int, max_batch: int, on_error, mixed: bool = False, virtual=None):
+    def __init__(self, model_for, pad_id: int, max_batch: int, on_error, mixed: bool = False, virtual=None,
+                 base: Any = None):
         self.model_for = model_for  # () -> the model now (the mixed view can come and go)
+        self.base = base  # mixed lanes: the untouched base model, for batches of base rows only
         # (batch) -> a prompt-learning adapter's virtual tokens (PEFT's ``get_prompt``): a cache of
         # keys/values (prefix tuning) or input embeddings (prompt tuning); ``model_for`` is then
         # the view's inner model, so PEFT does not add them a second time.
@@ -268,8 +270,10 @@ class DecodeLane:
         """Logits of each row's last position; ``inputs`` are token ids or (prefill of a prompt
         tuning row) embeddings."""
         model = self.model_for()
+        extra = {}
+        if self.mixed and hasattr(model, "peft_config"):
+            model, extra = self._mixed_call(model, rows)
         device = getattr(model, "device", torch.device("cpu"))
-        extra = adapter_names(model, rows) if self.mixed else {}
         key = "inputs_embeds" if inputs.is_floating_point() else "input_ids"
         extra[key] = inputs.to(device)
         with torch.no_grad():
@@ -277,6 +281,23 @@ class DecodeLane:
                         position_ids=positions.to(device), cache=cache, use_cache=True, logits_to_keep=1,
                         **extra)
         return out.logits[:, -1, :].float().cpu()
+
+    def _mixed_call(self, view: Any, rows: list[Row]) -> tuple[Any, dict]:
+        """How the mixed view answers these rows. PEFT's per-row ``adapter_names`` costs a loop
+        over the batch's adapters in every LoRA layer (measured on SmolLM2, 16 rows: a decode
+        step 1.5x the base's with one adapter named per row, 2.8x with sixteen), so a batch of
+        base rows only runs on the untouched base, and a batch of one adapter runs the view
+        with that adapter active; only a batch that really mixes names them per row. The three
+        compute the same numbers for a row (the same operations on the same weights)."""
+        keys = {r.key for r in rows}
+        if keys == {None}:
+            return self.base, {}
+        if len(keys) == 1:
+            (key,) = keys
+            if view.active_adapter != key:
+                view.set_adapter(key, inference_mode=True)
+            return view, {}
+        return view, adapter_names(view, rows)
 
     def _accept(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         tokens = choose_rows(logits, rows)

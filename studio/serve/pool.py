@@ -164,6 +164,8 @@ class AdapterPool:
         if adapter.view is self.mixed_view and self.mixed_view is not None:
             others = [a for a in self.active() if a.view is self.mixed_view and a is not adapter]
             if others:
+                if self.mixed_view.active_adapter == adapter.key:  # PEFT warns when the active one goes
+                    self.mixed_view.set_adapter(others[0].key, inference_mode=True)
                 self.mixed_view.delete_adapter(adapter.key)
             else:
                 self.mixed_view = None  # the last one: drop the whole view
