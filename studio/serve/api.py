@@ -58,14 +58,14 @@ class ServeGuard:
         if scope["type"] != "http":  # lifespan; no websockets are served
             await self.app(scope, receive, send)
             return
-        from studio.ui.guard import _headers
+        from studio.ui.guard import request_headers
 
-        headers = _headers(scope)
+        headers = request_headers(scope)
         origin = headers.get("origin", "").rstrip("/")
         if origin and origin in self.cors_origins:
             # A page the user allowed (--cors-origin): the Host is still checked, not its origin.
             headers = {k: v for k, v in headers.items() if k != "origin" and not k.startswith("sec-fetch")}
-        refusal = self.checks._refusal(scope, headers)
+        refusal = self.checks.refusal(scope, headers)
         if refusal is not None:
             status, reason, _ = refusal
             await _json(status, error_body(reason, "forbidden", code="refused"))(scope, receive, send)

@@ -143,10 +143,10 @@ class RequestGuard:
         if scope["type"] not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
-        headers = _headers(scope)
+        headers = request_headers(scope)
         if scope["type"] == "http":
             send = _framing_forbidden(send)
-        refusal = self._refusal(scope, headers)
+        refusal = self.refusal(scope, headers)
         if refusal is not None:
             await _refuse(scope, receive, send, *refusal)
             return
@@ -168,7 +168,7 @@ class RequestGuard:
             return False
         return name in self.names or is_loopback_literal(name) or (name, None) in self.extra
 
-    def _refusal(self, scope, headers) -> tuple[int, str, dict] | None:
+    def refusal(self, scope, headers) -> tuple[int, str, dict] | None:
         server_port = self._port(scope)
         host = headers.get("host", "")
         authority = split_authority(host, 443 if scope.get("scheme") in ("https", "wss") else 80)
@@ -250,7 +250,7 @@ class RequestGuard:
             self.throttle.succeeded(key)
 
 
-def _headers(scope) -> dict[str, str]:
+def request_headers(scope) -> dict[str, str]:
     """The request headers, names lower-cased; of a repeated header, the first."""
     out: dict[str, str] = {}
     for name, value in scope.get("headers", []):
