@@ -46,12 +46,8 @@ def reference_ids(base_dir: Path, folder: Path | None, prompt_ids: list[int], ma
     """The new token ids of a plain greedy ``generate`` on the base with only this adapter, cut
     at the first end-of-sequence (pass ``model`` from ``load_reference_model`` to reuse one).
 
-    Prompt learning (prefix and prompt tuning) is the exception: PEFT 0.21's ``generate`` under
-    transformers 5 drops a prefix (its past_key_values lose to generate's own ``cache``: the
-    answer is the base's) and, for prompt tuning, parts from PEFT's own forward after a few
-    tokens (after 4 on the tiny model, whose prompt adapter has 4 virtual tokens). Their reference is the definition instead: greedy argmax of PEFT's own forward over
-    the whole sequence at every step, no cache (what the adapter was trained with).
-    """
+    Prompt and prefix tuning generate correctly only with ``studio.peft_compat`` installed
+    (``load_model`` installs it; ``tests/test_peft_compat.py`` checks it against the forward)."""
     import torch
 
     model = model if model is not None else load_reference_model(base_dir, folder)
@@ -59,16 +55,8 @@ def reference_ids(base_dir: Path, folder: Path | None, prompt_ids: list[int], ma
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        if getattr(model, "peft_config", None) and model.active_peft_config.is_prompt_learning:
-            out = ids
-            for _ in range(max_new_tokens):
-                logits = model(input_ids=out, attention_mask=torch.ones_like(out)).logits[:, -1]
-                out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
-                if int(out[0, -1]) in eos:
-                    break
-        else:
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=next(iter(eos), 0))
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=next(iter(eos), 0))
     new = out[0, len(prompt_ids):].tolist()
     cut = next((i for i, t in enumerate(new) if t in eos), len(new))
     return new[:cut]

@@ -269,10 +269,9 @@ def test_lru_keeps_at_most_max_active_adapters_attached(tiny_chat_model, adapter
 def test_a_cache_the_loop_cannot_pad_falls_back_to_generate(tiny_chat_model, adapters, prompt, references,
                                                            monkeypatch, capfd):
     """A sliding-window or hybrid cache (here: declared so) is answered through generate lanes
-    taking turns (LoRA rows batched by adapter_names), prompt tuning one row at a time through
-    the loop, and prefix tuning refused with the reason; every answer still exact."""
+    taking turns (LoRA rows batched by adapter_names, prompt learning one row at a time through
+    PEFT's generate); every answer still exact."""
     from studio.serve import engine as engine_module
-    from studio.serve.engine import AdapterLoadFailed
 
     monkeypatch.setattr(engine_module, "full_attention_cache", lambda model: False)
     engine = ServeEngine.load(str(tiny_chat_model), "tiny", max_active=8)
@@ -280,13 +279,11 @@ def test_a_cache_the_loop_cannot_pad_falls_back_to_generate(tiny_chat_model, ada
         assert "not plain full attention" in capfd.readouterr().err
         for name in ("lora1", "lora2", "ia3", "prompt", "prefix"):
             engine.register(name, adapters[name])
-        jobs = [(n, engine.submit(n, prompt, GREEDY)) for n in ("lora1", "lora2", "tiny", "ia3", "prompt", "prompt")]
-        refused = engine.submit("prefix", prompt, GREEDY)
+        jobs = [(n, engine.submit(n, prompt, GREEDY))
+                for n in ("lora1", "lora2", "tiny", "ia3", "prompt", "prompt", "prefix")]
         for name, completion in jobs:
             completion.text(timeout=60)
             assert completion.token_ids == references[name], name
-        with pytest.raises(AdapterLoadFailed, match="prefix tuning"):
-            refused.text(timeout=60)
         assert engine.stats()["max_batch_seen"] >= 2
     finally:
         engine.close()

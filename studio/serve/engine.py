@@ -61,7 +61,7 @@ class ServeEngine:
         if not self._decode_loop:
             print(f"serve: {type(base_model).__name__}'s cache is not plain full attention (sliding window or "
                   "hybrid): requests are answered through generate (new requests wait for the running batch "
-                  "to end instead of joining it), prompt tuning one request at a time, prefix tuning refused",
+                  "to end instead of joining it), prompt and prefix tuning one request at a time",
                   file=sys.stderr)
         if self._decode_loop:
             self._mixed = DecodeLane(self._mixed_model, self.pad_id, max_batch, self._fail_rows, mixed=True,
@@ -245,15 +245,6 @@ class ServeEngine:
                     still.append(request)
                     blocked = True
                     continue
-                if adapter.virtual_kv and not self._decode_loop:
-                    # PEFT hands the prefix over as a plain full-attention cache, which this
-                    # model's layers cannot start from; its generate would silently drop it.
-                    self.pool.release(adapter)
-                    completion._fail(AdapterLoadFailed(
-                        f"adapter {adapter.name!r} ({adapter.folder}) keeps its virtual tokens as keys/values "
-                        "(prefix tuning); this model's cache (sliding window or hybrid) cannot start from "
-                        "them, and PEFT's generate ignores a prefix under transformers 5"))
-                    continue
             row = Row(completion, adapter.key if adapter is not None and adapter.mixable else None,
                       request.prompt_ids, request.sampling, new_generator(request.sampling.seed), adapter)
             self._lane_for(adapter).add(row)
@@ -271,18 +262,17 @@ class ServeEngine:
                 return adapter.view
 
             if adapter.prompt_learning and self._decode_loop:
-                # Virtual tokens through our loop, from PEFT's own ``get_prompt``: PEFT 0.21's
-                # generate under transformers 5 drops a prefix (its past_key_values lose to
-                # generate's cache: the base's answer) and parts from PEFT's own forward for
-                # prompt tuning (see lanes.py). The lane runs the view's inner model: PEFT's
-                # forward would add the virtual tokens a second time.
+                # Virtual tokens through our loop, from PEFT's own ``get_prompt``, so that these
+                # rows too join and leave a running batch (PEFT's generate takes a batch at a
+                # time). The lane runs the view's inner model: PEFT's forward would add the
+                # virtual tokens a second time.
                 lane = DecodeLane(lambda adapter=adapter: adapter.view.get_base_model(), self.pad_id,
                                   self.max_batch, self._fail_rows, virtual=adapter.view.get_prompt)
             elif adapter.prompt_learning:
-                # A cache we cannot pad (sliding window, hybrid): the same loop, one row at a
-                # time (nothing to pad or join); a prefix is refused at admission.
-                lane = DecodeLane(lambda adapter=adapter: adapter.view.get_base_model(), self.pad_id,
-                                  1, self._fail_rows, virtual=adapter.view.get_prompt)
+                # A cache we cannot pad (sliding window, hybrid): PEFT's own generate (with
+                # ``studio.peft_compat``), one row at a time as PEFT does not batch virtual
+                # tokens beside left padding the way its forward sees them.
+                lane = GenerateLane(model_for, self.pad_id, sorted(self.eos_ids), 1, self._fail_rows)
             elif not self._decode_loop:
                 lane = GenerateLane(model_for, self.pad_id, sorted(self.eos_ids), self.max_batch, self._fail_rows)
             else:

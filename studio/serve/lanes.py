@@ -13,10 +13,9 @@ A *row* is one request being answered. Each lane holds the rows one model answer
 
 Prompt-learning adapters (prefix and prompt tuning) also go through a DecodeLane, started from
 PEFT's own ``get_prompt`` (virtual keys/values, or virtual embeddings put in front of the
-prompt), on the view's inner model. Not through PEFT's ``generate``: PEFT 0.21 under
-transformers 5 passes a prefix as ``past_key_values`` beside generate's own ``cache`` and the
-model keeps the cache (the answer is silently the base's), and for prompt tuning its answer
-parts from PEFT's own forward after a few tokens. Our loop equals PEFT's forward (tested).
+prompt), on the view's inner model: so their rows too join and leave a running batch, where
+PEFT's ``generate`` takes one batch at a time (and, under transformers 5, needs
+``studio.peft_compat`` to see its cache at all). Our loop equals PEFT's forward (tested).
 
 Why our own loop rather than a library's: transformers' continuous batching and ``transformers
 serve`` have no per-request PEFT adapter, and vLLM's LoRA serving needs CUDA. The loop is the

@@ -135,6 +135,9 @@ class AdapterPool:
         adapter.last_used = time.monotonic()
 
     def _attach(self, adapter: Adapter) -> None:
+        from studio import peft_compat
+
+        peft_compat.install()  # PEFT's prompt-learning generate under transformers 5 (the fallback lane)
         folder = adapter.folder
         try:
             if adapter_format(folder) == "bottleneck":
