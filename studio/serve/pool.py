@@ -44,7 +44,6 @@ class Adapter:
     key: str  # PEFT's adapter name: served names may hold "." (a module path separator)
     mixable: bool  # joins the mixed LoRA batch
     prompt_learning: bool  # virtual tokens (PEFT config ``is_prompt_learning``): a lane of its own
-    virtual_kv: bool = False  # its virtual tokens are keys/values (``get_prompt`` gives a cache), known once attached
     view: Any = None  # the model answering for it while attached
     inflight: int = 0  # requests admitted and not finished
     last_used: float = field(default=0.0)
@@ -73,16 +72,6 @@ def inspect_folder(folder: Path) -> tuple[str, bool, bool]:
     except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
         raise AdapterSourceError(f"{folder}: unreadable adapter config ({exc})") from exc
     return method, batchable(folder) and not prompt_learning, prompt_learning
-
-
-def virtual_kv(view: Any) -> bool:
-    """True when a prompt-learning view's virtual tokens are past keys/values (PEFT's
-    ``get_prompt`` answers a ``Cache``), false when they are input embeddings."""
-    import torch
-    from transformers import Cache
-
-    with torch.no_grad():
-        return isinstance(view.get_prompt(1), Cache)
 
 
 class AdapterPool:
@@ -152,8 +141,6 @@ class AdapterPool:
             else:
                 adapter.view = PeftModel.from_pretrained(share_base(self.base), str(folder),
                                                          adapter_name=adapter.key).eval()
-                if adapter.prompt_learning:
-                    adapter.virtual_kv = virtual_kv(adapter.view)
         except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             adapter.view = None
             raise LoadFailed(f"adapter {adapter.name!r} ({folder}) could not be attached to the base model: "
