@@ -150,6 +150,10 @@ def test_refusals_name_the_problem_and_the_engine_keeps_serving(engine, adapters
     assert unknown.value.status == 404 and unknown.value.param == "model"
     with pytest.raises(PromptTooLong, match=r"context is 512 tokens; the prompt has \d+ and max_tokens asks 600"):
         engine.submit("tiny", prompt, Sampling(max_tokens=600))
+    fits = 512 - len(prompt)  # fits the base exactly; not beside prompt tuning's 4 virtual tokens
+    with pytest.raises(PromptTooLong, match=rf"the prompt has {len(prompt) + 4} \(with the adapter's 4 virtual"):
+        engine.submit("prompt", prompt, Sampling(max_tokens=fits))
+    engine.submit("tiny", prompt, Sampling(max_tokens=fits)).cancel()
     for ids, sampling, param in [([], GREEDY, "prompt"), ([1, 10**6], GREEDY, "prompt"),
                                  (prompt, Sampling(max_tokens=0), "max_tokens"),
                                  (prompt, Sampling(top_p=1.5), "top_p")]:

@@ -145,13 +145,15 @@ class ServeEngine:
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, name: str, prompt_ids: list[int], sampling: Sampling) -> Completion:
         prompt_ids = [int(t) for t in prompt_ids]
+        virtual = 0
         if name != self.base_name:
             with self._lock:
-                self._adapter(name)
+                virtual = self._adapter(name).virtual_tokens
         self._check(prompt_ids, sampling)
-        if len(prompt_ids) + sampling.max_tokens > self.max_context:
+        if virtual + len(prompt_ids) + sampling.max_tokens > self.max_context:
+            extra = f" (with the adapter's {virtual} virtual tokens)" if virtual else ""
             raise PromptTooLong(f"this model's context is {self.max_context} tokens; the prompt has "
-                                f"{len(prompt_ids)} and max_tokens asks {sampling.max_tokens}")
+                                f"{virtual + len(prompt_ids)}{extra} and max_tokens asks {sampling.max_tokens}")
         tokenizer = self.tokenizer_for(name)
         completion = Completion(len(prompt_ids), TextStream(tokenizer, tuple(sampling.stop)),
                                 sampling.max_tokens, self.eos_ids)

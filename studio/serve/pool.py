@@ -44,6 +44,7 @@ class Adapter:
     key: str  # PEFT's adapter name: served names may hold "." (a module path separator)
     mixable: bool  # joins the mixed LoRA batch
     prompt_learning: bool  # virtual tokens (PEFT config ``is_prompt_learning``): a lane of its own
+    virtual_tokens: int = 0  # how many: they take context positions before the prompt
     view: Any = None  # the model answering for it while attached
     inflight: int = 0  # requests admitted and not finished
     last_used: float = field(default=0.0)
@@ -59,19 +60,22 @@ def check_name(name: str, base_name: str, taken) -> None:
         raise ValueError(f"an adapter named {name!r} is already registered")
 
 
-def inspect_folder(folder: Path) -> tuple[str, bool, bool]:
-    """(method, mixable, prompt learning) of an adapter folder; AdapterSourceError when it is not
-    one the studio serves (safetensors weights only: ``detect_method`` refuses a pickled .bin)."""
+def inspect_folder(folder: Path) -> tuple[str, bool, int | None]:
+    """(method, mixable, virtual tokens: None unless prompt learning) of an adapter folder;
+    AdapterSourceError when it is not one the studio serves (safetensors weights only:
+    ``detect_method`` refuses a pickled .bin)."""
     method = detect_method(folder)
     if adapter_format(folder) == "bottleneck":
         if not (folder / bottleneck.WEIGHTS_NAME).is_file():
             raise AdapterSourceError(f"{folder} has no {bottleneck.WEIGHTS_NAME}")
-        return method, False, False
+        return method, False, None
     try:
-        prompt_learning = bool(PeftConfig.from_pretrained(str(folder)).is_prompt_learning)
+        config = PeftConfig.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
         raise AdapterSourceError(f"{folder}: unreadable adapter config ({exc})") from exc
-    return method, batchable(folder) and not prompt_learning, prompt_learning
+    if not config.is_prompt_learning:
+        return method, batchable(folder), None
+    return method, False, int(getattr(config, "num_virtual_tokens", 0) or 0)
 
 
 class AdapterPool:
@@ -88,9 +92,9 @@ class AdapterPool:
 
     # ---- registry -------------------------------------------------------------------------
     def add(self, name: str, folder: Path) -> Adapter:
-        method, mixable, prompt_learning = inspect_folder(folder)
+        method, mixable, virtual = inspect_folder(folder)
         self._keys += 1
-        adapter = Adapter(name, folder, method, f"serve_{self._keys}", mixable, prompt_learning)
+        adapter = Adapter(name, folder, method, f"serve_{self._keys}", mixable, virtual is not None, virtual or 0)
         self.adapters[name] = adapter
         return adapter
 
