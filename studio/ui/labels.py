@@ -123,7 +123,7 @@ METHOD = {
     "many_tasks": "Many tasks on one base",
     "quality": "Quality first",
     "rank": "Rank the methods",
-    "advisor_columns": ["method", "score", "reasons", "trainable", "GiB", "verdict"],
+    "advisor_columns": ["method", "score", "reasons", "params", "GiB", "verdict"],
     "advanced": "Advanced settings",
 }
 

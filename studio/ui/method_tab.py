@@ -194,6 +194,12 @@ def _safe(fn, *args):
         return TXT["cannot_read"].format(reason=exc)
 
 
+def short_count(n: int) -> str:
+    """A trainable count that fits a narrow column: 4.9M, 58k, 512 (the Method tab's headline
+    gives the exact count)."""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
 def _advisor(draft: gr.State) -> None:
     with gr.Accordion(TXT["advisor"], open=False, elem_id="advisor"):
         with gr.Row():
@@ -205,7 +211,7 @@ def _advisor(draft: gr.State) -> None:
         # Fixed shares of the width, the reasons the widest: sized by content, the long reasons
         # pushed the verdict column out of the panel.
         table = gr.Dataframe(headers=TXT["advisor_columns"], interactive=False, elem_id="advisor-table", wrap=True,
-                             column_widths=["15%", "7%", "44%", "13%", "8%", "13%"])
+                             column_widths=["17%", "11%", "36%", "13%", "9%", "14%"])
 
     def run(current: RunDraft, n, merge, many, qual):
         device = estimates.planned_device(current, run_setup.device_facts(current.model))
@@ -214,7 +220,7 @@ def _advisor(draft: gr.State) -> None:
         constraints = Constraints(memory_bytes=budget, where=where, examples=int(n or 1), must_merge=merge,
                                   many_tasks=many, quality_first=qual)
         rows = recommend(arch_for(current.model), constraints, choice.setup)
-        return [[r.title, r.score, r.reasons, f"{r.trainable_params:,}", round(r.total_bytes / GIB, 2), r.verdict]
+        return [[r.title, r.score, r.reasons, short_count(r.trainable_params), f"{r.total_bytes / GIB:.1f}", r.verdict]
                 for r in rows]
 
     ask.click(run, [draft, examples, must_merge, many_tasks, quality], [table], api_name="advisor")
