@@ -26,9 +26,9 @@ CHOICES = {"lr_scheduler": SCHEDULES, "precision": PRECISIONS, "loss_on": LOSS_O
 MODEL_MAX_CHARS = 4096  # PATH_MAX on Linux: a longer model source cannot be a path either
 # Exact-match rows per evaluation unless the spec says: every row is a generated answer (up to 48
 # tokens), and the default run evaluates four times. On a busy 2-core CPU one evaluation of 50
-# rows took over ten minutes (issue 15); on a GPU 50 take seconds. The field's default is the
-# CPU's size, safe anywhere; ``RunSpec.for_device`` gives the GPU's where a GPU trains.
-EXACT_MATCH_ROWS = {"cpu": 20, "gpu": 50}
+# rows took over ten minutes (issue 15); on a GPU 50 take seconds. The default is the CPU's size,
+# safe anywhere (runs and bake-offs alike); a GPU user may raise it.
+EXACT_MATCH_ROWS = 20
 
 
 @dataclass(frozen=True)
@@ -122,15 +122,8 @@ class RunSpec:
     # eval and checkpoints
     eval_steps: int = 20  # 0: evaluate only at the end
     save_steps: int = 20
-    exact_match_limit: int = EXACT_MATCH_ROWS["cpu"]  # eval rows generated for exact match (0: skip)
+    exact_match_limit: int = EXACT_MATCH_ROWS  # eval rows generated for exact match (0: skip)
     trust_remote_code: bool = False
-
-    @classmethod
-    def for_device(cls, gpu: bool, **fields: Any) -> "RunSpec":
-        """A spec with ``fields`` and, for those not given, defaults sized for the device that
-        will train it (the exact-match rows; see ``EXACT_MATCH_ROWS``)."""
-        fields.setdefault("exact_match_limit", EXACT_MATCH_ROWS["gpu" if gpu else "cpu"])
-        return cls(**fields)
 
     def validate(self) -> "RunSpec":
         """Check every field before a run row exists; a ``RunSpecError`` names the field, the

@@ -19,7 +19,7 @@ from typing import Any
 
 from studio.db import Bakeoff, Database, RunStatus
 from studio.methods import get_method
-from studio.runspec import RunSpec
+from studio.runspec import EXACT_MATCH_ROWS, RunSpec
 
 DEFAULT_METHODS = ["lora", "dora", "rslora", "loraplus", "qlora", "ia3", "prompt", "prefix", "houlsby"]
 
@@ -30,7 +30,7 @@ class Budget:
     max_steps: int = 40
     batch_size: int = 4
     max_length: int = 128
-    eval_rows: int = 50  # eval rows generated for exact match (0: none)
+    eval_rows: int = EXACT_MATCH_ROWS  # eval rows generated for exact match (0: none), as a run's default
     learning_rate: float | None = None  # None: each method's default_learning_rate
     seed: int = 42
 
