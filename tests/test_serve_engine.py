@@ -291,3 +291,30 @@ def test_a_cache_the_loop_cannot_pad_falls_back_to_generate(tiny_chat_model, ada
         assert engine.stats()["max_batch_seen"] >= 2
     finally:
         engine.close()
+
+
+def test_mixed_lora_hooks_equal_peft_adapter_names_bit_for_bit(engine, prompt):
+    """The mixed lane's cheaper path (``MixedLoRA``: every row the base to PEFT, a hook adds each
+    row's LoRA) gives the very logits of PEFT's ``adapter_names``, for groups that are contiguous
+    and groups that are not; the hooks do nothing outside ``rows()``."""
+    import torch
+
+    from studio.serve.mixed_lora import MixedLoRA
+
+    for name in ("lora1", "lora2"):
+        engine.submit(name, prompt, Sampling(max_tokens=1, temperature=0)).text(timeout=60)
+    view = engine.pool.mixed_view
+    k1, k2 = engine.pool.adapters["lora1"].key, engine.pool.adapters["lora2"].key
+    ids = torch.tensor([prompt] * 5)
+    names = [k1, k2, None, k1, k1]
+    hooks = MixedLoRA(view)
+    assert hooks.usable({k1, k2})
+    with torch.no_grad():
+        peft = view(input_ids=ids, adapter_names=[n or "__base__" for n in names]).logits
+        with hooks.rows(names):
+            ours = view(input_ids=ids, adapter_names=["__base__"] * 5).logits
+        untouched = view(input_ids=ids, adapter_names=["__base__"] * 5).logits
+    hooks.close()
+    assert torch.equal(peft, ours)
+    assert not torch.equal(ours[0], ours[1]) and torch.equal(untouched[0], untouched[2])
+    assert torch.equal(untouched[2], peft[2])

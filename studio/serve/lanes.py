@@ -25,6 +25,7 @@ plain greedy/sampled decode ``generate`` runs, with rows joining and leaving bet
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,6 +222,7 @@ class DecodeLane:
                  base: Any = None):
         self.model_for = model_for  # () -> the model now (the mixed view can come and go)
         self.base = base  # mixed lanes: the untouched base model, for batches of base rows only
+        self._hooks: Any = None  # mixed lanes: MixedLoRA over the current view
         # (batch) -> a prompt-learning adapter's virtual tokens (PEFT's ``get_prompt``): a cache of
         # keys/values (prefix tuning) or input embeddings (prompt tuning); ``model_for`` is then
         # the view's inner model, so PEFT does not add them a second time.
@@ -275,7 +277,8 @@ class DecodeLane:
         device = getattr(model, "device", torch.device("cpu"))
         key = "inputs_embeds" if inputs.is_floating_point() else "input_ids"
         extra[key] = inputs.to(device)
-        with torch.no_grad():
+        hooked = extra.pop("_hooks", None)
+        with torch.no_grad(), (self._hooks.rows(hooked) if hooked is not None else nullcontext()):
             out = model(attention_mask=mask.to(device),
                         position_ids=positions.to(device), cache=cache, use_cache=True, logits_to_keep=1,
                         **extra)
@@ -287,7 +290,9 @@ class DecodeLane:
         step 1.5x the base's with one adapter named per row, 2.8x with sixteen), so a batch of
         base rows only runs on the untouched base, and a batch of one adapter runs the view
         with that adapter active; only a batch that really mixes names them per row. The three
-        compute the same numbers for a row (the same operations on the same weights)."""
+        compute the same numbers for a row (the same operations on the same weights). A truly
+        mixed batch of plain LoRA adapters adds each row's delta through ``MixedLoRA``'s hooks
+        (1.6x cheaper than PEFT's loop, the same bits); anything else is named per row."""
         keys = {r.key for r in rows}
         if keys == {None}:
             return self.base, {}
@@ -296,6 +301,15 @@ class DecodeLane:
             if view.active_adapter != key:
                 view.set_adapter(key, inference_mode=True)
             return view, {}
+        if self._hooks is None or self._hooks.view is not view:
+            from studio.serve.mixed_lora import MixedLoRA
+
+            self._hooks = MixedLoRA(view)
+        if self._hooks.usable(keys - {None}):
+            from studio.compare.engine import BASE
+
+            # every row is the base to PEFT; the hooks add each row's own adapter
+            return view, {"adapter_names": [BASE] * len(rows), "_hooks": [r.key for r in rows]}
         return view, adapter_names(view, rows)
 
     def _accept(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
