@@ -126,7 +126,8 @@ def generate_batch(model: Any, rows: list[Row], pad_id: int, eos_ids: list[int],
 
 
 class GenerateLane:
-    """PEFT's ``generate`` for one adapter's rows, in its own thread, one step per turn.
+    """``generate`` for a lane's rows (the fallback for caches our loop cannot pad), in its own
+    thread, one step per turn.
 
     ``step()`` (scheduler thread) gives the lane's thread the turn and waits until it hands the
     turn back after one decoding step (or after its ``generate`` ends). Rows arriving while a
@@ -144,7 +145,6 @@ class GenerateLane:
         self.view: Any = None  # the adapter view it serves (a re-attached adapter gets a new lane)
         self._thread: threading.Thread | None = None
         self._finished = False
-        self.closed = False
 
     def add(self, row: Row) -> None:
         self.pending.append(row)
