@@ -318,3 +318,41 @@ def test_mixed_lora_hooks_equal_peft_adapter_names_bit_for_bit(engine, prompt):
     assert torch.equal(peft, ours)
     assert not torch.equal(ours[0], ours[1]) and torch.equal(untouched[0], untouched[2])
     assert torch.equal(untouched[2], peft[2])
+
+
+def test_unregister_waits_for_requests_and_an_adapter_brings_its_own_chat_template(
+        engine, adapters, prompt, references, tmp_path):
+    from studio.serve.engine import AdapterInUse, UnknownModel
+
+    busy = engine.submit("lora2", prompt, Sampling(max_tokens=400, temperature=0))
+    wait_for(lambda: busy.token_ids)
+    with pytest.raises(AdapterInUse, match="lora2") as in_use:
+        engine.unregister("lora2")
+    assert in_use.value.status == 409
+    busy.cancel()
+    busy.text(timeout=60)
+    wait_for(lambda: engine.stats()["running"] == 0)
+    engine.unregister("lora2")
+    assert "lora2" not in {m.name for m in engine.models()}
+    with pytest.raises(UnknownModel):
+        engine.submit("lora2", prompt, GREEDY)
+    entry = engine.register("lora2", adapters["lora2"])  # back, loaded again on its next request
+    assert entry.parent == "tiny" and entry.mixable and not entry.loaded
+    again = engine.submit("lora2", prompt, GREEDY)
+    again.text(timeout=60)
+    assert again.token_ids == references["lora2"]
+
+    # A folder that saved its tokenizer brings its chat template; the others use the base's.
+    own = tmp_path / "own-template"
+    shutil.copytree(adapters["lora1"], own)
+    engine.tokenizer.save_pretrained(own)
+    config = json.loads((own / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    (own / "tokenizer_config.json").write_text(json.dumps(config))
+    (own / "chat_template.jinja").unlink(missing_ok=True)
+    engine.register("own", own)
+    rendered = engine.tokenizer_for("own").apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert rendered == "<<hi>>"
+    assert engine.tokenizer_for("lora1") is engine.tokenizer_for("tiny") is engine.tokenizer
+    with pytest.raises(UnknownModel):
+        engine.tokenizer_for("nope")
