@@ -13,7 +13,8 @@ import time
 import pytest
 
 from serve_helpers import chat_prompt, make_adapters, reference_ids
-from studio.serve.engine import Sampling, ServeEngine
+from studio.serve.completion import Sampling
+from studio.serve.engine import ServeEngine
 
 GREEDY = Sampling(max_tokens=8, temperature=0)
 METHODS = ["lora1", "lora2", "dora", "ia3", "prompt", "prefix", "bottleneck"]
@@ -143,7 +144,7 @@ def test_a_stop_string_ends_the_answer_before_it_and_is_never_streamed(engine, p
 
 def test_refusals_name_the_problem_and_the_engine_keeps_serving(engine, adapters, prompt, references, tmp_path):
     from studio.compare.sources import AdapterSourceError
-    from studio.serve.engine import AdapterLoadFailed, InvalidRequest, PromptTooLong, UnknownModel
+    from studio.serve.completion import AdapterLoadFailed, InvalidRequest, PromptTooLong, UnknownModel
 
     with pytest.raises(UnknownModel, match="'nope'") as unknown:
         engine.submit("nope", prompt, GREEDY)
@@ -219,7 +220,7 @@ def test_sampling_maths_and_streamed_text(engine):
 def test_lru_keeps_at_most_max_active_adapters_attached(tiny_chat_model, adapters, prompt, references):
     """max_active=2 over 4 adapters (mixed and solo): all answer correctly, in turn and at once;
     never more than 2 attached; memory stays at base + 2 adapters; a full queue is Busy."""
-    from studio.serve.engine import Busy
+    from studio.serve.completion import Busy
 
     names = ["lora1", "dora", "lora2", "prompt"]
     engine = ServeEngine.load(str(tiny_chat_model), "tiny", max_active=2)
@@ -322,7 +323,7 @@ def test_mixed_lora_hooks_equal_peft_adapter_names_bit_for_bit(engine, prompt):
 
 def test_unregister_waits_for_requests_and_an_adapter_brings_its_own_chat_template(
         engine, adapters, prompt, references, tmp_path):
-    from studio.serve.engine import AdapterInUse, UnknownModel
+    from studio.serve.completion import AdapterInUse, UnknownModel
 
     busy = engine.submit("lora2", prompt, Sampling(max_tokens=400, temperature=0))
     wait_for(lambda: busy.token_ids)

@@ -1,11 +1,18 @@
 """Serving trained adapters over HTTP: an OpenAI-compatible endpoint, one base model in memory,
 many adapters over it, the adapter chosen per request (issue 16).
 
-- ``engine.py``, ``lanes.py``, ``sampling.py``, ``pool.py``: the scheduler (continuous batching
-  across adapters PEFT can mix, fair interleaving of those it cannot), the adapter memory (LRU).
+- ``engine.py``: ``ServeEngine``, the scheduler (a bounded queue, one thread that owns the
+  models, lanes taking turns one decoding step each); ``lanes.py``: our decode loop with
+  continuous batching (the mixed LoRA lane, one lane per other adapter, prompt learning from
+  PEFT's ``get_prompt``) and ``generate`` in a turn-taking thread where our loop cannot pad the
+  cache; ``mixed_lora.py``: a mixed plain-LoRA batch in one forward, bit-identical to PEFT's
+  ``adapter_names``; ``pool.py``: the adapter memory (LRU over ``max_active``); ``sampling.py``:
+  per-row sampling and streamed text with stop strings; ``completion.py``: a request's handle and
+  the errors a client sees (no torch).
 - ``catalog.py``: what a server serves (a project's runs, named folders), confined and checked.
-- ``api.py``, ``schemas.py``: the HTTP routes and OpenAI request/response shapes.
+- ``api.py``, ``schemas.py``, ``stream.py``: the HTTP routes, the OpenAI request/response
+  shapes, server-sent events.
 - ``process.py``: a ``peft-studio serve`` child started and stopped from the app.
 - ``vllm.py``: the hand-off to vLLM's own OpenAI server for LoRA adapters on a GPU.
-Importing the package loads no torch.
+Only the engine side (engine, lanes, mixed_lora, pool, sampling) imports torch.
 """

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from studio.serve import schemas, stream
+from studio.serve.completion import ServeError
 from studio.serve.schemas import RequestError, error_body
 
 log = logging.getLogger("studio.serve")
@@ -112,8 +113,7 @@ def error_response(exc: BaseException) -> JSONResponse:
 
     if isinstance(exc, RequestError):
         return _json(exc.status, error_body(str(exc), exc.type, exc.param, exc.code))
-    serve_error = _serve_error_class()
-    if serve_error is not None and isinstance(exc, serve_error):
+    if isinstance(exc, ServeError):
         return _json(exc.status, error_body(str(exc), exc.type, exc.param, exc.code))
     if isinstance(exc, HTTPException):  # a chunked body past the limit, met while reading it
         return _json(exc.status_code, error_body(_http_message(exc.status_code, str(exc.detail)),
@@ -122,14 +122,6 @@ def error_response(exc: BaseException) -> JSONResponse:
         return _json(400, error_body(str(exc), param="path", code="bad_adapter_folder"))
     log.error("serving failed", exc_info=exc)
     return _json(500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"))
-
-
-def _serve_error_class():
-    """``engine.ServeError``, imported only once an engine exists (the module imports torch)."""
-    import sys
-
-    module = sys.modules.get("studio.serve.engine")
-    return getattr(module, "ServeError", None)
 
 
 def create_app(engine, catalog, *, api_key: str | None, host: str, port: int,
@@ -325,7 +317,7 @@ async def _whole_text(request: Request, completion, limiter) -> str:
 def _submit(state: _State, body, chat: bool):
     """Tokenize the request and hand it to the engine (in a worker thread: tokenizers and the
     engine's lock are blocking)."""
-    from studio.serve.engine import Sampling
+    from studio.serve.completion import Sampling
 
     engine = state.engine
     if chat:

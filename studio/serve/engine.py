@@ -26,8 +26,6 @@ from studio.serve.completion import (AdapterInUse, AdapterLoadFailed, Busy, Comp
 from studio.serve.lanes import DecodeLane, GenerateLane, Row, full_attention_cache
 from studio.serve.sampling import TextStream, new_generator
 
-__all__ = ["AdapterInUse", "AdapterLoadFailed", "Busy", "Completion", "InvalidRequest", "ModelEntry",
-           "PromptTooLong", "Sampling", "ServeEngine", "ServeError", "UnknownModel"]
 
 
 @dataclass
