@@ -23,7 +23,6 @@ through ``importlib.util.find_spec`` and a GPU probe in a child process (``studi
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 import json
 import os
 import shlex
@@ -39,6 +38,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from studio import models
+from studio.ui.launch import is_loopback
 from studio.compare.sources import (BOTTLENECK_CONFIG, PEFT_CONFIG, PEFT_WEIGHTS, AdapterSourceError,
                                     detect_method)
 
@@ -304,7 +304,7 @@ def run(catalog, *, host: str, port: int, api_key: str | None, max_active: int) 
     print(f"  {shown_command(command, api_key)}", flush=True)
     print("on another machine with vLLM and a GPU (copy the folders it names there first):", flush=True)
     print(f"  {shown_command(command, api_key, portable=True)}", flush=True)
-    if not api_key and not _loopback(host):
+    if not api_key and not is_loopback(host):
         print(f"refused: {host} is reachable from other machines; give --api-key or --api-key-file",
               file=sys.stderr, flush=True)
         return 2
@@ -371,12 +371,3 @@ def _free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
