@@ -1,12 +1,14 @@
 """Serving throughput: concurrent clients over many LoRA adapters against one request at a time.
 
     python bench/serve.py [--model default] [--clients 1,4,16] [--adapters 1,4,16] [--rounds 2]
-                          [--max-tokens 64] [--threads N] [--out FILE.md] [--smoke]
+                          [--max-tokens 64] [--threads N] [--rank 16] [--targets q_proj,k_proj,v_proj,o_proj]
+                          [--out FILE.md] [--smoke]
 
 The real server, through HTTP: ``peft-studio serve`` as a child process on 127.0.0.1 (its own
 process, as a user runs it, so the clients' threads here never share its interpreter), serving
-the base and ``max(--adapters)`` random LoRA adapters made here (r 16, alpha 32 on q, k, v, o;
-B drawn from a seeded normal so each adapter really changes the answers; saved by PEFT's
+the base and ``max(--adapters)`` random LoRA adapters made here (``--rank`` r, default 16, alpha
+2r, on ``--targets``, default q, k, v, o; r 8 on q_proj,v_proj is the LoRA paper's setting; B
+drawn from a seeded normal so each adapter really changes the answers; saved by PEFT's
 ``save_pretrained``). ``--max-active`` is the number of adapters, so every adapter stays
 attached: this measures batching, not the LRU's disk loads. Every adapter (and the base) gets
 one short request before anything is measured, so loading is not timed.
@@ -69,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="requests per client (default 2)")
     parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (default 64)")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the server (0: torch's default)")
+    parser.add_argument("--rank", type=int, default=LORA["r"], help="the adapters' LoRA rank (default 16; alpha 2r)")
+    parser.add_argument("--targets", default=",".join(LORA["target_modules"]),
+                        help="the adapters' target modules, comma separated (default q_proj,k_proj,v_proj,o_proj)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "peft-studio-bench-cache"),
                         help="studio home holding the converted embedded model (kept between runs)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for the server to start")
@@ -82,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.max_tokens = args.max_tokens or (4 if smoke else 64)
     if args.rounds < 1 or args.max_tokens < 1:
         parser.error("--rounds and --max-tokens must be at least 1")
+    if args.rank < 1:
+        parser.error("--rank must be at least 1")
+    args.targets = [part.strip() for part in args.targets.split(",") if part.strip()]
+    if not args.targets:
+        parser.error("--targets names at least one module, e.g. q_proj,v_proj")
     return args
 
 
@@ -124,19 +134,26 @@ def base_folder(args: argparse.Namespace, work: Path) -> Path:
     return folder
 
 
-def make_adapters(base: Path, dest: Path, count: int, seed: int = 0) -> dict[str, Path]:
-    """``count`` LoRA adapters over ``base`` (``LORA``), B seeded per adapter, each in its own
-    folder as PEFT saves it (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+def lora_settings(rank: int = LORA["r"], targets: list[str] | None = None) -> dict:
+    """``LORA`` with rank r (alpha 2r, as ``LORA``'s 16 / 32) on ``targets``."""
+    return {**LORA, "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets or LORA["target_modules"])}
+
+
+def make_adapters(base: Path, dest: Path, count: int, seed: int = 0, rank: int = LORA["r"],
+                  targets: list[str] | None = None) -> dict[str, Path]:
+    """``count`` LoRA adapters over ``base`` (``lora_settings``), B seeded per adapter, each in
+    its own folder as PEFT saves it (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
     from studio.models import load_model
 
+    settings = lora_settings(rank, targets)
     names = [f"lora{i}" for i in range(count)]
-    model = get_peft_model(load_model(str(base)), LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA),
+    model = get_peft_model(load_model(str(base)), LoraConfig(task_type=TaskType.CAUSAL_LM, **settings),
                            adapter_name=names[0])
     for name in names[1:]:
-        model.add_adapter(name, LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA))
+        model.add_adapter(name, LoraConfig(task_type=TaskType.CAUSAL_LM, **settings))
     for i, name in enumerate(names):
         generator = torch.Generator().manual_seed(seed + i)
         with torch.no_grad():
@@ -318,7 +335,8 @@ HEADER = ["clients", "adapters", "requests", "tokens", "tokens/s", "p50 s", "p95
 
 def report(rows: list[Row], args: argparse.Namespace, machine: str) -> str:
     lines = [f"## Serving: {args.model or ('tiny random model' if args.smoke else 'default')}", "", machine,
-             f"max_tokens {args.max_tokens}, {args.rounds} request(s) per client, greedy; LoRA r 16 on q,k,v,o", "",
+             f"max_tokens {args.max_tokens}, {args.rounds} request(s) per client, greedy; "
+             f"LoRA r {args.rank} on {','.join(args.targets)}", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
     lines.append("")
@@ -384,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         started = time.perf_counter()
         base = base_folder(args, work)
-        adapters = make_adapters(base, work / "adapters", max(args.adapters))
+        adapters = make_adapters(base, work / "adapters", max(args.adapters), rank=args.rank,
+                                 targets=args.targets)
         print(f"{len(adapters)} adapters made in {time.perf_counter() - started:.1f} s", flush=True)
         started = time.perf_counter()
         server = Server(args, base, adapters, work / "server.log")

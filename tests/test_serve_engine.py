@@ -357,3 +357,72 @@ def test_unregister_waits_for_requests_and_an_adapter_brings_its_own_chat_templa
     assert engine.tokenizer_for("lora1") is engine.tokenizer_for("tiny") is engine.tokenizer
     with pytest.raises(UnknownModel):
         engine.tokenizer_for("nope")
+
+
+def test_mixed_lora_batched_decode_equals_peft_adapter_names(tiny_chat_model, prompt, monkeypatch):
+    """The batched path (adapters stacked per layer, two bmm per layer, after S-LoRA / Punica)
+    gives PEFT's ``adapter_names`` logits for a decode step: rows grouped contiguously, scattered,
+    one row per adapter (the stack used as it is), uneven groups beside base rows (zero-padded
+    layout); adapters of different ranks (zero-padded stacks) and different target layers. MKL's
+    batched kernel may round the sums differently from ``F.linear``: within 1e-5 of the logits'
+    scale, the same greedy token; a prefill (several tokens a row) takes the per-group path,
+    bit for bit."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import DynamicCache
+
+    from studio.compare.engine import share_base
+    from studio.models import load_model
+    from studio.serve import mixed_lora
+    from studio.serve.mixed_lora import MixedLoRA
+
+    base = load_model(str(tiny_chat_model)).eval()
+    ranks = {"a": 4, "b": 8, "c": 8, "d": 2, "e": 8}
+    targets = {"d": ["q_proj", "v_proj"]}
+    configs = {k: LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                             target_modules=targets.get(k, ["q_proj", "k_proj", "v_proj", "o_proj"]))
+               for k, r in ranks.items()}
+    view = get_peft_model(share_base(base), configs["a"], adapter_name="a")
+    for key in "bcde":
+        view.add_adapter(key, configs[key])
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in view.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    view.eval()
+    hooks = MixedLoRA(view, base=base)
+    assert hooks.usable(set(ranks)) and hooks.base is base
+    calls = []
+    batched = MixedLoRA._batched
+    monkeypatch.setattr(MixedLoRA, "_batched", lambda self, *a: calls.append(1) or batched(self, *a))
+
+    cases = {"contiguous": list("aabbccdd"), "scattered": ["a", "b", "c", "a", "b", "c", None, "d"],
+             "one row each": list("abcde"), "shuffled": list("edcba"),
+             "uneven beside base": ["a", "a", "a", None, "b", "c", "c", None]}
+    for label, keys in cases.items():
+        ids = torch.tensor([prompt] * len(keys))
+        names = [k or "__base__" for k in keys]
+        with torch.no_grad():
+            cache = DynamicCache(config=view.config)
+            peft = view(input_ids=ids, adapter_names=names, cache=cache, use_cache=True).logits
+            before = len(calls)
+            with hooks.rows(keys):
+                ours = base(input_ids=ids).logits
+            assert torch.equal(ours, peft) and len(calls) == before, label  # prefill: per group, exact
+            step = peft[:, -1:].argmax(-1)
+            after = view(input_ids=step, adapter_names=names, cache=copy.deepcopy(cache), use_cache=True).logits
+            with hooks.rows(keys):
+                decoded = base(input_ids=step, cache=copy.deepcopy(cache), use_cache=True).logits
+        assert len(calls) > before, label  # the batched path ran
+        scale = after.abs().max()
+        assert (decoded - after).abs().max() <= 1e-5 * scale, label
+        assert torch.equal(decoded.argmax(-1), after.argmax(-1)), label
+        rows = [i for i, k in enumerate(keys) if k is None]
+        plain = base(input_ids=step, cache=copy.deepcopy(cache)).logits
+        assert torch.equal(decoded[rows], plain[rows]), label  # base rows untouched
+    # Below the threshold of adapters (or off), the per-group path: PEFT's bits.
+    assert mixed_lora.MIN_BATCHED_GROUPS > 2
+    assert not base._forward_hooks and all(not m._forward_hooks for m in base.modules())  # hooks gone
