@@ -426,3 +426,38 @@ def test_mixed_lora_batched_decode_equals_peft_adapter_names(tiny_chat_model, pr
     # Below the threshold of adapters (or off), the per-group path: PEFT's bits.
     assert mixed_lora.MIN_BATCHED_GROUPS > 2
     assert not base._forward_hooks and all(not m._forward_hooks for m in base.modules())  # hooks gone
+
+
+def test_a_batch_over_many_lora_adapters_answers_as_each_alone(tiny_chat_model, adapters, prompt, tmp_path,
+                                                               monkeypatch):
+    """Four LoRA adapters (two ranks) and the base at once through the engine: the mixed lane's
+    decode steps take the batched path (``MixedLoRA._batched`` runs), and every greedy answer
+    equals ``generate`` on its adapter alone."""
+    from chat_helpers import save_peft_adapter
+    from studio.serve.mixed_lora import MixedLoRA
+
+    folders = {"lora1": adapters["lora1"], "lora2": adapters["lora2"],
+               "lora3": save_peft_adapter(tiny_chat_model, tmp_path / "lora3", "lora", seed=3, r=8),
+               "lora4": save_peft_adapter(tiny_chat_model, tmp_path / "lora4", "lora", seed=4)}
+    texts = ["Hi", "Name three colours.", "Count to five", "What is the capital of France?"]
+    calls = []
+    batched = MixedLoRA._batched
+    monkeypatch.setattr(MixedLoRA, "_batched", lambda self, *a: calls.append(1) or batched(self, *a))
+    engine = ServeEngine.load(str(tiny_chat_model), "tiny", max_active=8)
+    try:
+        for name, folder in folders.items():
+            engine.register(name, folder)
+        prompts = [chat_prompt(engine.tokenizer, text) for text in texts]
+        jobs = [(name, ids) for i, name in enumerate([*folders, "tiny"] * 2) for ids in [prompts[i % 4]]]
+        refs = {(name, tuple(ids)): reference_ids(tiny_chat_model, folders.get(name), ids, 10) for name, ids in jobs}
+        assert len({tuple(r) for r in refs.values()}) >= 6  # the adapters really answer differently
+        for name in folders:  # attach every adapter first, so the batch below is one mixed batch
+            engine.submit(name, prompt, Sampling(max_tokens=1, temperature=0)).text(timeout=60)
+        running = [(name, ids, engine.submit(name, ids, Sampling(max_tokens=10, temperature=0)))
+                   for name, ids in jobs]
+        for name, ids, completion in running:
+            completion.text(timeout=60)
+            assert completion.token_ids == refs[(name, tuple(ids))], name
+    finally:
+        engine.close()
+    assert calls
