@@ -224,7 +224,8 @@ class _Hook:
 
 def _stack(layer: _Layer) -> None:
     """The layer's adapters as [n, r_max, d_in] / [n, d_out, r_max] tensors (ranks zero-padded)
-    and their scalings [n, 1, 1]; nothing when they differ in dtype or device."""
+    and their scalings [n, 1, 1]; nothing when they differ in dtype or device. When every rank is
+    r_max, PEFT's own weights are then the stack's slots (no second copy)."""
     lora = layer.lora
     if not layer.keys:
         return
@@ -241,6 +242,13 @@ def _stack(layer: _Layer) -> None:
         for slot, (a, b) in enumerate(weights):
             a_stack[slot, :a.shape[0]] = a
             b_stack[slot, :, :b.shape[1]] = b
+        if all(a.shape[0] == r_max and not a.requires_grad and not b.requires_grad for a, b in weights):
+            # One copy, not two: PEFT's weights become views of their slots (contiguous, the same
+            # values, so PEFT's own path computes the same bits). The stack is freed when the next
+            # scan re-points the remaining adapters at a new one.
+            for slot, key in enumerate(layer.keys):
+                lora.lora_A[key].weight.data = a_stack[slot]
+                lora.lora_B[key].weight.data = b_stack[slot]
     layer.a, layer.b = a_stack, b_stack
     layer.scaling = torch.tensor([float(lora.scaling[k]) for k in layer.keys], dtype=a_stack.dtype,
                                  device=a_stack.device).view(-1, 1, 1)
