@@ -63,6 +63,8 @@ class _Layer:
     keys: tuple  # the adapters this layer holds, in slot order
     a: torch.Tensor | None = None  # [n, r_max, d_in]
     b: torch.Tensor | None = None  # [n, d_out, r_max]
+    a_t: torch.Tensor | None = None  # a.transpose(1, 2), b.transpose(1, 2): what bmm takes
+    b_t: torch.Tensor | None = None
     scaling: torch.Tensor | None = None  # [n, 1, 1]
     slot: dict = field(default_factory=dict)  # adapter key -> slot
 
@@ -93,6 +95,7 @@ class MixedLoRA:
         self._handles: list = []
         self._groups: list | None = None  # set only inside ``rows()``
         self._layouts: dict = {}  # (layer keys) -> _Layout, for the batch inside ``rows()``
+        self._present: dict = {}  # (layer keys) -> how many of the batch's adapters they hold
         self._row_keys: list | None = None
 
     def _scan(self) -> None:
@@ -151,23 +154,24 @@ class MixedLoRA:
             if key is not None:
                 groups.setdefault(key, []).append(index)
         self._groups = [(key, _rows(indices)) for key, indices in groups.items()]
-        self._row_keys, self._layouts = list(row_keys), {}
+        self._row_keys, self._layouts, self._present = list(row_keys), {}, {}
         self._handles = [layer.target.register_forward_hook(_Hook(self, layer)) for layer in self._layers]
         try:
             yield
         finally:
             for handle in self._handles:
                 handle.remove()
-            self._handles, self._groups, self._row_keys, self._layouts = [], None, None, {}
+            self._handles, self._groups, self._row_keys, self._layouts, self._present = [], None, None, {}, {}
 
     def _add(self, layer: _Layer, x: torch.Tensor, output: torch.Tensor) -> None:
-        module = layer.lora
-        present = [key for key, _ in self._groups if key in module.lora_A]
-        if (self.batched and layer.a is not None and x.dim() == 3 and x.shape[1] == 1
-                and len(present) >= MIN_BATCHED_GROUPS and x.dtype == layer.a.dtype == output.dtype):
+        present = self._present.get(layer.keys)
+        if present is None:  # how many of the batch's adapters this layer holds (once a forward)
+            present = self._present[layer.keys] = sum(key in layer.lora.lora_A for key, _ in self._groups)
+        if (present >= MIN_BATCHED_GROUPS and layer.a is not None and x.dim() == 3 and x.shape[1] == 1
+                and x.dtype == layer.a.dtype == output.dtype):
             self._batched(layer, x, output)
         else:
-            self._grouped(module, x, output)
+            self._grouped(layer.lora, x, output)
 
     def _grouped(self, module: Any, x: torch.Tensor, output: torch.Tensor) -> None:
         for key, rows in self._groups:
@@ -197,10 +201,11 @@ class MixedLoRA:
             xs = flat.view(layout.groups, layout.width, d_in)
         else:
             xs = flat.index_select(0, layout.index).view(layout.groups, layout.width, d_in)
-        a, b, scaling = layer.a, layer.b, layer.scaling
+        a_t, b_t, scaling = layer.a_t, layer.b_t, layer.scaling
         if layout.slots is not None:
-            a, b, scaling = a.index_select(0, layout.slots), b.index_select(0, layout.slots), scaling[layout.slots]
-        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * scaling
+            a_t, b_t = a_t.index_select(0, layout.slots), b_t.index_select(0, layout.slots)
+            scaling = scaling.index_select(0, layout.slots)
+        delta = torch.bmm(torch.bmm(xs, a_t), b_t) * scaling
         out = output.view(batch, -1)
         delta = delta.view(layout.groups * layout.width, -1)
         if layout.rows is None:
@@ -250,6 +255,7 @@ def _stack(layer: _Layer) -> None:
                 lora.lora_A[key].weight.data = a_stack[slot]
                 lora.lora_B[key].weight.data = b_stack[slot]
     layer.a, layer.b = a_stack, b_stack
+    layer.a_t, layer.b_t = a_stack.transpose(1, 2), b_stack.transpose(1, 2)  # views: [n, d_in, r], [n, r, d_out]
     layer.scaling = torch.tensor([float(lora.scaling[k]) for k in layer.keys], dtype=a_stack.dtype,
                                  device=a_stack.device).view(-1, 1, 1)
     layer.slot = {k: i for i, k in enumerate(layer.keys)}
