@@ -52,6 +52,17 @@ def share_base(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def distinct_storage_bytes(models: list[torch.nn.Module]) -> int:
+    """Bytes of distinct tensor storage held by ``models``: weights the views share with the base
+    count once, so the base plus its views grows by the adapters' own weights only."""
+    seen: dict[int, int] = {}
+    for model in models:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 @dataclass
 class Attached:
     name: str  # the column's name as the user sees it
@@ -272,11 +283,5 @@ class ChatEngine:
         return [self.base, *views.values()]
 
     def resident_bytes(self) -> int:
-        """Bytes of distinct tensor storage held by the base and every view: shared base weights
-        count once, so this grows by the adapters' own weights only."""
-        seen: dict[int, int] = {}
-        for model in self.models():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                storage = tensor.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
-        return sum(seen.values())
+        """Bytes held by the base and every view (``distinct_storage_bytes``)."""
+        return distinct_storage_bytes(self.models())

@@ -26,7 +26,7 @@ from typing import Any
 from peft import PeftConfig, PeftModel
 
 from studio.adapters import bottleneck
-from studio.compare.engine import BASE, share_base
+from studio.compare.engine import BASE, distinct_storage_bytes, share_base
 from studio.compare.sources import AdapterSourceError, adapter_format, batchable, detect_method
 
 NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -171,11 +171,5 @@ class AdapterPool:
         return [self.base, *views.values()]
 
     def resident_bytes(self) -> int:
-        """Bytes of distinct tensor storage held by the base and every view: the shared base
-        weights count once, so this grows by the attached adapters' own weights only."""
-        seen: dict[int, int] = {}
-        for model in self.models():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                storage = tensor.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
-        return sum(seen.values())
+        """Bytes held by the base and the attached adapters' views (shared weights once)."""
+        return distinct_storage_bytes(self.models())
