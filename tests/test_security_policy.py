@@ -19,7 +19,7 @@ def test_extra_names_and_tunnel_ports_come_from_the_environment(monkeypatch, hos
     monkeypatch.setenv("PEFT_STUDIO_ALLOWED_HOSTS", "studio.lan, localhost:9000")
     guard = RequestGuard(None, object(), "127.0.0.1", None)
     scope = {"type": "http", "path": "/", "server": ("127.0.0.1", 7860), "scheme": "http"}
-    refusal = guard._refusal(scope, {"host": host, "origin": f"http://{host}"})
+    refusal = guard.refusal(scope, {"host": host, "origin": f"http://{host}"})
     assert (refusal is None) == allowed, refusal
 
 
