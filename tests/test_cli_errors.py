@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -195,6 +196,9 @@ def test_two_trains_at_once_on_a_new_project_then_ctrl_c_then_stop(db, tiny_chat
         assert err.count("\n") == 1 and "Traceback" not in err, err
         first = winner.stdout.readline()
         assert "started in project 'Brand new'" in first, first
+        # Keep reading what it follows: a full stdout pipe (the worker's log, on a fast machine)
+        # would block its exit flush after the Ctrl-C, and the wait below time out (seen in CI).
+        threading.Thread(target=winner.stdout.read, daemon=True).start()
         [project] = db.list_projects()
         [run] = db.list_runs()
         assert run.project_id == project.id and len(run_folders()) == 1
