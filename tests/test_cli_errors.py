@@ -184,7 +184,10 @@ def test_two_trains_at_once_on_a_new_project_then_ctrl_c_then_stop(db, tiny_chat
     path = tmp_path / "spec.json"
     # Far more steps than can run before the stop below lands: the run must end "cancelled".
     path.write_text(json.dumps(tiny_spec(tiny_chat_model, max_steps=20_000, save_steps=0).to_dict()))
-    both = [studio("train", str(path), "--project", "Brand new") for _ in range(2)]
+    # Ctrl-C as in a terminal: a suite started in the background (`cmd &`, nohup) hands its
+    # children SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    both = [studio("train", str(path), "--project", "Brand new",
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) for _ in range(2)]
     try:
         deadline = time.monotonic() + 90
         while all(p.poll() is None for p in both) and time.monotonic() < deadline:
