@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL
 
 from .schema import RESERVED_FOLDERS, Base
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class DatabaseError(RuntimeError):
@@ -96,9 +96,16 @@ def _v3_run_activity(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE runs ADD COLUMN activity JSON")
 
 
+def _v4_run_recipe(conn: Connection) -> None:
+    """Schema 4 (issue 17): ``runs.recipe``, how a composed (derived) adapter was made from its
+    parent runs; NULL for every trained run, so existing rows need nothing."""
+    conn.exec_driver_sql("ALTER TABLE runs ADD COLUMN recipe JSON")
+
+
 MIGRATIONS: list[Migration] = [
     (2, "bake-offs and the run queue", _v2_bakeoffs_and_queue),
     (3, "what a running worker is doing", _v3_run_activity),
+    (4, "composed adapters' recipes", _v4_run_recipe),
 ]
 
 

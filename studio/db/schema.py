@@ -141,6 +141,10 @@ class Run(Base):
     # "since": <unix time>}``; None while it trains steps. The Train tab shows it, so a long
     # evaluation is visibly alive rather than a stalled progress bar.
     activity: Mapped[dict | None] = mapped_column(JSONText)
+    # A derived run (schema 4, issue 17): trained adapters composed into a new one, with no
+    # worker, metrics or checkpoints of its own; the recipe is ``studio.adapters.compose.Recipe``
+    # as a dict (combination, parent run ids and weights, density, svd rank). None: a trained run.
+    recipe: Mapped[dict | None] = mapped_column(JSONText)
 
 
 class Metric(Base):
