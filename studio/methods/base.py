@@ -60,6 +60,20 @@ class ApplyContext:
 
 
 @dataclass(frozen=True)
+class OptimizerState:
+    """What a method's own optimizer keeps (``MethodSpec.optimizer_state``), for the estimate."""
+
+    bytes: int  # its state after the first step, projectors included
+    formula: str
+    # Bytes the step allocates at once on top (one tensor's temporaries for a per-parameter loop;
+    # torch's foreach AdamW takes a parameter-sized one for the whole model, see estimate.py).
+    step_temporary: int = 0
+    # Each gradient is freed as soon as its parameter is updated (layer-wise updates in
+    # post-accumulate-grad hooks), so about one tensor's gradient is held, not all of them.
+    frees_gradients: bool = False
+
+
+@dataclass(frozen=True)
 class Advice:
     """What the method advisor (``studio.advisor``) weighs for a method besides its estimate."""
 
@@ -134,6 +148,19 @@ class MethodSpec:
     # whether the final norm and output layer train too.
     trained_blocks: Callable[[ArchInfo, Any], int] | None = None
     trains_output_layer: bool = False
+
+    # --- a method that is an optimizer (GaLore, APOLLO: whole-model training, state projected) ---
+    # (arch, params) -> the ``TrainingArguments`` keywords that select it through transformers'
+    # own optimizer integration (``optim``, ``optim_target_modules``, ``optim_args``); the worker
+    # passes them on in place of the run's optimizer. None: the run's optimizer.
+    trainer_optim: Callable[[ArchInfo, Any], dict[str, Any]] | None = None
+    # (arch, params, width of a trained value in bytes) -> ``OptimizerState``: the optimizer's
+    # state term of the estimate, replacing the run's optimizer over ``tensors``. None: that one.
+    optimizer_state: Callable[[ArchInfo, Any, int], "OptimizerState"] | None = None
+    # (params, run spec, device kind "cuda" | "cpu", or None before the device is known) -> why
+    # this run cannot train with these settings, or None. Asked by ``RunSpec.validate`` and by
+    # ``run_setup.training_setup``, so a refusal comes before a run row or a model load.
+    run_check: Callable[[Any, Any, str | None], str | None] | None = None
 
     @property
     def quantized(self) -> bool:
