@@ -2,7 +2,7 @@
 
     python bench/serve.py [--model default] [--clients 1,4,16] [--adapters 1,4,16] [--rounds 2]
                           [--max-tokens 64] [--threads N] [--rank 16] [--targets q_proj,k_proj,v_proj,o_proj]
-                          [--out FILE.md] [--smoke]
+                          [--ignore-eos] [--out FILE.md] [--smoke]
 
 The real server, through HTTP: ``peft-studio serve`` as a child process on 127.0.0.1 (its own
 process, as a user runs it, so the clients' threads here never share its interpreter), serving
@@ -20,12 +20,17 @@ are measured side by side in one run (one at a time first, then concurrent, per 
 and the base alone with the largest c is the reference for the adapters' cost.
 
 The figures: output tokens/s = the responses' ``usage.completion_tokens`` summed over the wall
-time from the first request sent to the last answer (an answer may end early at end-of-sequence;
-the API has no ignore-EOS, so tokens are counted, never assumed), and p50 / p95 request latency
+time from the first request sent to the last answer (an answer may end early at end-of-sequence,
+so tokens are counted, never assumed), and p50 / p95 request latency
 (nearest rank). Greedy answers must be the same concurrent or alone: the table counts those that
 differ (the engine's contract is zero). Goals (issue 16): (largest c × largest k) over one at a
 time ≥ 3, and over (largest c on the base) ≥ 0.9. The machine's load average is printed before
 and after: a busy machine makes every figure worse.
+
+``--ignore-eos`` sends vLLM's ``ignore_eos`` with every request, so every answer runs to
+``max_tokens``: different adapters give answers of different lengths, and a batch whose rows end
+early decodes its tail in smaller batches; with equal lengths the base and the adapters are
+compared on the same work (as vLLM's own serving benchmark does).
 
 ``--smoke`` is a quick end-to-end check of the script (a tiny random model, 2 adapters, 1-2
 clients, 4 tokens), not a benchmark.
@@ -35,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import platform
 import re
@@ -45,19 +49,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_clients.py, beside this script
+from serve_clients import PROMPTS, Request, Result, concurrent, one_at_a_time, plan  # noqa: E402
 READY = re.compile(r"PEFT Studio serving (\d+) models at (http://\S+)/v1")
-PROMPTS = (
-    "Write one sentence about the sea.", "What is the capital of France?", "Name three colours.",
-    "Explain what a list is in Python.", "Give me a tip for sleeping well.", "What is 12 times 7?",
-    "Describe a cat in a few words.", "Why is the sky blue?", "Suggest a name for a small dog.",
-    "What does a compiler do?", "Write a short greeting for a friend.", "How many days are in a week?",
-    "What is photosynthesis?", "Tell me a fact about the moon.", "What is a prime number?",
-    "Translate 'thank you' into Spanish.",
-)
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 B_SCALE = 0.02  # std of LoRA B: non-zero (B = 0 would answer like the base), small enough to stay fluent
 
@@ -78,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="studio home holding the converted embedded model (kept between runs)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for the server to start")
     parser.add_argument("--out", default=None, help="also write the Markdown report to this file")
+    parser.add_argument("--ignore-eos", action="store_true", help="every answer runs to --max-tokens "
+                        "(vLLM's ignore_eos): the base and the adapters compared on equal lengths")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 adapters, 1-2 clients: a quick check")
     args = parser.parse_args(argv)
     smoke = args.smoke
@@ -222,90 +222,6 @@ class Server:
         self._log.close()
 
 
-# ---------------------------------------------------------------- the clients
-
-
-@dataclass(frozen=True)
-class Request:
-    model: str
-    prompt: str
-
-
-@dataclass
-class Result:
-    tokens: int = 0
-    wall: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    answers: dict[Request, str] = field(default_factory=dict)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall if self.wall else 0.0
-
-    def percentile(self, p: float) -> float:
-        """Nearest rank: the smallest latency with at least p % of the requests at or below it,
-        i.e. sorted[ceil(p / 100 · n) − 1]."""
-        ranked = sorted(self.latencies)
-        return ranked[max(0, math.ceil(p / 100 * len(ranked)) - 1)] if ranked else 0.0
-
-
-def plan(clients: int, models: list[str], rounds: int) -> list[list[Request]]:
-    """Each client's requests in order: client j asks models[j % k]; prompts rotate, so two
-    clients on one adapter do not send the same text."""
-    return [[Request(models[j % len(models)], PROMPTS[(j + r * clients) % len(PROMPTS)]) for r in range(rounds)]
-            for j in range(clients)]
-
-
-def ask(client, url: str, request: Request, max_tokens: int, result: Result, lock: threading.Lock) -> None:
-    """One greedy chat completion, its completion tokens, latency and text added to ``result``."""
-    started = time.perf_counter()
-    response = client.post(f"{url}/chat/completions", json={
-        "model": request.model, "messages": [{"role": "user", "content": request.prompt}],
-        "max_tokens": max_tokens, "temperature": 0})
-    elapsed = time.perf_counter() - started
-    if response.status_code != 200:
-        raise RuntimeError(f"{request.model}: HTTP {response.status_code}: {response.text[:300]}")
-    body = response.json()
-    with lock:
-        result.tokens += body["usage"]["completion_tokens"]
-        result.latencies.append(elapsed)
-        result.answers[request] = body["choices"][0]["message"]["content"]
-
-
-def concurrent(url: str, schedule: list[list[Request]], max_tokens: int) -> Result:
-    """One thread per client, released together; the wall time runs from the release to the last answer."""
-    import httpx
-
-    result, lock, errors = Result(), threading.Lock(), []
-    gate = threading.Barrier(len(schedule) + 1)
-
-    def client_loop(requests: list[Request]) -> None:
-        with httpx.Client(timeout=3600) as client:
-            gate.wait()
-            try:
-                for request in requests:
-                    ask(client, url, request, max_tokens, result, lock)
-            except Exception as exc:  # reported after the others finish
-                errors.append(exc)
-
-    threads = [threading.Thread(target=client_loop, args=(requests,)) for requests in schedule]
-    for thread in threads:
-        thread.start()
-    gate.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    result.wall = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return result
-
-
-def one_at_a_time(url: str, schedule: list[list[Request]], max_tokens: int) -> Result:
-    """The same requests, each sent when the previous one has answered: one client asking them all."""
-    return concurrent(url, [[request for requests in schedule for request in requests]], max_tokens)
-
-
 # ---------------------------------------------------------------- the report
 
 
@@ -335,7 +251,8 @@ HEADER = ["clients", "adapters", "requests", "tokens", "tokens/s", "p50 s", "p95
 
 def report(rows: list[Row], args: argparse.Namespace, machine: str) -> str:
     lines = [f"## Serving: {args.model or ('tiny random model' if args.smoke else 'default')}", "", machine,
-             f"max_tokens {args.max_tokens}, {args.rounds} request(s) per client, greedy; "
+             f"max_tokens {args.max_tokens}{' (ignore_eos: every answer that long)' if args.ignore_eos else ''}, "
+             f"{args.rounds} request(s) per client, greedy; "
              f"LoRA r {args.rank} on {','.join(args.targets)}", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
@@ -380,8 +297,8 @@ def measure(args: argparse.Namespace, url: str, adapters: dict[str, Path]) -> li
     configurations = [(c, k) for k in args.adapters for c in args.clients] + [(max(args.clients), 0)]
     for clients, k in configurations:
         schedule = plan(clients, names[:k] if k else [base], args.rounds)
-        sequential = one_at_a_time(url, schedule, args.max_tokens)
-        row = Row(clients, k, concurrent(url, schedule, args.max_tokens), sequential)
+        sequential = one_at_a_time(url, schedule, args.max_tokens, args.ignore_eos)
+        row = Row(clients, k, concurrent(url, schedule, args.max_tokens, args.ignore_eos), sequential)
         rows.append(row)
         print("| " + " | ".join(row.cells()) + " |", flush=True)
     return rows

@@ -128,16 +128,17 @@ def test_serve_bench_plan_percentiles_and_goals():
 
 def test_serve_bench_smoke_through_the_real_server(tiny_chat_model, studio_home, tmp_path, capsys):
     """The script end to end: adapters made, ``peft-studio serve`` started as a child, requests
-    through HTTP, the table and goals printed, the server stopped."""
+    through HTTP, the table and goals printed, the server stopped. With ``--ignore-eos`` every
+    answer runs to max_tokens (4): the server honours the field."""
     serve = load("serve")
     out = tmp_path / "serve.md"
     assert serve.main(["--smoke", "--model", str(tiny_chat_model), "--clients", "2", "--adapters", "2",
-                       "--cache", str(studio_home), "--out", str(out)]) == 0
+                       "--cache", str(studio_home), "--out", str(out), "--ignore-eos"]) == 0
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 2 and rows[1].startswith("| 2 | base | 2 | ")
     tokens = [int(r.split("|")[4]) for r in rows]
-    assert all(0 < t <= 2 * 4 for t in tokens)  # usage counted, bounded by max_tokens
+    assert tokens == [2 * 4, 2 * 4]  # usage counted: two requests of exactly max_tokens each
     assert "2 clients × 2 adapters / the same requests one at a time" in text
     assert "load average before:" in text and "after:" in text
     assert "answers that differ between concurrent and one at a time: 0" in text

@@ -207,6 +207,7 @@ BAD = [  # (body changes, status, param, words in the message)
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "4"),
     ({"seed": -1}, 400, "seed", "seed"),
     ({"stream": "yes please"}, 400, "stream", "stream"),
+    ({"ignore_eos": "sometimes"}, 400, "ignore_eos", "ignore_eos"),
     ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, None, "context is 512 tokens"),
 ]
 

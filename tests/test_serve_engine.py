@@ -330,3 +330,36 @@ def test_unregister_waits_for_requests_and_an_adapter_brings_its_own_chat_templa
     assert engine.tokenizer_for("lora1") is engine.tokenizer_for("tiny") is engine.tokenizer
     with pytest.raises(UnknownModel):
         engine.tokenizer_for("nope")
+
+
+@pytest.mark.parametrize("loop", ["decode", "generate"])
+def test_ignore_eos_answers_to_max_tokens_beside_rows_that_stop(tiny_chat_model, adapters, prompt, references,
+                                                               tmp_path, monkeypatch, loop):
+    """vLLM's ``ignore_eos``: a row asking it takes the end-of-sequence token as any other and runs
+    to its budget, while the row beside it in the same batch still stops there. The base here
+    declares its greedy answer's third token an end-of-sequence token, so that it ends early."""
+    from studio.serve import engine as engine_module
+
+    if loop == "generate":
+        monkeypatch.setattr(engine_module, "full_attention_cache", lambda model: False)
+    model = tmp_path / "eos-model"
+    shutil.copytree(tiny_chat_model, model)
+    answer = references["tiny"]
+    assert len(answer) == GREEDY.max_tokens and answer[2] not in answer[:2]
+    config = json.loads((model / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], answer[2]]
+    (model / "generation_config.json").write_text(json.dumps(config))
+    engine = ServeEngine.load(str(model), "tiny", max_active=2)
+    try:
+        engine.register("lora1", adapters["lora1"])
+        stops, runs = (engine.submit("tiny", prompt, GREEDY),
+                       engine.submit("tiny", prompt, Sampling(max_tokens=8, temperature=0, ignore_eos=True)))
+        beside = engine.submit("lora1", prompt, GREEDY)
+        for completion in (stops, runs, beside):
+            completion.text(timeout=60)
+        assert (stops.token_ids, stops.finish_reason) == (answer[:2], "stop")
+        assert (runs.token_ids, runs.finish_reason) == (answer, "length")
+        assert beside.token_ids == references["lora1"][:references["lora1"].index(answer[2])] \
+            if answer[2] in references["lora1"] else references["lora1"]
+    finally:
+        engine.close()

@@ -339,7 +339,7 @@ def _submit(state: _State, body, chat: bool):
     if asked is None:  # the default, or the room the context leaves if that is less
         asked = max(1, min(DEFAULT_MAX_TOKENS, state.cap, engine.max_context - len(ids)))
     sampling = Sampling(max_tokens=asked, temperature=body.temperature, top_p=body.top_p,
-                        seed=body.seed, stop=body.stop or ())
+                        seed=body.seed, stop=body.stop or (), ignore_eos=body.ignore_eos)
     return engine.submit(body.model, list(ids), sampling)
 
 

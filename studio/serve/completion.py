@@ -62,6 +62,10 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None  # a seed makes a sampled answer reproducible whatever else is running
     stop: tuple[str, ...] = ()  # the answer ends before the first stop string; it is never emitted
+    # vLLM's extension of the OpenAI fields: the end-of-sequence token is taken as any other and
+    # the answer runs to max_tokens (or a stop string). For benchmarks that compare servers on
+    # answers of equal length, as vLLM's own serving benchmark does.
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class ServeEngine:
             self._mixed = DecodeLane(self._mixed_model, self.pad_id, max_batch, self._fail_rows, mixed=True,
                                      base=self.base)
         else:
-            self._mixed = GenerateLane(self._mixed_model, self.pad_id, sorted(self.eos_ids), max_batch,
+            self._mixed = GenerateLane(self._mixed_model, self.pad_id, max_batch,
                                        self._fail_rows, mixed=True)
         self._solo: dict[str, Any] = {}
         self._unregistered: list[pool_module.Adapter] = []
@@ -154,7 +154,7 @@ class ServeEngine:
                                 f"{virtual + len(prompt_ids)}{extra} and max_tokens asks {sampling.max_tokens}")
         tokenizer = self.tokenizer_for(name)
         completion = Completion(len(prompt_ids), TextStream(tokenizer, tuple(sampling.stop)),
-                                sampling.max_tokens, self.eos_ids)
+                                sampling.max_tokens, set() if sampling.ignore_eos else self.eos_ids)
         with self._lock:
             if self._closed:
                 raise ServeError("the server is shutting down")
@@ -272,9 +272,9 @@ class ServeEngine:
                 # A cache we cannot pad (sliding window, hybrid): PEFT's own generate (with
                 # ``studio.peft_compat``), one row at a time as PEFT does not batch virtual
                 # tokens beside left padding the way its forward sees them.
-                lane = GenerateLane(model_for, self.pad_id, sorted(self.eos_ids), 1, self._fail_rows)
+                lane = GenerateLane(model_for, self.pad_id, 1, self._fail_rows)
             elif not self._decode_loop:
-                lane = GenerateLane(model_for, self.pad_id, sorted(self.eos_ids), self.max_batch, self._fail_rows)
+                lane = GenerateLane(model_for, self.pad_id, self.max_batch, self._fail_rows)
             else:
                 lane = DecodeLane(model_for, self.pad_id, self.max_batch, self._fail_rows)
             lane.view = adapter.view  # a re-attached adapter is a new view: a new lane

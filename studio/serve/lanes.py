@@ -107,9 +107,12 @@ def adapter_names(model: Any, rows: list[Row]) -> dict:
     return {"adapter_names": [r.key or BASE for r in rows]}
 
 
-def generate_batch(model: Any, rows: list[Row], pad_id: int, eos_ids: list[int], after_step=None,
-                   mixed: bool = False) -> None:
-    """Answer ``rows`` with one left-padded ``generate`` (each row its own sampler and budget)."""
+def generate_batch(model: Any, rows: list[Row], pad_id: int, after_step=None, mixed: bool = False) -> None:
+    """Answer ``rows`` with one left-padded ``generate`` (each row its own sampler and budget).
+
+    ``generate`` is given no end-of-sequence ids: each row's completion decides its own end
+    (``Completion._accept``: EOS, unless the request asked ``ignore_eos``), and ``_RowEnds``
+    tells ``generate`` which rows are done."""
     ids, mask = left_pad([r.prompt_ids for r in rows], pad_id)
     device = getattr(model, "device", torch.device("cpu"))
     budget = max(r.sampling.max_tokens for r in rows)
@@ -118,7 +121,7 @@ def generate_batch(model: Any, rows: list[Row], pad_id: int, eos_ids: list[int],
         model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
                        do_sample=False, logits_processor=LogitsProcessorList([_Sampler(rows)]),
                        stopping_criteria=StoppingCriteriaList([_RowEnds(rows, after_step)]),
-                       pad_token_id=pad_id, eos_token_id=eos_ids, **extra)
+                       pad_token_id=pad_id, eos_token_id=[], **extra)
     for row in rows:  # generate stopped: every row is done, whatever the reason
         if not row.done:
             row.completion._finish("length")
@@ -133,10 +136,10 @@ class GenerateLane:
     turn back after one decoding step (or after its ``generate`` ends). Rows arriving while a
     ``generate`` runs wait for the next one: ``generate`` cannot take rows mid-flight."""
 
-    def __init__(self, model_for, pad_id: int, eos_ids: list[int], max_batch: int, on_error,
+    def __init__(self, model_for, pad_id: int, max_batch: int, on_error,
                  mixed: bool = False):
         self.model_for = model_for  # () -> the model now
-        self.pad_id, self.eos_ids, self.max_batch, self.mixed = pad_id, eos_ids, max_batch, mixed
+        self.pad_id, self.max_batch, self.mixed = pad_id, max_batch, mixed
         self.on_error = on_error  # (rows, exception): the engine fails those rows
         self.pending: list[Row] = []
         self.running: list[Row] = []
@@ -174,7 +177,7 @@ class GenerateLane:
     def _run(self, batch: list[Row]) -> None:
         self._turn.acquire()
         try:
-            generate_batch(self.model_for(), batch, self.pad_id, self.eos_ids, after_step=self._yield_turn,
+            generate_batch(self.model_for(), batch, self.pad_id, after_step=self._yield_turn,
                            mixed=self.mixed)
         except BaseException as exc:  # the rows fail with it; the lane (and the engine) go on
             self.on_error([r for r in batch if not r.done], exc)

@@ -83,6 +83,7 @@ class _Generation(_Lenient):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension (``extra_body`` in the openai client): see ``Sampling``
     stream: bool = False
     stream_options: StreamOptions | None = None
 
