@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from studio import config
+from studio.adapters import derived
 from studio.db import NAME_MAX, Database, Run, RunStatus, utcnow
 from studio.db.summary import MetricSummary, metric_summaries
 from studio.runspec import RunSpec
 from studio.runs import launch, outcome
+from studio.ui.labels_compose import DERIVED  # plain strings: no UI is imported
 
 NOTE_MAX = 10_000
 MISSING = "(not set)"  # a field one runspec has and another lacks, as the diff shows it
@@ -52,6 +54,7 @@ class RunSummary:
     created_at: datetime
     notes: str
     stopped: str | None = None  # a cancelled run: how (runs.outcome.stop_kind: saved, discarded, ...)
+    derived: str | None = None  # a combined adapter (studio.adapters.derived): its recipe, short
 
 
 SORT_FIELDS = tuple(f.name for f in dataclasses.fields(RunSummary))
@@ -129,12 +132,16 @@ def summarize(db: Database, runs: Sequence[Run]) -> list[RunSummary]:
     for run in runs:
         m = metrics[run.id]
         step = m.last.get("loss", (None, None))[0]
+        recipe = derived.recipe_of(run)
+        # A combined run's spec is its first parent's: its settings are the recipe, not that spec's.
+        settings = key_settings(run.spec or {}) if recipe is None else derived.text(recipe)
         rows.append(RunSummary(
-            id=run.id, name=run.name, status=run.status, method=run.method, settings=key_settings(run.spec or {}),
+            id=run.id, name=run.name, status=run.status, method=run.method, settings=settings,
             steps=max((s for s, _ in m.last.values()), default=step), train_loss=_last(m, "loss"),
             eval_loss=_last(m, "eval_loss"), eval_score=_last(m, "eval_exact_match"),
             duration_s=duration_s(run, now), peak_memory_bytes=_peak_memory(m), created_at=run.created_at,
-            notes=run.notes or "", stopped=outcome.stop_kind(run)))
+            notes=run.notes or "", stopped=outcome.stop_kind(run),
+            derived=derived.short(recipe) if recipe is not None else None))
     return rows
 
 
@@ -308,8 +315,14 @@ def delete_run(db: Database, run_id: int) -> list[str]:
 
 # ---- cloning ----
 def clone_spec(db: Database, run_id: int) -> RunSpec:
-    """The run's RunSpec, as the starting point of a new run."""
-    return RunSpec.from_dict(dict(_require(db, run_id).spec or {}))
+    """The run's RunSpec, as the starting point of a new run. A combined adapter is refused: its
+    spec is its first parent's, and training that would not make another run like it."""
+    run = _require(db, run_id)
+    recipe = derived.recipe_of(run)
+    if recipe is not None:
+        raise HistoryError(DERIVED["no_clone"].format(
+            id=run.id, recipe=derived.text(recipe), parents=", ".join(f"#{i}" for i, _ in recipe.parents)))
+    return RunSpec.from_dict(dict(run.spec or {}))
 
 
 def hidden_changes(spec: RunSpec, shown: Iterable[str]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from studio.adapters import derived
 from studio.db import Database, RunStatus
 from studio.methods import SettingError, all_methods, get_method
 
@@ -109,7 +110,9 @@ def project_adapters(db: Database, project_id: int, folder_of) -> list[AdapterSo
         root = folder_of(run)
         final = root / "adapter"
         if run.status == RunStatus.COMPLETED.value and _is_adapter(final):
-            sources.append(AdapterSource(f"#{run.id} {run.name}", final, run.method, run.id))
+            recipe = derived.recipe_of(run)  # a combined adapter says so: "#7 mix (ties of #3 + #5)"
+            label = f"#{run.id} {run.name}" + (f" ({derived.short(recipe)})" if recipe is not None else "")
+            sources.append(AdapterSource(label, final, run.method, run.id))
         for checkpoint in db.list_checkpoints(run.id):
             path = Path(checkpoint.path)
             if _is_adapter(path):

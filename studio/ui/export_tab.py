@@ -1,6 +1,7 @@
 """The Export tab: pick a run and which of its trained weights (the final ones, or a checkpoint of a
 run that was stopped and saved), export them merged or adapter-only, see the verification, and
-the project's exports with their paths, sizes and results.
+the project's exports with their paths, sizes and results; below them, the "Combine adapters"
+section (``compose_panel``), whose result this tab lists and picks at once.
 
 The export itself runs in a child process (``studio.export.child``): the UI process never loads
 a model or imports torch, and a long merge cannot hold up the other tabs. What may be exported
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
+from studio.adapters import derived
 from studio.db import Database
 from studio.export.weights import exportable
 from studio.methods import get_method
 from studio.runspec import RunSpec
-from studio.ui import labels
+from studio.ui import compose_panel, labels
 
 TEXT = labels.EXPORT
 
@@ -34,8 +36,8 @@ def run_choices(db: Database, project_id: int | None) -> list[tuple[str, int]]:
     """The project's runs that have trained weights on disk (final or a checkpoint), newest first."""
     if project_id is None:
         return []
-    return [(f"#{r.id} {r.name} ({r.method}, {r.status})", r.id) for r in db.list_runs(project_id)
-            if exportable(db, r)]
+    return [(f"#{r.id} {r.name} ({r.method}, {'combined' if derived.is_derived(r) else r.status})", r.id)
+            for r in db.list_runs(project_id) if exportable(db, r)]
 
 
 def weight_choices(db: Database, run_id: int | None) -> list[tuple[str, str]]:
@@ -109,6 +111,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         with gr.Column(scale=3):
             table = gr.Dataframe(label="Exports of this project", interactive=False, elem_id="export-table",
                                  wrap=True)
+    combined = compose_panel.build(db, picker, tab, load=demo)
 
     def pick_weights(run_id, current=None):
         choices = weight_choices(db, run_id)
@@ -154,4 +157,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
     demo.load(refresh, relist, [run, weights, note, table], api_name=False)
     if tab is not None:
         tab.select(refresh, relist, [run, weights, note, table], api_name=False)
+    # A combined adapter is exportable at once: the run list re-lists and picks it.
+    combined.done.then(lambda project_id, made, current: refresh(project_id, made if made is not None else current),
+                       [picker, combined.made, run], [run, weights, note, table], api_name=False)
     return ExportHandles(run=run, weights=weights)

@@ -21,7 +21,9 @@ from studio import history
 from studio.db import Database
 from studio.db.summary import project_counts
 from studio.runs import outcome
+from studio.adapters import derived
 from studio.ui import labels, train_view
+from studio.ui.labels_compose import DERIVED
 
 # (RunSummary field, column title): the runs table, left to right.
 RUN_COLUMNS = (("id", "#"), ("name", "name"), ("status", "status"), ("method", "method"),
@@ -65,9 +67,20 @@ def status_text(row: history.RunSummary) -> str:
     return f"{row.status} ({row.stopped})" if row.stopped else row.status
 
 
+def method_text(row: history.RunSummary) -> str:
+    """The method as the table shows it: a combined adapter says so ("lora · combined")."""
+    return f"{row.method} · {DERIVED['marker']}" if row.derived else row.method
+
+
+def _shown(row: history.RunSummary, field: str) -> str:
+    if field == "status":
+        return status_text(row)
+    return method_text(row) if field == "method" else cell(field, getattr(row, field))
+
+
 def runs_table(rows: list[history.RunSummary]) -> pd.DataFrame:
-    return pd.DataFrame([[status_text(r) if f == "status" else cell(f, getattr(r, f)) for f, _ in RUN_COLUMNS]
-                         for r in rows], columns=[title for _, title in RUN_COLUMNS], dtype=str)
+    return pd.DataFrame([[_shown(r, f) for f, _ in RUN_COLUMNS] for r in rows],
+                        columns=[title for _, title in RUN_COLUMNS], dtype=str)
 
 
 def run_label(run_id: int, name: str, width: int = 36) -> str:
@@ -100,11 +113,16 @@ def run_detail(db: Database, run_id: int | None) -> RunDetail:
                          view.x_lim, "", "", "", "")
     run = view.run
     (row,) = history.summarize(db, [run])
-    facts = [(title, outcome.status_words(db, run) if field == "status" else cell(field, getattr(row, field)))
+    facts = [(title, outcome.status_words(db, run) if field == "status" else _shown(row, field))
              for field, title in RUN_COLUMNS[2:-1]]
+    recipe = derived.describe(db, run)
+    if recipe is not None:  # a combined adapter: its settings are how it was made, parents by their names now
+        facts[2] = (DERIVED["recipe_row"], recipe.replace("|", "\\|"))
     facts += [("run folder", f"`{run.folder or EMPTY}`")]
     table = "\n".join(f"| {k} | {v} |" for k, v in facts)
     text = f"### #{run.id} {run.name}\n| field | value |\n|---|---|\n{table}"
+    if recipe is not None:
+        text += f"\n\n{DERIVED['panel_note']}"
     if run.error:
         text += f"\n\n**What went wrong:**\n```\n{run.error.strip()}\n```"
     return RunDetail(text, view.loss, view.lr, view.x_lim, json.dumps(run.spec, indent=2),

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import threading
 
+from studio.adapters import derived
 from studio.db import Database, RunStatus
 from studio.runs import launch, outcome
 from studio.runs.start import StartRefused, start_new_run
 from studio.run_setup import DeviceFacts
 from studio.ui import labels, train_view
 from studio.ui.draft import RunDraft
+from studio.ui.labels_compose import DERIVED
 
 # A second click while the first start is still checking: the start service's claim is atomic,
 # but serialising here keeps the refusal the friendly "is training" one rather than a conflict.
@@ -75,6 +77,8 @@ def resume_run(db: Database, run_id: int | None) -> str:
     run = db.get_run(run_id) if run_id is not None else None
     if run is None:
         return labels.TRAIN_MSG["no_resume"]
+    if derived.is_derived(run):  # combined from trained adapters: there is no training to continue
+        return DERIVED["no_resume"].format(id=run.id)
     point, stop = outcome.resume_point(db, run_id), outcome.stop_kind(run)  # before the worker moves on
     with _start_lock:  # the same check-then-start as start_run
         try:

@@ -1,0 +1,71 @@
+"""A derived run (adapters composed by ``studio.adapters.compose``) as the rest of the app reads it:
+whether a run is one, its recipe, the short form lists show ("ties of #3 + #5") and the full
+recipe with its parents' names ("#5 (deleted)" for a parent removed since).
+
+History (the runs table, the run panel, Clone), the Train tab's Resume and Compare's adapter
+labels all read derived runs through here, so they agree on what is shown; nothing here writes
+or loads anything (no torch: the UI imports it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from studio.adapters.compose import CompositionError, Recipe
+
+DELETED = "(deleted)"
+
+
+def recipe_of(run: Any) -> Recipe | None:
+    """The run's recipe, or None for a trained run. A recipe this version cannot read is still a
+    derived run (it must not be offered for resume or clone): its raw combination is kept."""
+    data = getattr(run, "recipe", None)
+    if not data:
+        return None
+    try:
+        return Recipe.from_dict(data)
+    except (CompositionError, ValueError, TypeError, KeyError, AttributeError):
+        parents = tuple((int(p[0]), float(p[1])) for p in _raw_parents(data))
+        return Recipe(str(data.get("combination", "?")) if isinstance(data, dict) else "?", parents)
+
+
+def _raw_parents(data: Any) -> list:
+    try:
+        return [p for p in data.get("parents", []) if isinstance(p, (list, tuple)) and len(p) == 2
+                and isinstance(p[0], int) and isinstance(p[1], (int, float))]
+    except AttributeError:
+        return []
+
+
+def is_derived(run: Any) -> bool:
+    return bool(getattr(run, "recipe", None))
+
+
+def short(recipe: Recipe) -> str:
+    """The recipe in a few words, for lists and labels: "ties of #3 + #5"."""
+    return f"{recipe.combination} of " + " + ".join(f"#{run_id}" for run_id, _ in recipe.parents)
+
+
+def parent_names(db: Any, recipe: Recipe) -> dict[int, str]:
+    """Each parent's current name; ``DELETED`` for a parent run removed since the composition."""
+    names = {}
+    for run_id, _ in recipe.parents:
+        parent = db.get_run(run_id)
+        names[run_id] = parent.name if parent is not None else DELETED
+    return names
+
+
+def text(recipe: Recipe, names: dict[int, str] | None = None) -> str:
+    """``Recipe.describe``; the short form for a recipe this version cannot describe (it still
+    says what it combined)."""
+    try:
+        return recipe.describe(names)
+    except (CompositionError, ValueError, KeyError, NotImplementedError):
+        return short(recipe)
+
+
+def describe(db: Any, run: Any) -> str | None:
+    """The full recipe with the parents' names ("TIES (density 0.5) of #3 dates-lora × 0.6 +
+    #5 (deleted) × 0.4"), or None for a trained run."""
+    recipe = recipe_of(run)
+    return None if recipe is None else text(recipe, parent_names(db, recipe))
