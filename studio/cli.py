@@ -6,7 +6,8 @@ and ``stop`` (a run from a runspec file, through the same worker the UI uses; in
 ``studio/cli_train.py``), ``export`` (merged or adapter-only files of a run's final weights or
 one of its checkpoints, verified), ``bakeoff`` (several methods, one budget, one
 table; in ``studio/bakeoff/cli.py``), ``serve`` (an OpenAI-compatible endpoint over one base and
-many adapters; in ``studio/cli_serve.py``). Each sub-command's heavy imports stay in its handler.
+many adapters; in ``studio/cli_serve.py``), ``compose`` (trained LoRA adapters combined into a
+derived run; in ``studio/cli_compose.py``). Each sub-command's heavy imports stay in its handler.
 """
 
 from __future__ import annotations
@@ -183,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.cli_serve import add_parsers as add_serve
 
     add_serve(sub)
+
+    from studio.cli_compose import add_parser as add_compose
+
+    add_compose(sub)
     return parser
 
 
@@ -192,6 +197,7 @@ INTERRUPTED_NOTES = {
     "export": "the partial export was removed and the export recorded as failed",
     "bakeoff": "the bake-off's runs keep training in the background (the queue goes on)",
     "serve": "the server stopped",
+    "compose": "nothing was recorded and the unfinished adapter was removed",
     "setup": "the model cache is only marked ready once complete; run setup again",
 }
 

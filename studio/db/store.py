@@ -9,7 +9,7 @@ assigning attributes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -197,6 +197,22 @@ class Database(QueueQueries, BakeoffQueries):
             run = Run(project_id=project_id, name=name, method=method, spec=spec,
                       dataset_id=dataset_id, status=RunStatus(status).value)
             s.add(run)
+        return run
+
+    def create_derived_run(self, project_id: int, name: str, method: str, spec: dict,
+                           recipe: dict, place: Callable[[int], str]) -> Run:
+        """A completed run made without training (a composed adapter, issue 17), recorded in one
+        transaction with its files: ``place(run_id)`` puts the run's folder in place and returns
+        its name, inside the transaction, so a ``place`` that fails leaves no row. (A commit that
+        fails after ``place`` is the caller's to clean up: it knows the folder.)"""
+        with self.session() as s:
+            self._require(s, Project, project_id)
+            now = utcnow()
+            run = Run(project_id=project_id, name=name, method=method, spec=spec, recipe=recipe,
+                      status=RunStatus.COMPLETED.value, started_at=now, finished_at=now)
+            s.add(run)
+            s.flush()  # the id names the folder
+            run.folder = place(run.id)
         return run
 
     def get_run(self, id: int) -> Run | None:

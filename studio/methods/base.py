@@ -123,6 +123,10 @@ class MethodSpec:
     # The same method on a 4-bit base (LoRA -> QLoRA), for the OOM advice; None: there is none.
     quantized_variant: str | None = None
     advice: Advice = Advice()  # what the advisor weighs besides the estimate
+    # Its trained adapters can be composed into a new one with PEFT's add_weighted_adapter
+    # (``studio.adapters.compose``): plain LoRA adapters (LoRA, rsLoRA, LoRA+, QLoRA). Not DoRA,
+    # whose magnitude vectors PEFT does not combine, nor any other PEFT tuner.
+    composable: bool = False
 
     # --- training ---
     # The customary learning rate (the methods' papers and PEFT's examples): the bake-off's rate.
@@ -135,6 +139,10 @@ class MethodSpec:
     # (arch, params, compute width in bytes) -> (bytes per token per layer, bytes per model) the
     # adapter adds to what autograd saves for backward; None: nothing (virtual tokens, baselines).
     activations: Callable[[ArchInfo, Any, int], tuple[float, float]] | None = None
+    # (arch, params, compute width in bytes) -> bytes per sequence, whatever its length, per
+    # layer (averaged over the layers, as ``activations``) the adapter adds to what is saved (LLaMA-Adapter: its prompt's keys and values repeated to
+    # every query head); None: nothing.
+    sequence_activations: Callable[[ArchInfo, Any, int], float] | None = None
     # (arch, params) -> (bytes, formula) of non-trainable state the method adds (AdaLoRA's rank
     # counters); None: none.
     extra_state: Callable[[ArchInfo, Any], tuple[int, str]] | None = None
@@ -144,8 +152,10 @@ class MethodSpec:
     prefix_tokens: Callable[[Any], int] | None = None
     # The embedded input needs a gradient (the embeddings or virtual input tokens train).
     input_trains: bool = False
-    # Whole-model methods: (arch, params) -> decoder blocks that train (None: all of them), and
-    # whether the final norm and output layer train too.
+    # (arch, params) -> the decoder blocks, counted from the top, that hold trainable parameters
+    # (None: all of them): the blocks below need no backward and keep no activations (last N,
+    # LLaMA-Adapter's top layers). Whole-model methods: whether the final norm and output layer
+    # train too.
     trained_blocks: Callable[[ArchInfo, Any], int] | None = None
     trains_output_layer: bool = False
 

@@ -140,7 +140,7 @@ def _spec(name: str, title: str, **defaults: Any) -> MethodSpec:
         inference_overhead=NO_OVERHEAD, guidance=GUIDANCE[name], params_cls=params_cls,
         count=lora_count, apply=apply_lora, tensors=lora_tensors, optimizer=loraplus_optimizer,
         activations=lora_activations, quantized_variant="qlora", recognises=RECOGNISES.get(name),
-        advice=ADVICE[name],
+        advice=ADVICE[name], composable=not params_cls().use_dora,
     )
 
 

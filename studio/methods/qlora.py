@@ -63,6 +63,6 @@ QLORA = MethodSpec(
              "base.",
     params_cls=QLoraParams, count=lora_count, apply=apply_qlora, quantization=quantization_config,
     tensors=lora_tensors, optimizer=loraplus_optimizer, activations=lora_activations,
-    advice=Advice(large_data=True),
+    advice=Advice(large_data=True), composable=True,
 )
 SPECS = [QLORA]

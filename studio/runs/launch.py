@@ -126,7 +126,7 @@ def create_run(db: Database, project_id: int, spec: RunSpec, name: str | None = 
     run = db.create_run(project_id, title, spec.method, spec.to_dict(), dataset_id=spec.dataset_id)
     made = None  # the folder, once this call has created it (a folder found there is not ours)
     try:
-        folder = f"run-{run.id:04d}-{config.slugify(title, 32)}"
+        folder = folder_name(run.id, title)
         run = db.update_run(run.id, folder=folder)
         path = run_folder(db, run)
         if not path.exists():
@@ -137,6 +137,11 @@ def create_run(db: Database, project_id: int, spec: RunSpec, name: str | None = 
         _forget_new_run(db, run.id, made)
         raise
     return run
+
+
+def folder_name(run_id: int, title: str) -> str:
+    """A run's folder inside its project's ``runs/``: its id, then its title as a short slug."""
+    return f"run-{run_id:04d}-{config.slugify(title, 32)}"
 
 
 def _forget_new_run(db: Database, run_id: int, made: Path | None) -> None:
@@ -279,6 +284,9 @@ def stop(db: Database, run_id: int, mode: str = "save") -> Run:
 
 def resume(db: Database, run_id: int) -> Run:
     run = db.get_run(run_id)
+    if run.recipe is not None:  # a composed adapter (studio.adapters.compose): never trained
+        raise RunConflict(f"run {run_id} ('{run.name}') is a composed adapter, made from other "
+                          "runs' adapters without training: there is no training to resume")
     if run.status not in (RunStatus.FAILED.value, RunStatus.CANCELLED.value, RunStatus.OOM.value):
         raise RunConflict(f"run {run_id} is {run.status}; only failed, cancelled or out-of-memory "
                           "runs can be resumed")
