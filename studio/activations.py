@@ -35,6 +35,9 @@ fp32 first, so what an adapter keeps is F-wide, not W-wide):
   VeRA: r + out per token and the shared A, B once.
   IA3: an attention target keeps its (W-wide) output to scale; a feed-forward target keeps its
     input, cast to fp32 (in × F).
+  LLaMA-Adapter: only its top blocks keep activations; each keeps its own attention's queries
+    and scores over the prompt, and the prompt's keys and values per sequence (see
+    ``studio.methods.adaption_prompt``).
   Prompt tuning: every sequence is p tokens longer (the caller lengthens it).
   Prefix tuning: k and v are repeated over p + s positions (a mask is always built).
   A masked batch: SDPA keeps the additive mask it makes of the boolean one, b · s · s' × W per
@@ -68,6 +71,7 @@ def activation_bytes(arch: ArchInfo, spec: Any, p: Any, tokens: int, seq_len: in
     norms = 2 * (d + 1) * FP32
     attention = (2 * a + (0 if prefix else 2 * kv_saved)) * width + h * FP32
     frozen_block = norms + attention + mlp_kept * width
+    share = 1.0  # of the blocks, those that keep activations (and the mask below)
     if spec.whole_model:
         trainable_block = frozen_block + (4 * d + (f if gated else 0)) * width
         # Only some blocks train (last N): the blocks below them need no gradient, keep nothing.
@@ -76,13 +80,17 @@ def activation_bytes(arch: ArchInfo, spec: Any, p: Any, tokens: int, seq_len: in
         adapter_model = 0.0
     else:
         adapter_token, adapter_model = spec.activations(arch, p, width) if spec.activations else (0.0, 0.0)
-        per_token = frozen_block + adapter_token
+        # Adapters in the top blocks only (LLaMA-Adapter): the frozen blocks below keep nothing.
+        share = spec.trained_blocks(arch, p) / arch.num_layers if spec.trained_blocks else 1.0
+        per_token = frozen_block * share + adapter_token
     per_layer = per_token * tokens
+    if spec.sequence_activations is not None:  # what an adapter keeps once per sequence
+        per_layer += spec.sequence_activations(arch, p, width) * batch
     if prefix:  # k, v over prefix + sequence, a wide; and the additive mask
         virtual = spec.prefix_tokens(p)
         per_layer += (2 * a * (seq_len + virtual) * batch + batch * seq_len * (seq_len + virtual)) * width
     elif masked:  # SDPA turns the boolean mask into an additive one per call and keeps it
-        per_layer += batch * seq_len * seq_len * width
+        per_layer += batch * seq_len * seq_len * width * share
     outside = tokens * (d + 1) * FP32 + adapter_model
     if not spec.input_trains:  # the first trained block's input norm sees no gradient
         outside -= tokens * (d + 1) * FP32
