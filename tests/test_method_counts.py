@@ -38,8 +38,8 @@ SECOND = {
     "loha": {"r": 4, "target_preset": "mlp"},
     "lokr": {"r": 2, "target_preset": "attention"},
     "vera": {"r": 64, "target_preset": "attention"},
-    "oft": {"oft_block_size": 0, "r": 8, "block_share": True, "target_preset": "attention"},
-    "boft": {"boft_block_size": 0, "boft_block_num": 8, "boft_n_butterfly_factor": 2, "boft_dropout": 0.1},
+    "oft": {"r": 8, "block_share": True, "target_preset": "attention"},
+    "boft": {"boft_block_num": 8, "boft_n_butterfly_factor": 2, "boft_dropout": 0.1},
     "full": {},
     "last_n": {"num_layers": 1},
 }

@@ -1,7 +1,7 @@
 """The registry of fine-tuning methods: one ``MethodSpec`` per name, table-driven everywhere.
 
 Names are the ones the CLI and RunSpec use: lora, dora, rslora, loraplus, qlora, houlsby, prefix,
-prompt, llama_adapter, ia3, adalora, loha, lokr, vera, full, last_n.
+prompt, llama_adapter, ia3, adalora, loha, lokr, vera, oft, boft, full, last_n.
 
 GaLore (low-rank gradient projection) is not registered: see ``UNAVAILABLE``.
 """
@@ -22,7 +22,7 @@ UNAVAILABLE = {
 # The method modules of this package, in the order the UI lists their methods. A new method is
 # one module (its MethodSpec in ``SPECS``, hooks included: see ``base.MethodSpec``) and its name
 # here.
-MODULES = ("lora", "qlora", "houlsby", "prompt_learning", "adaption_prompt", "ia3", "lora_variants", "baselines")
+MODULES = ("lora", "qlora", "houlsby", "prompt_learning", "adaption_prompt", "ia3", "lora_variants", "oft", "baselines")
 
 REGISTRY: dict[str, MethodSpec] = {}
 
