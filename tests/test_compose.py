@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,13 +30,23 @@ from studio.runspec import RunSpec
 TOKENS = torch.tensor([[1, 5, 9, 42, 7, 300, 11, 2]])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: LAPACK's SVD on two threads of a busy 2-core machine spun for ~1 s per
+    64×64 matrix (1000× its idle time), which made one SVD composition take 10 s."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_llama_dir):
     """Parent adapter folders made once: LoRA r4 (two seeds), rsLoRA r4, LoRA r8, IA3."""
     root = tmp_path_factory.mktemp("parents")
     made = {}
     for key, method, seed, r in (("a", "lora", 1, 4), ("b", "lora", 2, 4), ("rs", "rslora", 3, 4),
-                                 ("r8", "lora", 4, 8), ("ia3", "ia3", 5, 4)):
+                                 ("r8", "lora", 4, 8), ("ia3", "ia3", 5, 4), ("r20", "lora", 6, 20)):
         made[key] = save_peft_adapter(tiny_llama_dir, root / key, method, seed=seed, r=r)
     return made
 
@@ -139,17 +150,18 @@ def test_linear_is_the_square_root_split_not_the_sum_of_updates(db, tiny_llama_d
     assert not torch.allclose(expected, logits_with_deltas(tiny_llama_dir, plain_sum), atol=1e-3)
 
 
-def test_a_composed_run_is_listed_like_a_trained_one_and_cannot_resume(db, tiny_llama_dir, adapters):
+def test_a_composed_run_is_listed_like_a_trained_one_and_cannot_resume(db, tiny_chat_model, adapters):
+    """Over the tiny model with a tokenizer (an export needs one); the adapters fit its shapes."""
     from studio.compare.sources import detect_method, project_adapters
+    from studio.export import export_run
     from studio.export.weights import exportable
     from studio.history import run_summaries
     from studio.serve.catalog import project_catalog, served_name
 
-    a = parent(db, tiny_llama_dir, adapters, "a")
-    r8 = parent(db, tiny_llama_dir, adapters, "r8")
+    a = parent(db, tiny_chat_model, adapters, "a")
+    r8 = parent(db, tiny_chat_model, adapters, "r8")
     recipe = Recipe("ties_svd", ((a.id, 0.5), (r8.id, 0.5)), density=0.5, svd_rank=6)
-    assert comp.composable_runs(db, a.project_id) == [r8, a] or \
-        [r.id for r in comp.composable_runs(db, a.project_id)] == [r8.id, a.id]
+    assert [r.id for r in comp.composable_runs(db, a.project_id)] == [r8.id, a.id]
     run = comp.compose(db, a.project_id, recipe, "ties of two")
     assert run.status == "completed" and run.recipe == recipe.as_dict()
     assert Recipe.from_dict(db.get_run(run.id).recipe) == recipe
@@ -162,13 +174,15 @@ def test_a_composed_run_is_listed_like_a_trained_one_and_cannot_resume(db, tiny_
     listed = {s.run_id: s for s in project_adapters(db, a.project_id, lambda r: launch.run_folder(db, r))}
     assert listed[run.id].folder == folder and listed[run.id].method == "lora"
     assert [w.path for w in exportable(db, db.get_run(run.id))] == [folder.resolve()]
-    catalog = project_catalog(db, a.project_id, model=str(tiny_llama_dir))
+    catalog = project_catalog(db, a.project_id, model=str(tiny_chat_model))
     assert catalog.adapters[served_name("ties of two", run.id)] == folder.resolve()
     summary = {s.id: s for s in run_summaries(db, a.project_id)}[run.id]  # no metrics: still a row
     assert summary.status == "completed" and summary.steps is None
     assert run.id in [r.id for r in comp.composable_runs(db, a.project_id)]  # composable again
-    with pytest.raises(launch.RunConflict, match="composed adapter.*nothing|no training to resume"):
+    with pytest.raises(launch.RunConflict, match="composed adapter.*no training to resume"):
         launch.resume(db, run.id)
+    exported = export_run(db, run.id, "merged", verify=False)  # Export's loader takes it too
+    assert exported.status == "unverified" and (Path(exported.path) / "config.json").is_file()
 
 
 REFUSALS = [
@@ -208,6 +222,10 @@ def test_refusals_name_the_problem_and_leave_nothing(db, tiny_llama_dir, tiny_ch
         assert state(db, project_id) == before, what
     assert "no run" in str(pytest.raises(CompositionError, comp.check_recipe, db, project_id,
                                          Recipe("cat", ((ids["a"], 1.0), (999, 1.0)))).value)
+    # Refused once the model is loaded: an SVD rank wider than a layer (k_proj is 32 wide here).
+    wide = [parent(db, tiny_llama_dir, adapters, "r20").id for _ in range(2)]
+    with pytest.raises(CompositionError, match="svd_rank: 40 is more than .*k_proj.*at most 32"):
+        comp.compose(db, project_id, Recipe("svd", ((wide[0], 1.0), (wide[1], 1.0)), svd_rank=40), "wide")
     # A failure while building (a parent's weights unreadable): no row, no temporary folder.
     broken = parent(db, tiny_llama_dir, adapters, "b")
     (launch.run_folder(db, broken) / "adapter" / "adapter_model.safetensors").write_bytes(b"not a tensor file")

@@ -43,6 +43,7 @@ def build(spec: dict, folders: list[Path], weights: list[float], recipe: Any, de
     model = PeftModel.from_pretrained(base, str(folders[0]), adapter_name=names[0])
     for name, folder in zip(names[1:], folders[1:]):
         model.load_adapter(str(folder), adapter_name=name)
+    _check_svd_rank(model, names, recipe)
     kwargs: dict[str, Any] = {}
     if recipe.density is not None:
         kwargs["density"] = float(recipe.density)
@@ -52,8 +53,29 @@ def build(spec: dict, folders: list[Path], weights: list[float], recipe: Any, de
         model.add_weighted_adapter(names, [float(w) for w in weights], NEW,
                                    combination_type=recipe.combination, **kwargs)
         _unit_scaling(model)
-    model.save_pretrained(str(dest), selected_adapters=[NEW])
+    # A composed adapter never carries whole embedding matrices (no parent with modules_to_save is
+    # accepted); "auto" would add them when the base differs from the config's base_model path.
+    model.save_pretrained(str(dest), selected_adapters=[NEW], save_embedding_layers=False)
     _copy_tokenizer(folders[0], dest)
+
+
+def _check_svd_rank(model: Any, names: list[str], recipe: Any) -> None:
+    """An SVD combination keeps at most min(in, out) singular vectors of a layer; a larger rank
+    would give factors narrower than the saved config's ``r`` (an adapter that does not load)."""
+    from peft.tuners.lora import LoraLayer
+
+    from studio.adapters.compose import SVD, CompositionError
+
+    if recipe.combination not in SVD:
+        return
+    rank = recipe.svd_rank or max(model.peft_config[name].r for name in names)
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and any(name in module.lora_A for name in names):
+            width = min(module.in_features, module.out_features)
+            if rank > width:
+                raise CompositionError(f"svd_rank: {rank} is more than {path.removeprefix('base_model.model.')} "
+                                       f"can hold ({module.in_features} in, {module.out_features} out); "
+                                       f"give at most {width}")
 
 
 def _unit_scaling(model: Any) -> None:
