@@ -40,10 +40,9 @@ def _cmd_compose(args: argparse.Namespace) -> int:
         return 2
     finally:
         db.close()
-    names = {run.id: run.name}
+    # One JSON object on stdout (``compose_child`` reads it back for the UI).
     print(json.dumps({"run_id": run.id, "name": run.name, "method": run.method, "folder": run.folder,
-                      "recipe": run.recipe}, indent=2))
-    print(f"Composed run {run.id}: {recipe.describe(names)}")
+                      "recipe": run.recipe, "description": recipe.describe()}, indent=2))
     return 0
 
 

@@ -220,6 +220,11 @@ def test_refusals_name_the_problem_and_leave_nothing(db, tiny_llama_dir, tiny_ch
         with pytest.raises(CompositionError, match=words):
             comp.compose(db, project_id, make(ids), "refused")
         assert state(db, project_id) == before, what
+    with pytest.raises(CompositionError, match="no CUDA GPU") if not torch.cuda.is_available() \
+            else pytest.raises(CompositionError, match="device: 'cpu' or 'cuda'"):
+        comp.compose(db, project_id, Recipe("cat", ((ids["a"], 1.0), (ids["b"], 1.0))), "gpu",
+                     device="cuda" if not torch.cuda.is_available() else "tpu")
+    assert state(db, project_id) == before
     assert "no run" in str(pytest.raises(CompositionError, comp.check_recipe, db, project_id,
                                          Recipe("cat", ((ids["a"], 1.0), (999, 1.0)))).value)
     # Refused once the model is loaded: an SVD rank wider than a layer (k_proj is 32 wide here).
@@ -257,17 +262,20 @@ def test_a_schema_3_file_gains_the_recipe_column(tmp_path):
         db.close()
 
 
-def test_cli_composes_and_refuses_in_one_line(db, tiny_llama_dir, adapters, capsys):
+def test_cli_composes_in_a_child_and_refuses_in_one_line(db, tiny_llama_dir, adapters, capsys):
+    """``peft-studio compose`` as the UI runs it (``compose_in_child``: a real child process, the
+    same history), then refusals through ``main``: one line, exit 2."""
+    from studio.adapters.compose_child import compose_in_child
     from studio.cli import main
 
     a = parent(db, tiny_llama_dir, adapters, "a")
     b = parent(db, tiny_llama_dir, adapters, "b")
-    assert main(["compose", "--project", "compose", "--combination", "dare_linear",
-                 "--adapter", f"{a.id}=0.5", "--adapter", f"{b.id}=0.5", "--density", "0.7",
-                 "--name", "from the cli"]) == 0
-    out = capsys.readouterr().out
-    run = db.list_runs(a.project_id)[0]
-    assert run.name == "from the cli" and run.recipe["density"] == 0.7 and f"run {run.id}" in out
+    recipe = Recipe("dare_linear", ((a.id, 0.5), (b.id, -0.25)), density=0.7)
+    run = compose_in_child(db, a.project_id, recipe, "-from the cli")
+    assert run.name == "-from the cli" and Recipe.from_dict(run.recipe) == recipe
+    assert (launch.run_folder(db, run) / "adapter" / "adapter_model.safetensors").is_file()
+    with pytest.raises(CompositionError, match="^adapters: run .* is listed twice"):
+        compose_in_child(db, a.project_id, Recipe("cat", ((a.id, 1.0), (a.id, 2.0))), "twice")
     assert main(["compose", "--project", "compose", "--combination", "ties",
                  "--adapter", f"{a.id}=0.5", "--adapter", f"{b.id}=0.5", "--name", "no density"]) == 2
     err = capsys.readouterr().err

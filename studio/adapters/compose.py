@@ -158,7 +158,7 @@ def compose(db: Any, project_id: int, recipe: Recipe, name: str, *, device: str 
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise CompositionError(f"device: 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
     parents = check_recipe(db, project_id, recipe)
-    _refuse_while_training(db, device)
+    _check_device(db, device)
     root = runs_root(db, project_id)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".compose-", dir=root))
@@ -332,15 +332,18 @@ def _check_ranks(recipe: Recipe, runs: list, configs: list[dict]) -> None:
                                f"most the combined update can have); got {recipe.svd_rank}")
 
 
-def _refuse_while_training(db: Any, device: str) -> None:
-    """Composing loads the base model: not on the device a run is training on."""
+def _check_device(db: Any, device: str) -> None:
+    """Composing loads the base model: on a device there is, and not where a run is training."""
+    import torch
+
     from studio.runs.launch import active_run
 
+    if device != "cpu" and not torch.cuda.is_available():
+        raise CompositionError(f"device: {device} was asked for but this machine has no CUDA GPU "
+                               "torch can use; compose on the cpu")
     busy = active_run(db)
     if busy is None:
         return
-    import torch
-
     if device == "cpu" and torch.cuda.is_available():  # training on the GPU, this on the CPU
         return
     raise CompositionError(f"run {busy.id} ('{busy.name}') is training on this machine; composing "
