@@ -171,7 +171,10 @@ def estimate_training(arch: ArchInfo, method: str, p: Any, trainable: int,
     terms.append(Term("gradients", in_base * width + adapters * aw,
                       f"base {in_base:,} × {width} B + adapters {adapters:,} × {aw} B"))
     opt = OPTIMIZER_BYTES[setup.optimizer]
-    if setup.optimizer == "adamw8bit":
+    own = spec.optimizer_state(arch, p, width) if spec.optimizer_state is not None else None
+    if own is not None:  # the method is its own optimizer (GaLore, APOLLO): its state, its formula
+        terms.append(Term("optimizer", own.bytes, own.formula))
+    elif setup.optimizer == "adamw8bit":
         tensors = spec.tensors(arch, p)
         terms.append(Term("optimizer", adamw8bit_bytes(tensors),
                           f"adamw8bit over {sum(c for _, c in tensors):,} tensors: 2 B per value "
@@ -211,14 +214,14 @@ def estimate_training(arch: ArchInfo, method: str, p: Any, trainable: int,
     terms.append(Term("overhead", overhead, "CUDA context + allocator" if overhead else "none on CPU"))
     gradient_bytes = next(t.bytes for t in terms if t.name == "gradients")
     if in_base:
-        terms = _whole_model_gradients(terms, arch, spec, p, in_base, width, setup.optimizer)
+        terms = _whole_model_gradients(terms, arch, spec, p, in_base, width, setup.optimizer, own)
     saved = int(layers * per_layer + outside) + tokens * vocab * 4
     return Estimate(tuple(terms), trainable, saved_activation_bytes=saved,
                     gradient_bytes=gradient_bytes)
 
 
 def _whole_model_gradients(terms: list[Term], arch: ArchInfo, spec: Any, p: Any, in_base: int,
-                           width: int, optimizer: str) -> list[Term]:
+                           width: int, optimizer: str, own: Any = None) -> list[Term]:
     """The gradients term of whole-model training: what gradients add to the *peak*.
 
     Gradients and activations are not held at once. Trainer frees the gradients after each step
@@ -230,7 +233,10 @@ def _whole_model_gradients(terms: list[Term], arch: ArchInfo, spec: Any, p: Any,
       optimizer step:     weights + states + all gradients + one parameter-sized temporary
                           (torch's foreach AdamW computes sqrt(v) for the whole group at once;
                           bitsandbytes and SGD update in place)
-    so the term is max(V·d·W, gradients + temporary − activations − logits). For LoRA-like
+    so the term is max(V·d·W, gradients + temporary − activations − logits). A method that is
+    its own optimizer (``own``, an ``OptimizerState``) says its step's temporary; a layer-wise one
+    frees each gradient as soon as its parameter is updated, so only the largest tensor's
+    gradient is held and the term says what that saves. For LoRA-like
     methods the gradients are small and are simply added. Checked against the published full
     fine-tuning peak of Llama-3.2-3B (tests/test_estimate_gpu_terms.py): the plain sum of all
     terms was 15 % above it even with bf16 states, the peak model within 10 %.
@@ -238,12 +244,20 @@ def _whole_model_gradients(terms: list[Term], arch: ArchInfo, spec: Any, p: Any,
     by = {t.name: t for t in terms}
     grads = by["gradients"].bytes
     temporary = in_base * width if optimizer == "adamw" else 0
+    if own is not None:
+        temporary = own.step_temporary
     dynamic = by["activations"].bytes + by["logits"].bytes
     blocks = spec.trained_blocks(arch, p) if spec.trained_blocks else arch.num_layers
     first = (arch.vocab_size * arch.hidden_size if spec.trains_output_layer else in_base // blocks) * width
     held = max(first, grads + temporary - dynamic)
     text = (f"held at the peak: max(first gradient {first:,}, all {grads:,} + step temporary "
             f"{temporary:,} − activations − logits {dynamic:,}) B")
+    if own is not None and own.frees_gradients:
+        largest = max(numel for numel, _ in arch.param_tensors) * width
+        layerwise = max(first, largest)
+        text = (f"layer-wise: each gradient freed once its weight is updated, about the largest "
+                f"one is held = {layerwise:,} B (all gradients at once would hold {held:,} B)")
+        held = layerwise
     return [Term("gradients", held, text) if t.name == "gradients" else t for t in terms]
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from studio.estimate import TrainSetup
+from studio.methods import SettingError, get_method
 from studio.runspec import RunSpec
 
 if TYPE_CHECKING:
@@ -131,6 +132,17 @@ def choose_precision(requested: str, device: DeviceFacts) -> tuple[str, str]:
     return "fp32", "auto on the CPU: a bf16 step was not measured clearly faster than fp32 here"
 
 
+def _method_refusal(spec: RunSpec, kind: str) -> str | None:
+    """``MethodSpec.run_check`` on this device; a method or settings ``RunSpec.validate``
+    refuses are left to it."""
+    try:
+        method = get_method(spec.method)
+        params = method.params(spec.method_settings) if method.run_check else None
+    except SettingError:
+        return None
+    return method.run_check(params, spec, kind) if method.run_check else None
+
+
 def training_setup(spec: RunSpec, device: DeviceFacts) -> SetupChoice:
     """The precision ``spec`` trains in on ``device`` and the setup its memory estimate needs.
 
@@ -139,6 +151,9 @@ def training_setup(spec: RunSpec, device: DeviceFacts) -> SetupChoice:
     4-bit base is added by ``planner.plan`` from the method itself."""
     if spec.liger_kernel and device.kind != "cuda":  # its kernels are Triton: CUDA only
         raise SetupError("runspec 'liger_kernel': liger-kernel needs a CUDA GPU; turn it off on the CPU")
+    refusal = _method_refusal(spec, device.kind)  # a method's own, on this device (GaLore 8-bit on a CPU)
+    if refusal:
+        raise SetupError(refusal)
     precision, reason = choose_precision(spec.precision, device)
     setup = TrainSetup(batch_size=spec.batch_size, seq_len=spec.max_length,
                        dtype="fp32" if precision == "fp16" else precision,

@@ -151,9 +151,12 @@ class RunSpec:
         except SettingError as exc:
             raise RunSpecError(f"runspec 'method': {exc}") from None
         try:
-            spec.params(self.method_settings)
+            params = spec.params(self.method_settings)
         except SettingError as exc:
             raise RunSpecError(f"runspec 'method_settings': {exc}") from None
+        refusal = spec.run_check(params, self, None) if spec.run_check else None
+        if refusal:  # what the method cannot train with, whatever the device (GaLore's layer-wise)
+            raise RunSpecError(refusal)
         if self.packing and not spec.packs_exactly:
             self._refuse("packing", f"{spec.title} puts virtual tokens before every sequence, so packed "
                          "examples would see each other: turn packing off for this method")

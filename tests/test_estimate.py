@@ -60,7 +60,8 @@ def test_state_bytes_exact_and_activations_within_15_percent(method, settings):
     # All gradients after a backward; the "gradients" term of whole-model training holds only
     # what they add to the peak (estimate._whole_model_gradients).
     assert est.gradient_bytes == measured_state["gradients"]
-    assert est.term("optimizer").bytes == measured_state["optimizer"]
+    if get_method(method).optimizer_state is None:  # GaLore/APOLLO: against their own, test_galore.py
+        assert est.term("optimizer").bytes == measured_state["optimizer"]
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "houlsby", "prefix", "full"])

@@ -40,7 +40,7 @@ def test_estimate_cli_prints_the_documented_json():
 
 @pytest.mark.parametrize("args,message", [
     (["--method", "lora", "--set", "rank=8"], "has no setting 'rank'"),
-    (["--method", "galore"], "GaLore"),
+    (["--method", "galore", "--set", "rank=0"], "galore: 'rank' must be at least 1"),
     (["--method", "lora", "--set", "r"], "key=value"),
 ])
 def test_estimate_cli_errors_are_clear(args, message):

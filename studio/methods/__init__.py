@@ -3,7 +3,7 @@
 Names are the ones the CLI and RunSpec use: lora, dora, rslora, loraplus, qlora, houlsby, prefix,
 prompt, llama_adapter, ia3, adalora, loha, lokr, vera, oft, boft, full, last_n.
 
-GaLore (low-rank gradient projection) is not registered: see ``UNAVAILABLE``.
+galore, apollo (whole-model training with a low-rank optimizer state: ``galore.py``).
 """
 
 from __future__ import annotations
@@ -12,17 +12,15 @@ import importlib
 
 from studio.methods.base import Count, MethodSpec, SettingError
 
-UNAVAILABLE = {
-    "galore": "GaLore is not offered: its only implementation, galore-torch (used by transformers "
-              "as optim='galore_adamw'), runs here on the CPU but has had no release since "
-              "version 1.0 of March 2024, so it is not a maintained package to build on.",
-}
+# Methods this version knows of but does not offer: name -> why (``get_method`` says it, and
+# ``register`` keeps the name free). GaLore, once listed here, is offered since issue 17.
+UNAVAILABLE: dict[str, str] = {}
 
 
 # The method modules of this package, in the order the UI lists their methods. A new method is
 # one module (its MethodSpec in ``SPECS``, hooks included: see ``base.MethodSpec``) and its name
 # here.
-MODULES = ("lora", "qlora", "houlsby", "prompt_learning", "adaption_prompt", "ia3", "lora_variants", "oft", "baselines")
+MODULES = ("lora", "qlora", "houlsby", "prompt_learning", "adaption_prompt", "ia3", "lora_variants", "oft", "baselines", "galore")
 
 REGISTRY: dict[str, MethodSpec] = {}
 

@@ -94,10 +94,16 @@ def dataset_eval_rows(db: Database, spec: RunSpec, dataset_id: int | None) -> An
     return load_dataset_split(db, dataset_id, "eval")
 
 
-def training_arguments(spec: RunSpec, compute: prepare.Compute, output_dir: Path, has_eval: bool):
+def training_arguments(spec: RunSpec, compute: prepare.Compute, output_dir: Path, has_eval: bool,
+                       method_optim: dict[str, Any] | None = None):
+    """``method_optim``: a method that is its own optimizer (GaLore, APOLLO) names it here
+    (``MethodSpec.trainer_optim``: ``optim`` and its ``optim_target_modules`` / ``optim_args``),
+    in place of the run's optimizer."""
     from transformers import TrainingArguments
 
     optim = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "sgd": "sgd"}[spec.optimizer]
+    method_optim = dict(method_optim or {})
+    optim = method_optim.pop("optim", optim)
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=spec.max_steps if spec.max_steps > 0 else -1,
@@ -125,6 +131,7 @@ def training_arguments(spec: RunSpec, compute: prepare.Compute, output_dir: Path
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        **method_optim,
     )
 
 
@@ -219,8 +226,10 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     optimizer = (method.optimizer(model, params, spec.learning_rate, spec.weight_decay)
                  if method.optimizer else None)
     optimizers = (optimizer, None)
+    method_optim = method.trainer_optim(arch, params) if method.trainer_optim else None
     trainer = StudioTrainer(
-        model=model, args=training_arguments(spec, compute, folder / "checkpoints", eval_set is not None),
+        model=model, args=training_arguments(spec, compute, folder / "checkpoints", eval_set is not None,
+                                             method_optim),
         train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, processing_class=tokenizer,
         callbacks=[callback, WarmupFromFirstStep(), *extra_callbacks], optimizers=optimizers,
     )
