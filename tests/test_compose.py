@@ -205,6 +205,8 @@ REFUSALS = [
      "only adapters of one base model"),
     ("failed", lambda ids: Recipe("cat", ((ids["a"], 1.0), (ids["failed"], 1.0))), "is failed"),
     ("svd rank", lambda ids: Recipe("svd", ((ids["a"], 1.0), (ids["b"], 1.0)), svd_rank=9), "at most 8"),
+    ("4-bit and full", lambda ids: Recipe("cat", ((ids["a"], 1.0), (ids["qlora"], 1.0))), "4-bit base"),
+    ("layers", lambda ids: Recipe("cat", ((ids["a"], 1.0), (ids["layer 0"], 1.0))), "layers_to_transform"),
 ]
 
 
@@ -214,6 +216,12 @@ def test_refusals_name_the_problem_and_leave_nothing(db, tiny_llama_dir, tiny_ch
     ids["failed"] = parent(db, tiny_llama_dir, adapters, "b", status=RunStatus.FAILED).id
     ids["other base"] = parent(db, tiny_chat_model, adapters, "b").id
     ids["elsewhere"] = parent(db, tiny_llama_dir, adapters, "b", project="another").id
+    ids["qlora"] = parent(db, tiny_llama_dir, adapters, "b", method="qlora").id
+    layer0 = parent(db, tiny_llama_dir, adapters, "b")
+    config_path = launch.run_folder(db, layer0) / "adapter" / "adapter_config.json"
+    config_path.write_text(config_path.read_text().replace('"layers_to_transform": null',
+                                                           '"layers_to_transform": [0]'))
+    ids["layer 0"] = layer0.id
     project_id = db.get_run(ids["a"]).project_id
     before = state(db, project_id)
     for what, make, words in REFUSALS:

@@ -314,7 +314,20 @@ def _rank(config: dict) -> int:
     return max([int(config.get("r", 8)), *map(int, pattern.values())])
 
 
+# Config keys PEFT copies from the first parent into the new adapter: a parent that differs
+# would lose the layers the first one leaves out (its update there silently dropped).
+_COPIED_FROM_FIRST = ("layers_to_transform", "layers_pattern", "exclude_modules", "layer_replication")
+
+
 def _check_ranks(recipe: Recipe, runs: list, configs: list[dict]) -> None:
+    """What PEFT can combine: ranks (for the A/B combinations), target kinds, the layers."""
+    for key in _COPIED_FROM_FIRST:
+        values = [configs[0].get(key) or None, *(c.get(key) or None for c in configs[1:])]
+        for run, value in zip(runs[1:], values[1:]):
+            if value != values[0]:
+                raise CompositionError(f"run {run.id} ('{run.name}') has {key}={value!r} and run "
+                                       f"{runs[0].id} {key}={values[0]!r}: PEFT keeps the first "
+                                       "parent's, which would drop part of the others' updates")
     kinds = {type(c.get("target_modules")).__name__ for c in configs}
     if "str" in kinds and len(kinds) > 1:
         raise CompositionError("target modules: PEFT cannot mix adapters that name their modules by "
