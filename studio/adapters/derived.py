@@ -18,23 +18,26 @@ DELETED = "(deleted)"
 
 def recipe_of(run: Any) -> Recipe | None:
     """The run's recipe, or None for a trained run. A recipe this version cannot read is still a
-    derived run (it must not be offered for resume or clone): its raw combination is kept."""
+    derived run (it must not be offered for resume or clone): what can be read of it is kept."""
     data = getattr(run, "recipe", None)
     if not data:
         return None
     try:
         return Recipe.from_dict(data)
     except (CompositionError, ValueError, TypeError, KeyError, AttributeError):
-        parents = tuple((int(p[0]), float(p[1])) for p in _raw_parents(data))
-        return Recipe(str(data.get("combination", "?")) if isinstance(data, dict) else "?", parents)
+        if not isinstance(data, dict):
+            return Recipe("?", ())
+        return Recipe(str(data.get("combination", "?")), tuple(_readable_parents(data.get("parents"))))
 
 
-def _raw_parents(data: Any) -> list:
-    try:
-        return [p for p in data.get("parents", []) if isinstance(p, (list, tuple)) and len(p) == 2
-                and isinstance(p[0], int) and isinstance(p[1], (int, float))]
-    except AttributeError:
-        return []
+def _readable_parents(parents: Any) -> list[tuple[int, float]]:
+    """The (run id, weight) pairs of a damaged recipe that still read as such."""
+    found = []
+    for item in parents if isinstance(parents, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("run_id"), int):
+            weight = item.get("weight")
+            found.append((item["run_id"], float(weight) if isinstance(weight, (int, float)) else float("nan")))
+    return found
 
 
 def is_derived(run: Any) -> bool:

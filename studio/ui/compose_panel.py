@@ -7,7 +7,9 @@ The handlers are module functions taking plain values, so tests drive them again
 database and real adapters; ``build`` only wires them to widgets. What may be combined and every
 refusal (mismatched bases, methods or ranks) come from ``compose.check_recipe`` / ``compose``
 and are shown as they are; the recipe is previewed as the user edits it, without loading
-anything, so most refusals are seen before the button is pressed.
+anything, so most refusals are seen before the button is pressed. The composition itself runs in
+a child process (``compose_in_child``, as the Export tab's export does): the UI process never
+loads the model.
 
 Weights are one text field ("0.6, 0.4", in the order the runs were chosen), not an editable table:
 the preview under it spells out which weight goes to which run, and a text field cannot lose an
@@ -25,6 +27,7 @@ import gradio as gr
 
 from studio.adapters import compose
 from studio.adapters import derived
+from studio.adapters.compose_child import compose_in_child
 from studio.db import Database
 from studio.ui.labels_compose import COMPOSE as TEXT
 
@@ -141,21 +144,20 @@ def default_name(recipe: compose.Recipe) -> str:
 
 def combine(db: Database, project_id: int | None, combination: str | None, run_ids: Sequence[int] | None,
             weights: str | None, density: float | None, svd_rank: Any, name: str | None,
-            progress: Callable[[float, str], None] | None = None) -> tuple[str, int | None]:
+            progress: Callable[[float, str], None] | None = None,
+            composer: Callable[..., Any] | None = None) -> tuple[str, int | None]:
     """Compose and save; (the message, the new run's id or None when nothing was made). Every
-    refusal is a message, never an exception: the UI stays as it was."""
+    refusal is a message, never an exception: the UI stays as it was. ``composer``: None is
+    ``compose_in_child`` (the model is loaded in a child process, as an export is, never in the
+    UI process); ``compose.compose`` does the same work in this process."""
     if project_id is None or db.get_project(project_id) is None:
         return TEXT["no_project"], None
     try:
         recipe = recipe_from(combination, run_ids, weights, density, svd_rank)
-        compose.check_recipe(db, project_id, recipe)  # the quick refusals before any loading
+        compose.check_recipe(db, project_id, recipe)  # the quick refusals, before a process starts
         if progress is not None:
             progress(0.1, TEXT["working"])
-        from studio.models import IMPORT_LOCK
-
-        with IMPORT_LOCK:  # transformers' lazy imports race with other tabs' handler threads
-            import peft  # noqa: F401  (compose imports it; imported here under the lock)
-        run = compose.compose(db, project_id, recipe, (name or "").strip() or default_name(recipe))
+        run = (composer or compose_in_child)(db, project_id, recipe, (name or "").strip() or default_name(recipe))
     except (ValueError, OSError) as exc:  # CompositionError is a ValueError; OSError: the disk
         return TEXT["refused"].format(reason=exc), None
     return TEXT["done"].format(id=run.id, name=run.name, recipe=derived.describe(db, run)), run.id
