@@ -183,6 +183,9 @@ def test_a_composed_run_is_listed_like_a_trained_one_and_cannot_resume(db, tiny_
         launch.resume(db, run.id)
     exported = export_run(db, run.id, "merged", verify=False)  # Export's loader takes it too
     assert exported.status == "unverified" and (Path(exported.path) / "config.json").is_file()
+    card = (Path(exported.path) / "README.md").read_text()
+    assert f"| composed | TIES SVD (density 0.5, SVD rank 6) of #{a.id} × 0.5" in card
+    assert "learning rate" not in card  # no training settings it never had
 
 
 REFUSALS = [

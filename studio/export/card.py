@@ -48,6 +48,19 @@ def model_card(*, run: Any, spec: Any, dataset: Any, kind: str, dtype: str, metr
     header = f"base_model: {base}\n" if on_hub else ""  # the hub links base_model: only a hub id
     base_line = base if on_hub else f"{base} (a local model, not on the Hugging Face hub)"
     weights = f"checkpoint at step {checkpoint}" if checkpoint is not None else "final"
+    training = (f"| training steps | {steps if steps is not None else 'unknown'} |\n"
+                f"| learning rate | {spec.learning_rate} ({spec.lr_scheduler}), batch {spec.batch_size} × "
+                f"{spec.grad_accum} |\n| max length | {spec.max_length}, loss on {spec.loss_on} tokens |\n"
+                f"| seed | {spec.seed} |")
+    if getattr(run, "recipe", None):  # a composed adapter (studio.adapters.compose): never trained
+        from studio.adapters.compose import CompositionError, Recipe
+
+        try:
+            made = Recipe.from_dict(run.recipe).describe()
+        except CompositionError:
+            made = "trained adapters"
+        training = (f"| composed | {made}, with PEFT's add_weighted_adapter; not trained itself "
+                    "(the method settings below are its first parent's) |")
     return f"""---
 library_name: {"transformers" if kind == "merged" else "peft"}
 {header}tags: [peft-studio, {spec.method}]
@@ -62,10 +75,7 @@ Exported by PEFT Studio {studio.__version__}: {what}.
 | method | {spec.method}{" (cannot be merged)" if not mergeable else ""} |
 | export | {kind}, {dtype}, {weights} weights |
 | dataset | {dataset_line} |
-| training steps | {steps if steps is not None else "unknown"} |
-| learning rate | {spec.learning_rate} ({spec.lr_scheduler}), batch {spec.batch_size} × {spec.grad_accum} |
-| max length | {spec.max_length}, loss on {spec.loss_on} tokens |
-| seed | {spec.seed} |
+{training}
 
 ## Method settings
 
