@@ -89,6 +89,35 @@ def test_optimizer_state_equals_the_real_optimizer_after_one_step(method, settin
         assert measured < 2 * arch.total_params * width
 
 
+def test_a_checkpoints_optimizer_state_loads_back_with_the_safe_loader():
+    """What Resume does: the Trainer saves ``optimizer.state_dict()`` and reads it back with
+    ``torch.load(weights_only=True)``; the projectors in it are allowed by ``trainer_optim``."""
+    import io
+
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama_config()
+    arch = ArchInfo.from_config(config)
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()  # as in a fresh worker (no test before this one)
+    for method in ("galore", "apollo"):
+        spec = get_method(method)
+        params = spec.params({"rank": 4})
+        model = AutoModelForCausalLM.from_config(config)
+        optimizer = real_optimizer(model, spec.trainer_optim(arch, params))[0]
+        ids = torch.randint(0, config.vocab_size, (1, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        saved = io.BytesIO()
+        torch.save(optimizer.state_dict(), saved)
+        saved.seek(0)
+        again = real_optimizer(model, spec.trainer_optim(arch, params))[0]
+        again.load_state_dict(torch.load(saved, weights_only=True))
+        projectors = [s["projector"] for s in again.state.values() if "projector" in s]
+        assert projectors and all(p.ortho_matrix is not None for p in projectors)
+    torch.serialization.add_safe_globals(before)
+
+
 def test_layerwise_holds_one_gradient_and_says_what_it_saves():
     arch = ArchInfo.from_config(load_config(str(CONFIGS / "smollm2-135m.json")))
     spec = get_method("galore")
@@ -130,6 +159,15 @@ def test_runs_the_method_cannot_train_are_refused_by_the_runspec(fields, match):
         with pytest.raises(RunSpecError, match=match):
             RunSpec(method=method, sample_task="dates", **fields).validate()
     RunSpec(method="galore", sample_task="dates", method_settings={"layerwise": True}).validate()
+
+
+def test_the_bakeoff_accepts_both_at_their_documented_rate():
+    from studio.bakeoff import Budget, method_spec
+
+    for method in ("galore", "apollo"):
+        spec = method_spec("default", method, Budget(), sample_task="dates")  # validated
+        assert spec.learning_rate == get_method(method).default_learning_rate == 1e-4
+        assert training_setup(spec, CPU).precision in ("fp32", "bf16")
 
 
 def test_8bit_galore_is_refused_on_the_cpu_and_offered_on_a_gpu():

@@ -37,11 +37,15 @@ SVD's factors), r for APOLLO's random one:
 Layer-wise (``*_layerwise``): transformers gives every parameter its own optimizer and steps it
 in a post-accumulate-grad hook, then frees the gradient; the state is the same, but only about
 one tensor's gradient is held at a time instead of all of them. It cannot accumulate gradients
-over micro-batches (transformers refuses ``gradient_accumulation_steps`` > 1) nor run under DDP.
+over micro-batches (transformers refuses ``gradient_accumulation_steps`` > 1) nor run under DDP,
+and its checkpoints hold only transformers' dummy optimizer: a resumed layer-wise run starts its
+moments and its learning-rate schedule afresh (the studio's warm-up fix does not reach the
+per-parameter schedulers either, so its first step runs at rate 0 when there is a warm-up).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -136,8 +140,30 @@ def optim_name(p: Any) -> str:
     return base + ("_layerwise" if p.layerwise else "")
 
 
+def allow_projectors_in_checkpoints() -> None:
+    """A checkpoint's ``optimizer.pt`` holds the packages' projector objects, and the Trainer
+    reads it back with ``torch.load(weights_only=True)``, which refuses any class not allowed:
+    Resume failed with "Unsupported global: GaLoreProjector". These three classes are plain
+    records (rank, gap, scale, type, seed and the projection tensor), so allowing exactly them
+    keeps the safe loader and makes Resume work."""
+    import torch
+
+    allowed = []
+    for module, name in (("galore_torch.galore_projector", "GaLoreProjector"),
+                         ("apollo_torch.svd_projector", "GaLoreProjector"),
+                         ("apollo_torch.random_projector", "GradientProjector")):
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except ImportError:  # that package is not installed: its runs are refused (run_check)
+            continue
+    torch.serialization.add_safe_globals(allowed)
+
+
 def trainer_optim(arch: ArchInfo, p: Any) -> dict[str, Any]:
+    """The ``TrainingArguments`` keywords (``MethodSpec.trainer_optim``); called by the worker
+    before it builds the Trainer, so it also lets a checkpoint's projectors load on Resume."""
     targeted(arch, p)  # refuses a model with nothing to project, before transformers does
+    allow_projectors_in_checkpoints()
     args = {"rank": p.rank, "update_proj_gap": p.update_proj_gap, "scale": p.scale, "proj_type": "std"}
     if _is_apollo(p):
         args.update(proj=p.proj, scale_type=p.scale_type)
