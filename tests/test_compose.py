@@ -11,6 +11,7 @@ zero, so the updates are real) saved where a completed run keeps its final adapt
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -246,8 +247,15 @@ def test_refusals_name_the_problem_and_leave_nothing(db, tiny_llama_dir, tiny_ch
     broken = parent(db, tiny_llama_dir, adapters, "b")
     (launch.run_folder(db, broken) / "adapter" / "adapter_model.safetensors").write_bytes(b"not a tensor file")
     before = state(db, project_id)
+    # ... and a killed composition's work folder (a day old) is swept; a fresh one is kept.
+    root = launch.runs_root(db, project_id)
+    stale, fresh = root / f"{comp.WORK_PREFIX}killed", root / f"{comp.WORK_PREFIX}running"
+    stale.mkdir(), fresh.mkdir()
+    os.utime(stale, (0, 0))
     with pytest.raises(Exception):
         comp.compose(db, project_id, Recipe("cat", ((ids["a"], 1.0), (broken.id, 1.0))), "broken")
+    assert not stale.exists() and fresh.exists()
+    fresh.rmdir()
     assert state(db, project_id) == before
 
 

@@ -66,6 +66,8 @@ SAME_RANK: frozenset[str] = frozenset(
 SVD: frozenset[str] = frozenset(name for name in COMBINATIONS if name.endswith("svd"))
 MAX_PARENTS = 32  # a UI list, not a library: more is a mistake, and each one is loaded
 RECIPE_FILE = "recipe.json"
+WORK_PREFIX = ".compose-"  # the temporary folder inside the runs folder, until it is placed
+STALE_S = 24 * 3600
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _WORDS = {"ties": "TIES", "dare": "DARE", "svd": "SVD", "cat": "concatenation",
           "magnitude": "magnitude", "prune": "prune", "linear": "linear"}
@@ -161,7 +163,8 @@ def compose(db: Any, project_id: int, recipe: Recipe, name: str, *, device: str 
     _check_device(db, device)
     root = runs_root(db, project_id)
     root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".compose-", dir=root))
+    _sweep_stale(root)
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=root))
     placed: list[Path] = []
     try:
         folders = [run_folder(db, run) / "adapter" for run in parents]
@@ -189,6 +192,19 @@ def compose(db: Any, project_id: int, recipe: Recipe, name: str, *, device: str 
             raise
     finally:
         shutil.rmtree(work, ignore_errors=True)  # gone already once placed
+
+
+def _sweep_stale(root: Path) -> None:
+    """Remove work folders a killed composition left (a finally clause cannot run after kill -9):
+    only ours, by prefix, and only a day old, so a composition running now keeps its own."""
+    import time
+
+    for item in root.glob(f"{WORK_PREFIX}*"):
+        try:
+            if item.is_dir() and not item.is_symlink() and time.time() - item.stat().st_mtime > STALE_S:
+                shutil.rmtree(item, ignore_errors=True)
+        except OSError:
+            continue
 
 
 # ---- checks (no torch) ----
