@@ -41,7 +41,9 @@ def alternatives(spec: RunSpec, device: DeviceFacts, quant: str = "none") -> lis
     method = get_method(spec.method)
     settings = spec.method_settings
     options = [("as configured", spec.method, settings, base)]
-    if spec.batch_size > 1:
+    halved = replace(spec, batch_size=max(1, spec.batch_size // 2), grad_accum=spec.grad_accum * 2)
+    if spec.batch_size > 1 and not (method.run_check and method.run_check(
+            method.params(settings), halved, device.kind)):  # layer-wise GaLore cannot accumulate
         options.append((f"batch size {max(1, spec.batch_size // 2)} (accumulate ×{spec.grad_accum * 2})",
                         spec.method, settings, replace(base, batch_size=max(1, spec.batch_size // 2))))
     if not spec.grad_checkpointing:

@@ -224,3 +224,18 @@ def test_trains_through_the_worker_loss_falls_and_the_saved_model_reloads(db, ti
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, logits)
     assert project_adapters(db, run.project_id, lambda r: launch.run_folder(db, r)) == []
+
+
+def test_fit_advice_offers_no_accumulation_to_a_layerwise_run(monkeypatch):
+    """Halving the batch keeps the effective batch through accumulation, which layer-wise
+    updates cannot do: that alternative is left out, the others stay."""
+    from studio import fit_advice, planner
+
+    arch = ArchInfo.from_config(tiny_llama_config())
+    monkeypatch.setattr(planner, "arch_for", lambda model: arch)  # no model folder to read here
+    for layerwise in (False, True):
+        spec = RunSpec(model="tiny", method="galore", sample_task="dates", batch_size=4,
+                       method_settings={"layerwise": layerwise}).validate()
+        labels = [row.label for row in fit_advice.alternatives(spec, CPU)]
+        assert any("accumulate" in label for label in labels) != layerwise, labels
+        assert "gradient checkpointing on" in labels
