@@ -292,7 +292,12 @@ def test_cli_composes_in_a_child_and_refuses_in_one_line(db, tiny_llama_dir, ada
     recipe = Recipe("dare_linear", ((a.id, 0.5), (b.id, -0.25)), density=0.7)
     run = compose_in_child(db, a.project_id, recipe, "-from the cli")
     assert run.name == "-from the cli" and Recipe.from_dict(run.recipe) == recipe
-    assert (launch.run_folder(db, run) / "adapter" / "adapter_model.safetensors").is_file()
+    again = comp.compose(db, a.project_id, recipe, "in this process")  # DARE's drop is seeded:
+    got, same = (load_file(str(launch.run_folder(db, r) / "adapter" / "adapter_model.safetensors"))
+                 for r in (run, again))
+    assert got.keys() == same.keys() and all(torch.equal(got[k], same[k]) for k in got)
+    assert any((got[k] == 0).any() for k in got)  # ... and it did drop values
+    capsys.readouterr()  # the loading progress bars
     with pytest.raises(CompositionError, match="^adapters: run .* is listed twice"):
         compose_in_child(db, a.project_id, Recipe("cat", ((a.id, 1.0), (a.id, 2.0))), "twice")
     assert main(["compose", "--project", "compose", "--combination", "ties",

@@ -13,6 +13,7 @@ Choices:
 * PEFT gives the new adapter α = r, so its scaling is 1 — except when the first parent is
   rsLoRA, whose config it copies (``use_rslora``): α/√r = √r. The combined factors already hold
   every parent's scaling, so B is divided by the new layer's scaling to keep the update exact.
+* DARE's random drop runs under a fixed seed: composing one recipe twice gives one adapter.
 * The first parent's tokenizer files are copied beside the adapter, as the worker saves them,
   so a server or Compare reading the folder finds the same chat template.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 NEW = "default"  # saved at the folder's top, where plain PEFT looks
+SEED = 0  # DARE's random drop: one recipe, one adapter
 # Files of a parent's adapter folder that are not the tokenizer: never copied.
 _NOT_TOKENIZER = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 _TRAINING_STATE = (".bin", ".pt", ".pth", ".pkl", ".safetensors")
@@ -49,7 +51,10 @@ def build(spec: dict, folders: list[Path], weights: list[float], recipe: Any, de
         kwargs["density"] = float(recipe.density)
     if recipe.svd_rank is not None:
         kwargs["svd_rank"] = int(recipe.svd_rank)
-    with torch.no_grad():
+    # DARE drops values at random (torch.bernoulli): a fixed seed, in a forked RNG so the
+    # caller's stream is untouched, makes a recipe give the same adapter every time.
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(SEED)
         model.add_weighted_adapter(names, [float(w) for w in weights], NEW,
                                    combination_type=recipe.combination, **kwargs)
         _unit_scaling(model)
