@@ -121,6 +121,13 @@ def test_examples_packed_in_one_row_stay_apart(tiny_chat_model):
     RunSpec(model=str(tiny_chat_model), method="llama_adapter", sample_task="dates", packing=True).validate()
 
 
+def test_the_bake_off_takes_it_at_the_paper_s_learning_rate(tiny_chat_model):
+    from studio.bakeoff import Budget, method_spec
+
+    run = method_spec(str(tiny_chat_model), "llama_adapter", Budget(), sample_task="dates")
+    assert run.learning_rate == 9e-3 and run.method == "llama_adapter"
+
+
 @pytest.mark.parametrize("family,model_type", [("qwen2-0.5b", "qwen2"), ("pythia-160m", "gpt_neox"),
                                                ("gemma-2b", "gemma")])
 def test_architectures_peft_does_not_implement_are_refused(family, model_type, tmp_path):
@@ -226,5 +233,7 @@ def test_it_exports_as_an_adapter_and_refuses_a_merge(trained):
     db, run_id, _ = trained
     with pytest.raises(ExportError, match="LLaMA-Adapter cannot be merged: Cannot merge"):
         export_run(db, run_id, "merged")
+    # verify=False: the clean-process reload costs a child process (~7 s); plain PEFT reloads the
+    # adapter in test_the_trained_adapter_reloads_with_plain_peft_and_changes_the_output.
     export = export_run(db, run_id, "adapter", verify=False)
     assert json.loads((Path(export.path) / "adapter_config.json").read_text())["peft_type"] == "ADAPTION_PROMPT"
