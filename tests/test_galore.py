@@ -58,7 +58,7 @@ def held_bytes(optimizers) -> int:
 @pytest.mark.parametrize("method,settings,dtype", [
     ("galore", {"rank": 48}, torch.float32),  # rank above k_proj's 32 rows: r' = min(r, m)
     ("galore", {"rank": 8}, torch.bfloat16),
-    ("galore", {"rank": 8, "optimizer": "adafactor"}, torch.float32),
+    ("galore", {"rank": 8, "variant": "adafactor"}, torch.float32),
     ("galore", {"rank": 8, "layerwise": True, "target_preset": "mlp"}, torch.float32),
     ("apollo", {"rank": 48}, torch.float32),
     ("apollo", {"rank": 1, "scale_type": "tensor", "scale": 128}, torch.bfloat16),
@@ -142,7 +142,7 @@ def test_nothing_to_project_and_bad_settings_are_refused_with_the_reason():
     with pytest.raises(SettingError, match="'rank' must be at least 1"):
         spec.params({"rank": 0})
     with pytest.raises(SettingError, match="must be one of"):
-        spec.params({"optimizer": "sgd"})
+        spec.params({"variant": "sgd"})
     with pytest.raises(SettingError, match="has no setting 'proj'"):
         spec.params({"proj": "random"})  # APOLLO's, not GaLore's
     with pytest.raises(SettingError, match="must be one of"):
@@ -171,7 +171,7 @@ def test_the_bakeoff_accepts_both_at_their_documented_rate():
 
 
 def test_8bit_galore_is_refused_on_the_cpu_and_offered_on_a_gpu():
-    spec = RunSpec(method="galore", sample_task="dates", method_settings={"optimizer": "adamw_8bit"}).validate()
+    spec = RunSpec(method="galore", sample_task="dates", method_settings={"variant": "adamw_8bit"}).validate()
     with pytest.raises(SetupError, match="torch.cuda.synchronize.*adamw or adafactor"):
         training_setup(spec, CPU)
     gpu = DeviceFacts("cuda", 80 * 2**30, True, None, 80 * 2**30)

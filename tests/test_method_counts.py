@@ -42,7 +42,7 @@ SECOND = {
     "boft": {"boft_block_num": 8, "boft_n_butterfly_factor": 2, "boft_dropout": 0.1},
     "full": {},
     "last_n": {"num_layers": 1},
-    "galore": {"rank": 16, "target_preset": "attention", "optimizer": "adafactor"},
+    "galore": {"rank": 16, "target_preset": "attention", "variant": "adafactor"},
     "apollo": {"rank": 1, "scale_type": "tensor", "layerwise": True},
 }
 

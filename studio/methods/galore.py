@@ -71,9 +71,9 @@ class GaLoreParams:
     scale: float = param(0.25, "α: the projected-back update is multiplied by it (the paper's "
                          "default 0.25; its fine-tuning scripts use 2-4 with a lower learning "
                          "rate).", min=0.001, max=1000.0, step=0.05)
-    optimizer: str = param("adamw", "The optimizer in the projected space: AdamW, bitsandbytes' "
-                           "8-bit AdamW (GPU only), or Adafactor (factored second moments).",
-                           choices=("adamw", "adamw_8bit", "adafactor"))
+    variant: str = param("adamw", "The optimizer that runs in the projected space: AdamW, "
+                         "bitsandbytes' 8-bit AdamW (GPU only), or Adafactor (factored second "
+                         "moments).", choices=("adamw", "adamw_8bit", "adafactor"))
     layerwise: bool = param(False, "Update each weight as soon as its gradient is ready and free "
                             "the gradient: saves nearly all gradient memory; needs gradient "
                             "accumulation 1.")
@@ -136,7 +136,7 @@ def target_regex(arch: ArchInfo, p: Any) -> str:
 
 
 def optim_name(p: Any) -> str:
-    base = "apollo_adamw" if _is_apollo(p) else f"galore_{p.optimizer}"
+    base = "apollo_adamw" if _is_apollo(p) else f"galore_{p.variant}"
     return base + ("_layerwise" if p.layerwise else "")
 
 
@@ -197,7 +197,7 @@ def optimizer_state(arch: ArchInfo, p: Any, width: int) -> OptimizerState:
     """The optimizer's state term (module docstring), projectors included."""
     groups = targeted(arch, p)
     random = _is_apollo(p) and p.proj == "random"
-    variant = "adamw" if _is_apollo(p) else p.optimizer
+    variant = "adamw" if _is_apollo(p) else p.variant
     shapes = [(min(g.in_features, g.out_features), max(g.in_features, g.out_features), g.count)
               for g in groups]
     rank = [(m, nn_, k, p.rank if random else min(p.rank, m)) for m, nn_, k in shapes]
@@ -249,8 +249,9 @@ def run_check(p: Any, spec: Any, device: str | None) -> str | None:
     if importlib.util.find_spec(package) is None:
         return f"{what} needs the {package} package, which is not installed: {INSTALL_HINT}"
     if spec.optimizer != "adamw":
-        return (f"runspec 'optimizer': {what} is itself the optimizer (its variant is the method "
-                f"setting 'optimizer'); leave the run's optimizer at adamw (got {spec.optimizer!r})")
+        choose = "" if _is_apollo(p) else " (choose GaLore's with the method setting 'variant')"
+        return (f"runspec 'optimizer': {what} is itself the optimizer{choose}; leave the run's "
+                f"optimizer at adamw (got {spec.optimizer!r})")
     if spec.weight_decay:
         return (f"runspec 'weight_decay': transformers' {what} integration passes no weight decay "
                 f"to the optimizer, so it would be ignored; set it to 0 (got {spec.weight_decay})")
@@ -258,8 +259,8 @@ def run_check(p: Any, spec: Any, device: str | None) -> str | None:
         return (f"runspec 'grad_accum': layer-wise {what} updates each weight as soon as its "
                 "gradient is ready, so gradients cannot accumulate over micro-batches; set "
                 f"grad_accum to 1 or turn 'layerwise' off (got {spec.grad_accum})")
-    if device == "cpu" and getattr(p, "optimizer", "") == "adamw_8bit":
-        return ("galore 'optimizer': adamw_8bit (galore-torch over bitsandbytes) calls "
+    if device == "cpu" and getattr(p, "variant", "") == "adamw_8bit":
+        return ("galore 'variant': adamw_8bit (galore-torch over bitsandbytes) calls "
                 "torch.cuda.synchronize() in every step and needs a CUDA GPU; on the CPU choose "
                 "adamw or adafactor")
     return None
