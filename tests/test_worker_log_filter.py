@@ -16,6 +16,8 @@ import bitsandbytes  # on a CPU with AVX512-BF16 this logs the gemm_4bit_forward
 logging.getLogger("bitsandbytes.x").warning(
     "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'")
 warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+warnings.warn("This implementation of AdamW is deprecated and will be removed in a future version. "
+              "Use the PyTorch implementation torch.optim.AdamW instead", FutureWarning)  # galore-torch's
 logging.getLogger("bitsandbytes.x").error("Failed to load CPU gemm_4bit_forward from kernels-community: REAL")
 logging.getLogger("somewhere").warning("an unlisted warning")
 warnings.warn("`is_gradient_checkpointing` is deprecated (as a UserWarning)", UserWarning)

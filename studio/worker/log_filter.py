@@ -34,6 +34,9 @@ HARMLESS: tuple[Harmless, ...] = (
              "speeds up 4-bit inference on some CPUs"),
     Harmless(r"`is_gradient_checkpointing` is deprecated", "a rename inside transformers, called by "
              "transformers or PEFT themselves", FutureWarning),
+    Harmless(r"This implementation of AdamW is deprecated and will be removed", "galore-torch's "
+             "GaLoreAdamW is a copy of an old transformers AdamW, notice included; the GaLore "
+             "method runs it on purpose (transformers' optim='galore_adamw')", FutureWarning),
 )
 
 SUMMARY = "({n} known-harmless library warning{s} hidden: see studio/worker/log_filter.py)"
