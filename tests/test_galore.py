@@ -128,6 +128,7 @@ def test_layerwise_holds_one_gradient_and_says_what_it_saves():
     largest = max(numel for numel, _ in arch.param_tensors) * 2
     assert layerwise.term("gradients").bytes == largest < plain.term("gradients").bytes
     assert "layer-wise" in layerwise.term("gradients").formula
+    assert f"({largest:,} B) instead of all {arch.total_params * 2:,} B" in plain.term("optimizer").formula
     full = estimate_training(arch, "full", get_method("full").params(), arch.total_params, setup)
     assert plain.term("optimizer").bytes < full.term("optimizer").bytes / 2
     assert plain.term("weights").bytes == full.term("weights").bytes  # every weight, its dtype

@@ -237,6 +237,9 @@ def optimizer_state(arch: ArchInfo, p: Any, width: int) -> OptimizerState:
                 f"{n(proj)} + other {n(others)} × 2 × {width} B = {n(rest)} (full AdamW: "
                 f"{n(2 * arch.total_params * width)} B)")
     largest = max(numel for numel, _ in arch.param_tensors)
+    if not p.layerwise:  # what the switch would save (the gradients term says it when on)
+        text += (f"; with 'layerwise' on, the same state, and about one tensor's gradient held "
+                 f"({n(largest * width)} B) instead of all {n(arch.total_params * width)} B")
     # A per-parameter loop: the update and its denominator for one tensor at a time.
     return OptimizerState(moments + proj + rest, text, step_temporary=2 * largest * width,
                           frees_gradients=p.layerwise)
