@@ -102,6 +102,15 @@ def test_gpt2_conv1d_is_refused_and_a_bad_size_stops_the_run_before_its_row(tiny
             sample_task="dates").validate()
 
 
+def test_the_bakeoff_takes_both_at_their_rate(tiny_chat_model):
+    from studio.bakeoff import Budget, method_spec
+
+    for method in SETTINGS:
+        spec = method_spec(str(tiny_chat_model), method, Budget(), sample_task="dates")
+        assert spec.method == method and spec.learning_rate == get_method(method).default_learning_rate
+        spec.validate()
+
+
 def test_boft_never_compiles_peft_extension_and_keeps_every_butterfly_factor(monkeypatch):
     """PEFT tries ``cpp_extension.load`` in every BOFT layer and, failing, drops the butterfly
     factor to 1; with ``boft_blockdiag`` the build asks for nothing and counts what was set."""

@@ -40,7 +40,6 @@ Memory beyond the adapter (what autograd saves, measured with ``memory_measure``
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,16 +299,12 @@ def apply_boft(model: Any, arch: ArchInfo, p: BoftParams, ctx: ApplyContext) -> 
 
 
 def _arch_of(run: Any) -> ArchInfo | None:
-    """The run's model's shapes: in this process when torch is loaded already (the worker, a
-    test), else through the planner's cache (the UI and CLI never import torch for this)."""
+    """The run's model's shapes through the planner's cache (memory, then a JSON file, then one
+    child process per model): what the Method tab and the start service read too, so in practice
+    it is already there, and a process without torch never imports it for this."""
+    from studio import planner
+
     try:
-        if "torch" in sys.modules:
-            from studio.models import load_config
-
-            return ArchInfo.from_config(load_config(run.model, run.trust_remote_code),
-                                        run.trust_remote_code)
-        from studio import planner
-
         return planner.arch_for(run.model, run.trust_remote_code)
     except Exception:  # an unreadable model is refused by the start checks, with their reason
         return None
