@@ -89,6 +89,33 @@ def test_optimizer_state_equals_the_real_optimizer_after_one_step(method, settin
         assert measured < 2 * arch.total_params * width
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_8bit_state_equals_bitsandbytes_after_one_step(monkeypatch, dtype):
+    """galore-torch's AdamW8bit is refused on a CPU only because its step calls
+    ``torch.cuda.synchronize()``, which waits for nothing without CUDA; with that call a no-op,
+    the real bitsandbytes state is measured here. Widths 128/256 put tensors on both sides of
+    bitsandbytes' 4,096-value threshold."""
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    config = tiny_llama_config(hidden_size=128, intermediate_size=256)
+    arch = ArchInfo.from_config(config)
+    spec = get_method("galore")
+    params = spec.params({"rank": 32, "variant": "adamw_8bit"})
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    optimizer = real_optimizer(model, spec.trainer_optim(arch, params))[0]
+    ids = torch.randint(0, config.vocab_size, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    kinds = {v.dtype for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)}
+    assert torch.uint8 in kinds  # some states really are 8-bit
+    est = estimate_training(arch, "galore", params, arch.total_params,
+                            TrainSetup(2, 8, "bf16" if dtype == torch.bfloat16 else "fp32", device="cpu"))
+    assert est.term("optimizer").bytes == held_bytes([optimizer]), est.term("optimizer").formula
+
+
 def test_a_checkpoints_optimizer_state_loads_back_with_the_safe_loader():
     """What Resume does: the Trainer saves ``optimizer.state_dict()`` and reads it back with
     ``torch.load(weights_only=True)``; the projectors in it are allowed by ``trainer_optim``."""

@@ -30,9 +30,10 @@ SVD's factors), r for APOLLO's random one:
     gradient is cast to fp32 first, so factored second moments (n + r') × 4 B and an fp32 SVD
     projector m × m × 4 B; other 2-D tensors rows + cols, 1-D ones numel, × 4 B; plus one fp32
     RMS scalar per tensor.
-  AdamW 8-bit (galore_torch.AdamW8bit over bitsandbytes): bitsandbytes' 8-bit state
-    (``estimate.adamw8bit_bytes``) of r' × n per targeted matrix and of every other tensor,
-    plus the projector as for AdamW. Its step calls ``torch.cuda.synchronize()``: GPU only.
+  AdamW 8-bit (galore_torch.AdamW8bit over bitsandbytes): bitsandbytes' 8-bit state of r' × n
+    per targeted matrix and of every other tensor (``_bnb_8bit``), plus the projector as for
+    AdamW. Its step calls ``torch.cuda.synchronize()``: offered on a GPU only (the test measures
+    it on the CPU with that call, meaningless without CUDA, made a no-op).
   Full AdamW would keep 2 × m × n × W per matrix instead.
 Layer-wise (``*_layerwise``): transformers gives every parameter its own optimizer and steps it
 in a post-accumulate-grad hook, then frees the gradient; the state is the same, but only about
@@ -193,6 +194,24 @@ def _other_2d(arch: ArchInfo, targets: list) -> tuple[list[tuple[int, int, int]]
     return mats, flat
 
 
+BNB_MIN_8BIT, BNB_BLOCK, BNB_QMAPS = 4096, 256, 2 * 256 * 4  # bitsandbytes' Optimizer2State
+
+
+def _bnb_8bit(tensors: list[tuple[int, int]]) -> int:
+    """galore-torch's AdamW8bit state over (numel, how many) tensors, as bitsandbytes 0.50
+    allocates it: two uint8 moments and one fp32 absmax per 256-value block each, or two fp32
+    moments below 4,096 values; and a 4 B ``unorm_vec`` per tensor. The last is there because
+    galore-torch 1.0 passes ``percentile_clipping=100, block_wise=True`` by position into what
+    bitsandbytes now calls ``max_unorm, skip_zeros`` (update-norm clipping at 100 × the weight's
+    norm, which in practice never clips). The two quantisation maps are one pair for all
+    tensors (counted once by the caller; ``estimate.adamw8bit_bytes`` counts them per tensor)."""
+    total = 0
+    for numel, count in tensors:
+        state = 8 * numel if numel < BNB_MIN_8BIT else 2 * numel + 8 * -(-numel // BNB_BLOCK)
+        total += count * (state + 4)
+    return total
+
+
 def optimizer_state(arch: ArchInfo, p: Any, width: int) -> OptimizerState:
     """The optimizer's state term (module docstring), projectors included."""
     groups = targeted(arch, p)
@@ -217,17 +236,20 @@ def optimizer_state(arch: ArchInfo, p: Any, width: int) -> OptimizerState:
         text = (f"Adafactor: targeted Σ (n + r) × 4 B = {n(moments)} + {proj_text} = {n(proj)} "
                 f"+ other 2-D rows + cols, 1-D numel, × 4 B, one RMS per tensor = {n(rest)}")
     elif variant == "adamw_8bit":
-        from studio.estimate import adamw8bit_bytes  # torch-free
-
         left: dict[int, int] = dict()
         for numel, k in arch.param_tensors:
             left[numel] = left.get(numel, 0) + k
         for m, nn_, k in shapes:
             left[m * nn_] -= k
-        moments = adamw8bit_bytes([(r * nn_, k) for _, nn_, k, r in rank])
-        rest = adamw8bit_bytes([(numel, k) for numel, k in left.items() if k > 0])
+        moments = _bnb_8bit([(r * nn_, k) for _, nn_, k, r in rank])
+        rest = _bnb_8bit([(numel, k) for numel, k in left.items() if k > 0])
+        eight_bit = any(size >= BNB_MIN_8BIT for size, k in
+                        [(r * nn_, k) for _, nn_, k, r in rank] + list(left.items()) if k > 0)
+        rest += BNB_QMAPS if eight_bit else 0
         text = (f"AdamW 8-bit: targeted r × n states = {n(moments)} + {proj_text} = {n(proj)} "
-                f"+ other tensors' 8-bit states = {n(rest)}")
+                f"+ other tensors' 8-bit states = {n(rest)} (per tensor: 2 B per value + an fp32 "
+                f"absmax per 256, fp32 moments below {BNB_MIN_8BIT:,} values, a 4 B update norm; "
+                "two shared 256-entry maps)")
     else:
         moments = sum(k * 2 * r * nn_ * width for _, nn_, k, r in rank)
         if _is_apollo(p):  # the previous scaled-gradient norm, a 0-d tensor per targeted weight
