@@ -92,7 +92,8 @@ class BoftParams:
     boft_n_butterfly_factor: int = param(1, "Butterfly factors m: each more one mixes blocks twice "
                                          "as far apart (1 is OFT with a scale). Above 1, plain "
                                          "PEFT reloads the adapter only where its CUDA extension "
-                                         "builds; the studio loads it everywhere.",
+                                         "builds (the studio loads it everywhere): export it "
+                                         "merged to share it.",
                                          min=1, max=BUTTERFLY_MAX, step=1)
     boft_dropout: float = param(0.0, "Share of each factor's blocks set to the identity at a "
                                 "training step (multiplicative dropout).", min=0.0, max=0.5,
