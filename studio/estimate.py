@@ -256,8 +256,8 @@ def _whole_model_gradients(terms: list[Term], arch: ArchInfo, spec: Any, p: Any,
         largest = max(numel for numel, _ in arch.param_tensors) * width
         layerwise = max(first, largest)
         text = (f"layer-wise: each gradient freed once its weight is updated, about the largest "
-                f"one is held = {layerwise:,} B (without it: {held:,} B, the share of all {grads:,} B "
-                f"of gradients plus the step's temporary held at the peak, as above)")
+                f"one is held = {layerwise:,} B (without it the peak holds {held:,} B: all {grads:,} B "
+                f"of gradients and the step's temporary, less the activations already freed)")
         held = layerwise
     return [Term("gradients", held, text) if t.name == "gradients" else t for t in terms]
 
