@@ -42,6 +42,8 @@ over micro-batches (transformers refuses ``gradient_accumulation_steps`` > 1) no
 and its checkpoints hold only transformers' dummy optimizer: a resumed layer-wise run starts its
 moments and its learning-rate schedule afresh (the studio's warm-up fix does not reach the
 per-parameter schedulers either, so its first step runs at rate 0 when there is a warm-up).
+The gradients are gone when the Trainer measures and clips them: a layer-wise run logs a
+grad_norm of 0 and its updates are not clipped.
 """
 
 from __future__ import annotations
