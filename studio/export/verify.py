@@ -29,7 +29,7 @@ import json, sys
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-folder, kind, base, texts_file, out_file, compat_file = sys.argv[1:7]
+folder, kind, base, texts_file, out_file, compat_file, blockdiag_file = sys.argv[1:8]
 texts = json.load(open(texts_file))
 if kind == "gguf":
     import os
@@ -45,6 +45,9 @@ else:
     # PEFT 0.21 under transformers 5 generates prompt-learning adapters wrongly: the studio's fix,
     # run from its file (no studio import), as a user of plain PEFT needs it too (see the card).
     runpy.run_path(compat_file)["install"]()
+    # PEFT 0.21's BOFT without its CUDA extension (built per layer, or butterfly factors silently
+    # dropped to 1 so the adapter does not load): the studio's pure-torch block diagonal.
+    runpy.run_path(blockdiag_file)["install"]()
     tok = AutoTokenizer.from_pretrained(base)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, use_safetensors=True), folder)
 model = (model if kind == "gguf" else model.float()).eval()  # a GGUF load is float32 already
@@ -88,9 +91,11 @@ def verify_export(folder: Path, kind: str, base_folder: Path, reference: list, t
         texts_file, out_file = Path(tmp) / "texts.json", Path(tmp) / "out.safetensors"
         texts_file.write_text(json.dumps(texts))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        compat = Path(__file__).resolve().parent.parent / "peft_compat.py"
+        studio_dir = Path(__file__).resolve().parent.parent
+        compat, blockdiag = studio_dir / "peft_compat.py", studio_dir / "methods" / "boft_blockdiag.py"
         child = subprocess.run([sys.executable, "-c", _CHILD, str(folder), kind, str(base_folder),
-                                str(texts_file), str(out_file), str(compat)], capture_output=True, text=True,
+                                str(texts_file), str(out_file), str(compat), str(blockdiag)],
+                               capture_output=True, text=True,
                                timeout=1800, cwd=tmp, env=env)
         if child.returncode != 0:
             return {"ok": False, "error": child.stderr.strip()[-2000:], "loader": "transformers"}
