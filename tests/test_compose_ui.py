@@ -84,6 +84,7 @@ def test_recipe_from_the_widgets_passes_density_and_rank_only_where_they_apply()
     assert recipe == compose.Recipe("ties_svd", ((3, 1.0), (5, 1.0)), density=0.3, svd_rank=8)
     # Hidden widgets keep their values; a combination that does not take them must not get them.
     assert panel.recipe_from("cat", [3, 5], "0.5, 0.5", 0.3, 8) == compose.Recipe("cat", ((3, 0.5), (5, 0.5)))
+    assert panel.recipe_from("svd", [3, 5], "0.5, 0.5", 0.3, 0).svd_rank is None  # 0: the largest parent rank
     with pytest.raises(ValueError, match="rank of the result: 2.5 is not a whole number"):
         panel.recipe_from("svd", [3, 5], "0.5, 0.5", None, 2.5)
     with pytest.raises(compose.CompositionError, match="at least two"):

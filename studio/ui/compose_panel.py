@@ -106,7 +106,8 @@ def recipe_from(combination: str | None, run_ids: Sequence[int] | None, weights:
         raise compose.CompositionError(
             f"combination {combination!r} is not one of {', '.join(compose.COMBINATIONS)}")
     rank = None
-    if combination in compose.SVD and svd_rank not in (None, ""):
+    # 0 is "not set": Gradio 6.31's number box sends 0 for an empty field once it is shown.
+    if combination in compose.SVD and svd_rank not in (None, "", 0):
         try:
             rank = float(svd_rank)
         except (TypeError, ValueError):
@@ -180,7 +181,7 @@ def build(db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None, load: An
                                       label=TEXT["combination"], elem_id="compose-combination")
             density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label=TEXT["density"], info=TEXT["density_help"],
                                 visible=DEFAULT_COMBINATION in compose.NEEDS_DENSITY, elem_id="compose-density")
-            svd_rank = gr.Number(None, precision=0, minimum=1, label=TEXT["svd_rank"], info=TEXT["svd_help"],
+            svd_rank = gr.Number(0, precision=0, minimum=0, label=TEXT["svd_rank"], info=TEXT["svd_help"],
                                  visible=DEFAULT_COMBINATION in compose.SVD, elem_id="compose-svd-rank")
         combination_help = gr.Markdown(compose.COMBINATIONS[DEFAULT_COMBINATION], elem_id="compose-help")
         name = gr.Textbox(label=TEXT["name"], info=TEXT["name_help"], elem_id="compose-name")

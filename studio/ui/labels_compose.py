@@ -14,9 +14,9 @@ COMPOSE = {
     "weights_help": "One number per chosen adapter, in the order chosen, separated by commas (e.g. 0.6, 0.4).",
     "combination": "Combination",
     "density": "Density",
-    "density_help": "The share of each adapter's largest entries kept before combining (TIES and DARE).",
+    "density_help": "The share of each adapter's values kept before combining (TIES, DARE, magnitude pruning).",
     "svd_rank": "Rank of the result",
-    "svd_help": "Empty: the largest rank among the chosen adapters.",
+    "svd_help": "0: the largest rank among the chosen adapters.",
     "name": "Name of the combined run",
     "name_help": "Empty: a name made from the recipe.",
     "go": "Combine",
@@ -33,7 +33,8 @@ COMPOSE = {
     "bad_weights": ("weights: {text!r} is not a list of numbers; write one number per chosen adapter, "
                     "separated by commas (e.g. 0.6, 0.4)"),
     "weight_count": "weights: {n} adapters are chosen but {k} weight(s) were given; write one per adapter",
-    "bad_rank": "rank of the result: {value!r} is not a whole number of at least 1 (or leave it empty)",
+    "bad_rank": ("rank of the result: {value!r} is not a whole number of at least 1 (or 0 for the largest "
+                 "parent rank)"),
     "default_name": "{combination} of {parents}",
 }
 
