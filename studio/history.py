@@ -152,12 +152,14 @@ def run_summaries(db: Database, project_id: int | None) -> list[RunSummary]:
 
 def filter_runs(rows: Iterable[RunSummary], text: str = "", statuses: Iterable[str] = (),
                 methods: Iterable[str] = ()) -> list[RunSummary]:
-    """Rows whose name, notes, method or settings contain ``text`` (any case, or ``#id``), with
+    """Rows whose name, notes, method (a combined run's: "combined") or settings contain ``text``
+    (any case, or ``#id``), with
     one of ``statuses`` and one of ``methods`` (empty: any)."""
     needle, statuses, methods = (text or "").strip().lower(), set(statuses or ()), set(methods or ())
     out = []
     for row in rows:
-        haystack = f"#{row.id} {row.name} {row.notes} {row.method} {row.settings}".lower()
+        marker = f" {DERIVED['marker']}" if row.derived else ""  # "combined" finds the combined runs
+        haystack = f"#{row.id} {row.name} {row.notes} {row.method}{marker} {row.settings}".lower()
         if ((not needle or needle in haystack) and (not statuses or row.status in statuses)
                 and (not methods or row.method in methods)):
             out.append(row)

@@ -143,6 +143,7 @@ def test_combined_run_is_saved_and_listed_in_export_compare_and_history(parents,
     assert row["method"] == "lora · combined" and row["status"] == "completed"
     assert row["key settings"] == derived.text(compose.Recipe.from_dict(run.recipe))
     assert table[table["#"] == str(first)].iloc[0]["method"] == "lora" and methods == ["lora"]
+    assert list(history_tab.runs_listing(db, project_id, "combined")[0]["#"]) == [str(run_id)]
 
 
 def test_history_panel_shows_the_recipe_with_parents_and_a_deleted_parent(parents, combined, tiny_chat_model):
