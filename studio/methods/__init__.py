@@ -1,9 +1,8 @@
 """The registry of fine-tuning methods: one ``MethodSpec`` per name, table-driven everywhere.
 
 Names are the ones the CLI and RunSpec use: lora, dora, rslora, loraplus, qlora, houlsby, prefix,
-prompt, llama_adapter, ia3, adalora, loha, lokr, vera, oft, boft, full, last_n.
-
-galore, apollo (whole-model training with a low-rank optimizer state: ``galore.py``).
+prompt, llama_adapter, ia3, adalora, loha, lokr, vera, oft, boft, galore, apollo (whole-model
+training with a low-rank optimizer state), full, last_n.
 """
 
 from __future__ import annotations
