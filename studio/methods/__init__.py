@@ -19,7 +19,7 @@ UNAVAILABLE: dict[str, str] = {}
 # The method modules of this package, in the order the UI lists their methods. A new method is
 # one module (its MethodSpec in ``SPECS``, hooks included: see ``base.MethodSpec``) and its name
 # here.
-MODULES = ("lora", "qlora", "houlsby", "prompt_learning", "adaption_prompt", "ia3", "lora_variants", "oft", "baselines", "galore")
+MODULES = ("lora", "qlora", "houlsby", "prompt_learning", "adaption_prompt", "ia3", "lora_variants", "oft", "galore", "baselines")
 
 REGISTRY: dict[str, MethodSpec] = {}
 
