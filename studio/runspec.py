@@ -15,7 +15,7 @@ from typing import Any
 
 from studio.data.jsonnum import Decoder, HugeNumber
 from studio.methods import SettingError, get_method
-from studio.methods.base import shown
+from studio.methods.settings import shown
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

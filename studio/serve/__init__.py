@@ -4,8 +4,8 @@ many adapters over it, the adapter chosen per request (issue 16).
 - ``engine.py``: ``ServeEngine``, the scheduler (a bounded queue, one thread that owns the
   models, lanes taking turns one decoding step each); ``lanes.py``: our decode loop with
   continuous batching (the mixed LoRA lane, one lane per other adapter, prompt learning from
-  PEFT's ``get_prompt``) and ``generate`` in a turn-taking thread where our loop cannot pad the
-  cache; ``mixed_lora.py``: a mixed plain-LoRA batch in one forward on the base, equal to PEFT's
+  PEFT's ``get_prompt``); ``generate_lane.py``: ``generate`` in a turn-taking thread where our
+  loop cannot pad the cache; ``mixed_lora.py``: a mixed plain-LoRA batch in one forward on the base, equal to PEFT's
   ``adapter_names`` (bit for bit in prefill; to fp32 rounding in a batched decode step, where
   each layer's adapters are stacked and two ``bmm`` give every row's delta: S-LoRA / Punica); ``pool.py``: the adapter memory (LRU over ``max_active``); ``sampling.py``:
   per-row sampling and streamed text with stop strings; ``completion.py``: a request's handle and

@@ -23,7 +23,8 @@ import torch
 from studio.serve import pool as pool_module
 from studio.serve.completion import (AdapterInUse, AdapterLoadFailed, Busy, Completion, InvalidRequest,
                                      ModelEntry, PromptTooLong, Sampling, ServeError, UnknownModel)
-from studio.serve.lanes import DecodeLane, GenerateLane, Row, full_attention_cache
+from studio.serve.generate_lane import GenerateLane
+from studio.serve.lanes import DecodeLane, Row, full_attention_cache
 from studio.serve.sampling import TextStream, new_generator
 
 
