@@ -141,7 +141,7 @@ def lora_settings(rank: int = LORA["r"], targets: list[str] | None = None) -> di
 
 def make_adapters(base: Path, dest: Path, count: int, seed: int = 0, rank: int = LORA["r"],
                   targets: list[str] | None = None) -> dict[str, Path]:
-    """``count`` LoRA adapters over ``base`` (``lora_settings``), B seeded per adapter, each in
+    """``count`` LoRA adapters over ``base`` (``lora_settings``), A and B seeded, each in
     its own folder as PEFT saves it (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -149,6 +149,7 @@ def make_adapters(base: Path, dest: Path, count: int, seed: int = 0, rank: int =
     from studio.models import load_model
 
     settings = lora_settings(rank, targets)
+    torch.manual_seed(seed)  # PEFT draws A at random: seeded, so every run serves the same adapters
     names = [f"lora{i}" for i in range(count)]
     model = get_peft_model(load_model(str(base)), LoraConfig(task_type=TaskType.CAUSAL_LM, **settings),
                            adapter_name=names[0])

@@ -60,8 +60,8 @@ def test_mixed_lora_hooks_equal_peft_adapter_names_bit_for_bit(engine, prompt):
 def test_mixed_lora_batched_decode_equals_peft_adapter_names(tiny_chat_model, prompt, monkeypatch):
     """The batched path (adapters stacked per layer, two bmm per layer, after S-LoRA / Punica)
     gives PEFT's ``adapter_names`` logits for a decode step: rows grouped contiguously, scattered,
-    one row per adapter (the stack used as it is), uneven groups beside base rows (zero-padded
-    layout); adapters of different ranks (zero-padded stacks) and different target layers. MKL's
+    one row per adapter, uneven groups beside base rows (zero-padded layout), at least half the
+    adapters (the whole stack, unused slots fed zeros) and fewer (the used slots gathered); adapters of different ranks (zero-padded stacks) and different target layers. MKL's
     batched kernel may round the sums differently from ``F.linear``: within 1e-5 of the logits'
     scale, the same greedy token; a prefill (several tokens a row) takes the per-group path,
     bit for bit."""
@@ -77,13 +77,13 @@ def test_mixed_lora_batched_decode_equals_peft_adapter_names(tiny_chat_model, pr
     from studio.serve.mixed_lora import MixedLoRA
 
     base = load_model(str(tiny_chat_model)).eval()
-    ranks = {"a": 4, "b": 8, "c": 8, "d": 2, "e": 8}
+    ranks = {"a": 4, "b": 8, "c": 8, "d": 2, "e": 8, "f": 4, "g": 8}
     targets = {"d": ["q_proj", "v_proj"]}
     configs = {k: LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                              target_modules=targets.get(k, ["q_proj", "k_proj", "v_proj", "o_proj"]))
                for k, r in ranks.items()}
     view = get_peft_model(share_base(base), configs["a"], adapter_name="a")
-    for key in "bcde":
+    for key in "bcdefg":
         view.add_adapter(key, configs[key])
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -99,7 +99,8 @@ def test_mixed_lora_batched_decode_equals_peft_adapter_names(tiny_chat_model, pr
 
     cases = {"contiguous": list("aabbccdd"), "scattered": ["a", "b", "c", "a", "b", "c", None, "d"],
              "one row each": list("abcde"), "shuffled": list("edcba"),
-             "uneven beside base": ["a", "a", "a", None, "b", "c", "c", None]}
+             "uneven beside base": ["a", "a", "a", None, "b", "c", "c", None],
+             "three of seven (gathered)": ["c", "a", "b", "a"]}
     for label, keys in cases.items():
         ids = torch.tensor([prompt] * len(keys))
         names = [k or "__base__" for k in keys]
