@@ -29,7 +29,8 @@ Two ways to compute it, chosen per layer call:
   added back to the rows with index_add_ (or one ``+=`` when the layout is the batch itself:
   one row per adapter, in slot order). Two ``bmm`` per layer instead of 2 x G ``F.linear``:
   the cost is the adapters' weights read once, not G times a call's overhead. ``A_g`` is the
-  stack itself when the batch uses every slot in order, else the batch's slots gathered.
+  stack itself when the batch uses at least half its slots (unused slots get zero rows), else
+  the batch's slots gathered (a copy, kept while the batch's adapters stay the same).
   The numbers are the same products and sums, but MKL's batched kernel may block the sums
   differently from ``F.linear``'s: logits agree with PEFT's to fp32 rounding (tested within
   1e-5 of their scale), and zero-padded ranks add exact zeros. Measured on SmolLM2: equal bit
