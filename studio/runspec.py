@@ -21,8 +21,11 @@ SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSS_ON = ("assistant", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+# How the worker processes share the model (issue 18): DDP keeps a whole copy per process; FSDP
+# and DeepSpeed ZeRO-2/3 shard it, through accelerate (studio/distributed/strategy.py).
+DISTRIBUTED = ("ddp", "fsdp", "zero2", "zero3")
 CHOICES = {"lr_scheduler": SCHEDULES, "precision": PRECISIONS, "loss_on": LOSS_ON,
-           "optimizer": OPTIMIZERS}
+           "optimizer": OPTIMIZERS, "distributed": DISTRIBUTED}
 MODEL_MAX_CHARS = 4096  # PATH_MAX on Linux: a longer model source cannot be a path either
 # Exact-match rows per evaluation unless the spec says: every row is a generated answer (up to 48
 # tokens), and the default run evaluates four times. On a busy 2-core CPU one evaluation of 50
@@ -75,6 +78,8 @@ BOUNDS = {
     "eval_steps": Bound(0, 10_000_000, why="0 evaluates only at the end"),
     "save_steps": Bound(0, 10_000_000, why="0 saves no checkpoints during training"),
     "exact_match_limit": Bound(0, 100_000, why="0 skips exact match"),
+    "nproc_per_node": Bound(0, 64, why="worker processes on this machine; 0 picks one per visible GPU "
+                            "(one on a CPU)"),
 }
 
 
@@ -124,6 +129,11 @@ class RunSpec:
     save_steps: int = 20
     exact_match_limit: int = EXACT_MATCH_ROWS  # eval rows generated for exact match (0: skip)
     trust_remote_code: bool = False
+    # processes (issue 18; studio/runs/multiprocess.py): 0 = one per visible GPU (1 on a CPU);
+    # N > 1 starts the worker under torchrun (gloo on a CPU, its threads split between ranks)
+    nproc_per_node: int = 0
+    distributed: str = "ddp"  # DISTRIBUTED: how the processes share the model
+    offload: bool = False  # FSDP / ZeRO parameters and optimizer state kept in CPU memory
 
     def validate(self) -> "RunSpec":
         """Check every field before a run row exists; a ``RunSpecError`` names the field, the
@@ -144,6 +154,14 @@ class RunSpec:
 
             if self.sample_task not in SAMPLE_TASKS:
                 self._refuse("sample_task", f"must be one of {', '.join(SAMPLE_TASKS)}")
+        if self.distributed != "ddp" and self.nproc_per_node == 1:
+            self._refuse("distributed", f"{self.distributed} shards the model across worker processes, "
+                         "so it needs more than one: set nproc_per_node to 2 or more (or 0: one per GPU), "
+                         "or use ddp")
+        if self.offload and self.distributed == "ddp":
+            self._refuse("offload", "offloading to the CPU is what fsdp, zero2 and zero3 do with the shards "
+                         "they hold; ddp keeps a whole copy in every process: choose one of those, or "
+                         "turn offload off")
         if self.max_steps == 0 and self.epochs == 0:
             self._refuse("max_steps", "give max_steps > 0 or epochs > 0 (both are 0)")
         try:
