@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.cli_compose import add_parser as add_compose
 
     add_compose(sub)
+
+    from studio.cli_job import add_parser as add_job
+
+    add_job(sub)  # job export, job import
     return parser
 
 
@@ -198,6 +202,7 @@ INTERRUPTED_NOTES = {
     "bakeoff": "the bake-off's runs keep training in the background (the queue goes on)",
     "serve": "the server stopped",
     "compose": "nothing was recorded and the unfinished adapter was removed",
+    "job": "nothing was recorded; an unfinished job or import folder (a hidden .tmp one) was removed",
     "setup": "the model cache is only marked ready once complete; run setup again",
 }
 

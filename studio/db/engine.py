@@ -47,6 +47,16 @@ class EmptyDatabaseError(DatabaseError):
 
 
 SQLITE_BUSY_MS = 10_000  # how long a connection waits for another process's write lock
+# A file named JOB beside studio.db marks the history of a cluster job (``studio.jobs``): the job
+# folder may sit on a shared file system (NFS, Lustre) and be opened from several hosts, where
+# WAL cannot work (its -shm index is shared memory of one host); such a history uses SQLite's
+# rollback journal, and only a job's main rank writes it.
+JOB_MARKER = "JOB"
+
+
+def rollback_journal(path: Path) -> bool:
+    """True for a job's history (``JOB_MARKER`` beside it): journal_mode=DELETE, not WAL."""
+    return (Path(path).parent / JOB_MARKER).is_file()
 
 
 # Why not alembic: there is one embedded SQLite file per user, and it must be upgraded on app
@@ -117,7 +127,7 @@ def _set_user_version(conn: Connection, version: int) -> None:
     conn.exec_driver_sql(f"PRAGMA user_version = {int(version)}")
 
 
-def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any, rollback: bool = False) -> None:
     # Take BEGIN away from the sqlite3 module (it skips it for DDL, which would make migrations
     # non-atomic); _on_begin emits it instead.
     dbapi_conn.isolation_level = None
@@ -127,8 +137,12 @@ def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     # WAL + synchronous=NORMAL: a kill -9 of any process mid-write leaves the file consistent
     # and keeps every committed transaction; only an OS crash or power cut can lose the last
     # few commits (never corrupt the file). Readers never block the writer and vice versa.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    if rollback:  # a job's history (JOB_MARKER), see there
+        cur.execute("PRAGMA journal_mode=DELETE")
+        cur.execute("PRAGMA synchronous=FULL")  # SQLite's default there: a commit is on disk
+    else:
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")  # per connection in SQLite; needed for the cascades
     cur.close()
 
@@ -151,7 +165,8 @@ def open_engine(path: Path) -> tuple[Engine, Engine]:
     if existed:
         _refuse_empty_file(path)
     engine = create_engine(URL.create("sqlite", database=str(path)))
-    event.listen(engine, "connect", _on_connect)
+    rollback = rollback_journal(path)
+    event.listen(engine, "connect", lambda conn, record: _on_connect(conn, record, rollback))
     event.listen(engine, "begin", _on_begin)
     write_engine = engine.execution_options(studio_begin="IMMEDIATE")
     try:
