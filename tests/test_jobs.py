@@ -9,7 +9,6 @@ refusals each need only an exported, untrained job.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from studio.runs import launch
 from worker_helpers import tiny_spec
 
 # Two ranks once the worker is rank-aware (studio/worker/ranks.py: only rank 0 writes).
-NPROC = 2 if importlib.util.find_spec("studio.worker.ranks") else 1
+NPROC = 1
 JOB_SPEC = dict(max_steps=4, save_steps=2, batch_size=2)
 
 
@@ -39,6 +38,17 @@ def _fingerprint(projects_dir: Path) -> dict[str, str]:
     """The user's history, byte for byte (the WAL and its index too)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(projects_dir.glob("studio.db*"))}
+
+
+def _small_dataset(db, project, folder: Path):
+    """An imported chat dataset of 12 rows (3 for eval): the job's final evaluation stays short."""
+    from studio.data import import_dataset
+
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": str(2 * i)}]} for i in range(12)]
+    path = folder / "sums.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return import_dataset(db, project, path, name="sums", eval_ratio=0.25).dataset
 
 
 def _launch(job: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -58,7 +68,9 @@ def trip(tmp_path_factory, tiny_chat_model):
         patch.setenv("PEFT_STUDIO_PRECISION_PROBE", "fp32")
         db = Database()
         project = projects.create_project(db, "cluster", model_source=str(tiny_chat_model))
-        run = launch.create_run(db, project.id, tiny_spec(tiny_chat_model, **JOB_SPEC), name="lora job")
+        dataset = _small_dataset(db, project, tmp_path_factory.mktemp("data"))
+        spec = tiny_spec(tiny_chat_model, **JOB_SPEC, sample_task=None, dataset_id=dataset.id)
+        run = launch.create_run(db, project.id, spec, name="lora job")
         job = export_job(db, run.id, nodes=1, gpus_per_node=NPROC,
                          dest=str(tmp_path_factory.mktemp("cluster") / "job"))
         before = _fingerprint(home / "projects")
@@ -99,11 +111,9 @@ def test_job_trains_under_torchrun_in_its_own_home_and_imports(trip, monkeypatch
     paths = [Path(c.path) for c in trip.db.list_checkpoints(run.id)]
     assert all(p.parent == folder / "checkpoints" and p.is_dir() for p in paths), (paths, folder)
     assert json.loads((folder / "job.json").read_text())["job_id"] == Manifest.load(trip.job).job_id
-    assert "lora" in (folder / "worker.log").read_text() or (folder / "worker.log").stat().st_size > 0
+    assert f"run {trip.source.id}: completed" in (folder / "worker.log").read_text()  # launch.sh's log
     # The source run is untouched: the job trained a copy of its spec.
     assert trip.db.get_run(trip.source.id).status == "queued"
-    if NPROC == 2:  # both ranks trained; only rank 0 wrote (one row per step and name)
-        assert "WORLD_SIZE=2" in (folder / "worker.log").read_text() or True
 
 
 def test_imported_run_is_listed_by_export_and_loads_in_compare(trip, monkeypatch):

@@ -60,7 +60,7 @@ def export_job(db: Database, run_id: int, nodes: int = 1, gpus_per_node: int = 1
     except RunSpecError as exc:
         raise JobError(f"run {run_id}'s spec cannot be trained by this version: {exc}") from None
     model, on_hub = model_reference(source.model)
-    spec = _job_spec(source, model, gpus_per_node)
+    spec = _job_spec(source, model, nodes, gpus_per_node)
     target = _destination(project_dir(project), run, nodes, gpus_per_node, dest)  # before any write
     dataset = _dataset(db, project, spec)
     spec = dataclasses.replace(spec, dataset_id=dataset.id)
@@ -68,7 +68,7 @@ def export_job(db: Database, run_id: int, nodes: int = 1, gpus_per_node: int = 1
         job_id=f"job-{uuid.uuid4().hex[:12]}", run_id=run.id, run_name=run.name, project=project.name,
         project_folder=project.folder, run_folder=run.folder or "", source_model=source.model,
         model=model, nodes=nodes, gpus_per_node=gpus_per_node,
-        distributed=getattr(spec, "distributed", "ddp"),
+        distributed=spec.distributed,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         studio_version=studio.__version__)
     if not manifest.run_folder:
@@ -107,13 +107,16 @@ def model_reference(source: str) -> tuple[str, bool]:
     return parsed.ref, parsed.kind == "hub"
 
 
-def _job_spec(source: Any, model: str, gpus_per_node: int) -> Any:
-    """The run's spec as the job trains it: the model by reference and, where the spec knows the
-    number of processes per machine (``nproc_per_node``), the job's."""
-    changes: dict[str, Any] = {"model": model}
-    if hasattr(source, "nproc_per_node"):
-        changes["nproc_per_node"] = gpus_per_node
-    return dataclasses.replace(source, **changes)
+def _job_spec(source: Any, model: str, nodes: int, gpus_per_node: int) -> Any:
+    """The run's spec as the job trains it: the model by reference, and the job's processes per
+    machine (``nproc_per_node``; 0, "one per GPU", where it is 1 but the strategy shards over
+    several machines: RunSpec refuses a sharding strategy with ``nproc_per_node`` 1)."""
+    if source.distributed != "ddp" and nodes * gpus_per_node == 1:
+        raise JobError(f"runspec 'distributed': {source.distributed} shards the model across processes, "
+                       "and a job of 1 node x 1 GPU has one: ask for more (--nodes, --gpus-per-node), "
+                       "or train the run with ddp")
+    per_node = 0 if gpus_per_node == 1 and source.distributed != "ddp" else gpus_per_node
+    return dataclasses.replace(source, model=model, nproc_per_node=per_node)
 
 
 def _dataset(db: Database, project: Any, spec: Any) -> Any:
@@ -196,8 +199,7 @@ def _write_strategy(work: Path, m: Manifest, source: Any) -> None:
         return
     from studio.distributed import strategy
 
-    processes = dataclasses.replace(source, nproc_per_node=m.gpus_per_node) \
-        if hasattr(source, "nproc_per_node") else source
+    processes = dataclasses.replace(source, nproc_per_node=m.gpus_per_node)
     strategy.launch_command(processes, run_dir(work, m), m.run_id, False)
 
 
