@@ -250,3 +250,43 @@ def test_export_refusals(db, exported, tmp_path, studio_home):
     empty.mkdir()
     assert export_job(db, run_id, 1, 1, dest=str(empty)) == empty.resolve()
     assert not list(tmp_path.glob(".*tmp-*"))  # no work folder left
+
+
+def test_a_stopped_job_imports_its_checkpoints(trip, tmp_path, monkeypatch):
+    """A job stopped with Stop and save (cancelled, checkpoints, no final adapter) comes home as a
+    cancelled run whose checkpoints Export offers; stopped without one, it is refused."""
+    monkeypatch.setenv("PEFT_STUDIO_HOME", str(trip.home))
+    from studio.export.weights import exportable
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(trip.job, stopped)
+    manifest = json.loads((stopped / "job.json").read_text())
+    (stopped / "job.json").write_text(json.dumps({**manifest, "job_id": "job-stopped"}))
+    shutil.rmtree(run_dir(stopped, Manifest.load(stopped)) / "adapter")
+    job_db = _job_history(stopped)
+    try:
+        job_db.update_run(trip.source.id, status="cancelled", error="Stopped by SIGTERM at step 4")
+    finally:
+        job_db.close()
+    run = import_job(trip.db, stopped)
+    assert run.status == "cancelled" and run.error.startswith("Stopped by SIGTERM")
+    assert [w.step for w in exportable(trip.db, run)] == [4, 2]
+    trip.db.delete_run(run.id)
+    shutil.rmtree(launch.runs_root(trip.db, run.project_id) / run.folder)
+
+    shutil.rmtree(run_dir(stopped, Manifest.load(stopped)) / "checkpoints")
+    count = len(trip.db.list_runs())
+    with pytest.raises(JobError, match="stopped without a checkpoint"):
+        import_job(trip.db, stopped)
+    assert len(trip.db.list_runs()) == count
+
+
+def test_model_reference_is_the_hub_id_when_there_is_one(tiny_chat_model):
+    from studio.export.card import EMBEDDED_HUB_ID
+    from studio.jobs.export import model_reference
+
+    assert model_reference("default") == (EMBEDDED_HUB_ID, True)
+    assert model_reference("org/model-7b") == ("org/model-7b", True)
+    assert model_reference(str(tiny_chat_model)) == (str(tiny_chat_model.resolve()), False)
+    with pytest.raises(JobError, match="cannot be named"):
+        model_reference("/no/such/folder")
