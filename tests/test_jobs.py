@@ -290,3 +290,36 @@ def test_model_reference_is_the_hub_id_when_there_is_one(tiny_chat_model):
     assert model_reference(str(tiny_chat_model)) == (str(tiny_chat_model.resolve()), False)
     with pytest.raises(JobError, match="cannot be named"):
         model_reference("/no/such/folder")
+
+
+def test_a_zero3_job_launches_through_accelerate_with_the_written_config(db, tiny_chat_model, tmp_path,
+                                                                         monkeypatch):
+    """ZeRO cannot run here (DeepSpeed kernels, NCCL): its job is checked for what it writes and
+    the command launch.sh runs on node 1 of 2, parsed by accelerate's own launcher."""
+    import shlex
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    project = projects.create_project(db, "zero", model_source=str(tiny_chat_model))
+    run = launch.create_run(db, project.id, tiny_spec(tiny_chat_model, distributed="zero3", offload=True))
+    job = export_job(db, run.id, nodes=2, gpus_per_node=4, dest=str(tmp_path / "job"))
+    folder = run_dir(job, Manifest.load(job))
+    assert json.loads((folder / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 3
+    printed = _launch(job, "--print", "--node-rank", "1", "--rdzv-host", "node-a", "--rdzv-port", "1234")
+    assert printed.returncode == 0, printed.stderr
+    cmd = shlex.split(printed.stdout)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    args = launch_command_parser().parse_args(cmd[3:])
+    args, defaults, from_config = _validate_launch_command(args)
+    assert (args.num_machines, args.num_processes, args.machine_rank) == (2, 8, 1)
+    assert (args.main_process_ip, args.main_process_port) == ("node-a", 1234)
+    assert args.module and args.training_script == "studio.worker" and args.training_script_args == [str(run.id)]
+    assert args.use_deepspeed and args.deepspeed_config_file == str(folder / "deepspeed.json")
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config.keys())
+    command, env = prepare_deepspeed_cmd_env(args)
+    assert command is None  # the 'standard' launcher: this node's torchrun, no pdsh/ssh
+    assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(folder / "deepspeed.json")
+    # One node of one GPU cannot shard.
+    with pytest.raises(JobError, match="1 node x 1 GPU"):
+        export_job(db, run.id, nodes=1, gpus_per_node=1, dest=str(tmp_path / "one"))

@@ -194,13 +194,16 @@ def _write_home(db: Database, work: Path, m: Manifest, project: Any, dataset: An
 
 def _write_strategy(work: Path, m: Manifest, source: Any) -> None:
     """FSDP / ZeRO: the accelerate config (and DeepSpeed's JSON) in the job's run folder, written
-    by the studio's strategy module from the run's spec (its local model, which it may read)."""
+    by the studio's strategy module for the cluster's GPUs from the run's spec (with its model as
+    named here, which this machine can read for FSDP's wrap unit)."""
     if m.distributed == "ddp":
         return
     from studio.distributed import strategy
 
-    processes = dataclasses.replace(source, nproc_per_node=m.gpus_per_node)
-    strategy.launch_command(processes, run_dir(work, m), m.run_id, False)
+    try:
+        strategy.export_configs(source, run_dir(work, m), m.nodes, m.gpus_per_node)
+    except (strategy.StrategyError, ValueError) as exc:  # LayerClassError is a ValueError
+        raise JobError(str(exc)) from None
 
 
 def _copy_tree(source: Path, dest: Path) -> None:

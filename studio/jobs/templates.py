@@ -35,7 +35,9 @@ def launcher(m: Manifest) -> str:
         # strategy, and these override its machine counts for this cluster. DeepSpeed's default
         # multi-node launcher is pdsh over ssh from the first node; "standard" is one launch per
         # node, as srun (or the user) does here.
-        ds = " --deepspeed_multinode_launcher standard" if m.distributed.startswith("zero") else ""
+        # The YAML names deepspeed.json by its bare name (strategy.export_configs): its path here.
+        ds = (' --deepspeed_config_file "$RUN_DIR/deepspeed.json" --deepspeed_multinode_launcher '
+              'standard' if m.distributed.startswith("zero") else "")
         return ('CMD=("$PYTHON" -m accelerate.commands.launch --config_file "$RUN_DIR/'
                 f'{ACCELERATE_CONFIG}" --num_machines "$NNODES" --num_processes '
                 '"$((NNODES * NPROC_PER_NODE))" --machine_rank "$NODE_RANK" --main_process_ip '
