@@ -29,6 +29,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("runspec", help="a runspec.json (the Train tab saves one with every run)")
     tr.add_argument("--project", default="CLI runs", help="project to record the run in (created if new)")
     tr.add_argument("--name", default=None, help="a name for the run")
+    tr.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                    help="worker processes on this machine (the runspec's nproc_per_node): N > 1 trains "
+                         "with DDP under torchrun (gloo on a CPU); 0 = one per visible GPU")
     tr.set_defaults(handler=train)
 
     st = sub.add_parser("stop", help="ask a training run to stop after its current step")
@@ -50,7 +53,10 @@ def train(args: argparse.Namespace) -> int:
     from studio.runspec import RunSpec, RunSpecError
 
     try:
-        spec = RunSpec.load(args.runspec).validate()
+        spec = RunSpec.load(args.runspec)
+        if args.nproc_per_node is not None:  # the flag wins over the file, and is checked as the field
+            spec.nproc_per_node = args.nproc_per_node
+        spec.validate()
     except (RunSpecError, ValueError) as exc:
         return _fail("train", str(exc))
     db = Database()

@@ -2,10 +2,11 @@
 
 One worker process per run: ``python -m studio.worker RUN_ID`` in its own process session (so a
 UI restart or Ctrl-C in the UI's terminal does not kill it), output to ``worker.log`` in the run
-folder (never an unread pipe, which would block the worker once full). With more than one GPU
-visible, the worker is started through ``torchrun`` so that transformers' Trainer runs DDP; FSDP
-or DeepSpeed go through the same door by adding their accelerate config to the environment
-(``ACCELERATE_CONFIG_FILE``) — the worker itself does not change.
+folder (never an unread pipe, which would block the worker once full). A run of several processes
+(``RunSpec.nproc_per_node``, or automatically one per GPU when several are visible) starts under
+``torchrun`` so that transformers' Trainer runs DDP (``multiprocess.py``); FSDP and DeepSpeed
+start under ``accelerate launch`` with the config ``studio.distributed.strategy`` writes into the
+run folder — the worker itself is the same.
 
 A worker that dies cannot record its own end, so ``reconcile`` (called on every UI poll and at
 start-up) marks a "running" run failed when its process is gone, with the tail of its log as the
@@ -43,7 +44,7 @@ import psutil
 
 from studio import config
 from studio.db import Database, Run, RunStatus, utcnow
-from studio.runs import liveness
+from studio.runs import liveness, multiprocess
 from studio.runspec import RunSpec, RunSpecError
 
 log = logging.getLogger(__name__)
@@ -161,12 +162,20 @@ def active_run(db: Database) -> Run | None:
     return running[0] if running else None
 
 
-def _command(run_id: int, resume: bool) -> list[str]:
-    gpus = _cuda_device_count()
-    args = [str(run_id)] + (["--resume"] if resume else [])
-    if gpus > 1:
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
-                "-m", "studio.worker", *args]
+def _command(run: Run, folder: Path, resume: bool) -> list[str]:
+    """How run ``run`` starts: one process, torchrun for DDP, accelerate for FSDP / ZeRO."""
+    args = [str(run.id)] + (["--resume"] if resume else [])
+    try:
+        spec = RunSpec.from_dict(run.spec or {})
+    except (RunSpecError, TypeError):  # one process, which records why the spec cannot train
+        return [sys.executable, "-m", "studio.worker", *args]
+    if spec.distributed != "ddp":
+        from studio.distributed.strategy import launch_command
+
+        return launch_command(spec, folder, run.id, resume)
+    processes = multiprocess.process_count(spec, _cuda_device_count())
+    if processes > 1:
+        return multiprocess.torchrun_command(processes, run.id, resume)
     return [sys.executable, "-m", "studio.worker", *args]
 
 
@@ -256,10 +265,11 @@ def _claim_and_spawn(db: Database, run_id: int | None, resume: bool) -> tuple[Ru
     try:  # the claim must not outlive a worker that never started
         folder = run_folder(db, claimed)
         folder.mkdir(parents=True, exist_ok=True)
+        command = _command(claimed, folder, resume)
         with open(folder / LOG_NAME, "a", encoding="utf-8") as out:
-            proc = subprocess.Popen(_command(claimed.id, resume), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    env=multiprocess.environment(multiprocess.ranks_in(command)))
     except BaseException as exc:
         error = str(exc) if isinstance(exc, RunFolderError) else f"could not start the worker: {exc}"
         try:
@@ -380,6 +390,9 @@ def _mark_if_dead(db: Database, run: Run) -> bool:
     else:
         reason = f"the worker (pid {run.pid}) ended with exit code {code}" if code not in (None, -1) \
             else f"the worker (pid {run.pid}) is gone (killed, or the machine restarted)"
+        # Ranks that outlived their launcher (each in its own session) go first; torchrun's report
+        # in the log names the rank that failed first.
+        reason += multiprocess.outlived(liveness.kill_run(run.id), lambda: log_tail(db, run, 400))
     fresh = db.get_run(run.id)
     if fresh.status != RunStatus.RUNNING.value:
         return False  # it finished and wrote its own status in between

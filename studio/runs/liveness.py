@@ -11,6 +11,12 @@ A pid alone is not proof: after a restart of the machine the number may belong t
 A process is taken for the run's worker only if its command line is ``... -m studio.worker
 RUN_ID`` (directly, or under ``torchrun``) and it works in this studio home (``PEFT_STUDIO_HOME``
 as ours: another home has its own run 1); nothing else is ever signalled.
+
+A run of several processes (``multiprocess.py``) has a launcher (the pid the run row names) and
+its ranks, each of which torchrun starts in a session of its own: killing the launcher's group
+does not reach them, and a launcher killed with SIGKILL leaves them training. So a kill ends
+every process of the run, found by command line (``run_processes``), and ``launch.reconcile``
+kills ranks that outlived their launcher before it marks the run failed.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -72,6 +79,7 @@ def kill_worker(process: psutil.Process, run_id: int, child: subprocess.Popen | 
             process.kill()
     except (ProcessLookupError, psutil.NoSuchProcess):
         pass
+    kill_run(run_id, skip=process.pid)  # a launcher's ranks, each in its own session
     try:
         if child is not None:
             return child.wait(timeout=KILL_WAIT_S)
@@ -97,3 +105,49 @@ def wait_gone(process: psutil.Process, child: subprocess.Popen | None = None,
         return False
     except (psutil.Error, ChildProcessError):
         return True
+
+
+def run_processes(run_id: int) -> list[psutil.Process]:
+    """Every live process of run ``run_id``'s worker in this studio home: the worker, or a
+    launcher and its ranks, found by command line (``worker_process``), never by group alone."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid == os.getpid() or "studio.worker" not in (proc.info.get("cmdline") or []):
+            continue  # the cheap test first: reading another process's environment costs more
+        process = worker_process(proc.pid, run_id)
+        if process is not None:
+            found.append(process)
+    return found
+
+
+def kill_run(run_id: int, skip: int | None = None) -> list[int]:
+    """SIGKILL every process of the run (``run_processes``) but ``skip``, each with its process
+    group when it leads one (a rank's session holds what the rank started), and wait until they
+    are gone. Returns their pids; ``TimeoutError`` if one outlives ``KILL_WAIT_S``. Never
+    signals the caller's own process group."""
+    processes = [p for p in run_processes(run_id) if p.pid != skip]
+    for process in processes:
+        try:
+            if os.getpgid(process.pid) == process.pid != os.getpgrp():
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    deadline = time.monotonic() + KILL_WAIT_S
+    alive = processes
+    while alive:  # a zombie counts as gone: its parent (maybe not us, maybe init) reaps it
+        alive = [p for p in alive if _lives(p)]
+        if alive and time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id}'s processes {[p.pid for p in alive]} are still there "
+                               f"{KILL_WAIT_S:.0f} s after SIGKILL")
+        if alive:
+            time.sleep(0.05)
+    return [p.pid for p in processes]
+
+
+def _lives(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -247,6 +247,38 @@ class BackgroundWriter:
                 self._cond.notify_all()
 
 
+class SilentWriter:
+    """The writer of a rank other than the main one (``ranks.is_main``): it writes nothing. Only
+    rank 0 reports a run (metrics, heartbeats, checkpoint rows); the others train beside it with
+    the same callback, which calls this writer and is done."""
+
+    lagging, blocked, written = False, None, 0
+
+    def __init__(self) -> None:
+        self.dropped: list[str] = []
+
+    def submit(self, call: Callable[[], Any], key: str | None = None) -> None:
+        pass
+
+    def log_metrics(self, step: int, values: dict[str, float], wall_time: float | None = None) -> None:
+        pass
+
+    def heartbeat(self) -> None:
+        pass
+
+    def beat_on_timer(self, activity: dict[str, Any] | None) -> None:
+        pass
+
+    def settle(self, timeout: float) -> bool:
+        return True
+
+    def pending(self) -> int:
+        return 0
+
+    def close(self, patience_s: float = PATIENCE_S) -> bool:
+        return True
+
+
 def current_cancel_request(db: Database, run_id: int) -> str | None:
     """The run's pending cancel request, by a read (never blocked by another writer in WAL
     mode); None when even the read fails, so a locked file never stops training."""

@@ -36,5 +36,6 @@ def training_stats(trainer: Any, model: Any, wall_seconds: float) -> dict[str, f
     return {"trainable_params": float(trainable_count(model)),
             "train_seconds": float(wall_seconds),  # the whole Trainer.train, evaluations included
             "train_step_seconds": float(trainer.train_seconds),  # forward + backward + step only
-            "train_tokens_per_s": trainer.tokens_seen / busy,
+            # every rank's tokens (StudioTrainer.tokens_all), over rank 0's time in training steps
+            "train_tokens_per_s": getattr(trainer, "tokens_all", trainer.tokens_seen) / busy,
             **peak_memory()}

@@ -7,6 +7,12 @@ cancel request or SIGTERM/SIGINT (``signals.py``), ``oom`` with advice on out-of
 any other error). A killed worker cannot write its own end: ``launch.reconcile`` marks it failed.
 Database writes ride out a locked or full history file (``resilient.py``): the training loop
 queues its records, and the writes that start and end a run are retried for minutes.
+
+Under a launcher (several processes, ``ranks.py``) every rank runs this module; only rank 0
+writes the run's records and files, and decides before loading (precision, the dataset a sample
+task becomes, the checkpoint to resume) for every rank. A rank that loses a peer mid-collective
+leaves the run's end to the supervisor, whose reading of the launcher's report names the rank
+that died (``launch.reconcile``).
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from studio.db import Database, RunStatus, utcnow
 from studio.methods import get_method
 from studio.run_setup import DeviceFacts
 from studio.runspec import RunSpec
-from studio.worker import diskspace, prepare
-from studio.worker.resilient import BackgroundWriter, Patient, say
+from studio.worker import diskspace, prepare, ranks
+from studio.worker.resilient import BackgroundWriter, Patient, SilentWriter, say
 from studio.worker.run_stats import training_stats
 from studio.worker.signals import GracefulStop, StoppedBySignal
 from studio.worker.trainer import StudioCallback, StudioTrainer
@@ -127,6 +133,9 @@ def training_arguments(spec: RunSpec, compute: prepare.Compute, output_dir: Path
         bf16=compute.bf16,
         fp16=compute.fp16,
         use_cpu=compute.device == "cpu",
+        # several processes (ranks.py): gloo on a CPU, and the group's timeout, not torch's 30 min
+        ddp_backend="gloo" if compute.device == "cpu" and ranks.distributed() else None,
+        ddp_timeout=ranks.timeout_s(),
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -144,15 +153,20 @@ def train(db: Database, run_id: int, resume: bool = False, extra_callbacks: tupl
     run = patient.get_run(run_id)
     spec = RunSpec.from_dict(run.spec).validate()
     folder = run_dir(db, run_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    # No cancel_request=None here: launch.start clears an old request when it starts the worker,
-    # and a Stop clicked while this process was still importing must not be forgotten.
-    now = utcnow()
-    patient.update_run(run_id, status=RunStatus.RUNNING.value, pid=os.getpid(), started_at=now,
-                       heartbeat_at=now, finished_at=None, error=None, exit_code=None)
-    reserve = diskspace.Reserve(folder)  # the space to record a full disk in, see diskspace.py
-    reserve.claim()
-    writer = BackgroundWriter(db, run_id)
+    main = ranks.is_main()  # only rank 0 writes (ranks.py); the others read the history only
+    if ranks.distributed():
+        say(f"rank {ranks.rank()} of {ranks.world_size()}: run {run_id}")
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        # No cancel_request=None here: launch.start clears an old request when it starts the
+        # worker, and a Stop clicked while this process was still importing must not be forgotten.
+        now = utcnow()
+        patient.update_run(run_id, status=RunStatus.RUNNING.value, pid=ranks.launcher_pid(), started_at=now,
+                           heartbeat_at=now, finished_at=None, error=None, exit_code=None)
+    reserve = diskspace.Reserve(folder) if main else None  # the space to record a full disk in
+    if reserve is not None:
+        reserve.claim()
+    writer = BackgroundWriter(db, run_id) if main else SilentWriter()
     live = Live()
     try:
         try:
@@ -168,15 +182,28 @@ def train(db: Database, run_id: int, resume: bool = False, extra_callbacks: tupl
     except torch.OutOfMemoryError as exc:
         status, fields = RunStatus.OOM.value, {"error": f"Out of memory: {exc}\n\n{oom_advice(spec, live.device)}"}
     except Exception as exc:  # every other failure: recorded for the user, then the process exits 1
-        complete = live.complete_checkpoints(db, run_id)
-        full = diskspace.diagnose(exc, folder, live.trainer, complete, live.saving_adapter)
-        if full:  # the record says what to do; the log keeps the traceback
-            say(traceback.format_exc()[-4000:])
-        status, fields = RunStatus.FAILED.value, {"error": full or traceback.format_exc()[-4000:]}
-    reserve.release()  # just before the last writes: on a full disk, SQLite needs this space
+        status, fields = RunStatus.FAILED.value, _failure(db, run_id, exc, folder, live)
+    if reserve is not None:
+        reserve.release()  # just before the last writes: on a full disk, SQLite needs this space
     writer.close()
-    patient.update_run(run_id, status=status, finished_at=utcnow(), **fields)
+    if main and fields is not None:  # not after a lost peer: the supervisor records that end
+        patient.update_run(run_id, status=status, finished_at=utcnow(), **fields)
     return status
+
+
+def _failure(db: Database, run_id: int, exc: Exception, folder: Path, live: "Live") -> dict | None:
+    """The failed run's fields to record, with the error for the user; None when this process
+    must not record the end: a rank other than 0, or rank 0 after a peer was lost (the launcher's
+    report, read by ``launch.reconcile``, names the rank that died, which rank 0 cannot know).
+    Either way the traceback goes to worker.log."""
+    if not ranks.is_main() or ranks.lost_peer(exc):
+        say(f"rank {ranks.rank()}: {traceback.format_exc()[-4000:]}")
+        return None
+    complete = live.complete_checkpoints(db, run_id)
+    full = diskspace.diagnose(exc, folder, live.trainer, complete, live.saving_adapter)
+    if full:  # the record says what to do; the log keeps the traceback
+        say(traceback.format_exc()[-4000:])
+    return {"error": full or traceback.format_exc()[-4000:]}
 
 
 class Live:
@@ -202,16 +229,12 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
            extra_callbacks: tuple, stop: GracefulStop | None, live: Live) -> tuple[str, dict]:
     """Trains; returns (final status, the run's other fields to record with it)."""
     torch.manual_seed(spec.seed)
-    compute = prepare.choose_compute(spec)
+    ranks.start_group("cuda" if torch.cuda.is_available() else "cpu")
+    # Rank 0 decides, every rank follows (ranks.share): one precision probe, one sample-task
+    # import, one download or conversion of the model before every rank loads it.
+    decided = _decide(db, run_id, spec, folder, resume) if ranks.is_main() else None
+    compute, dataset_id, checkpoint = ranks.share(decided)
     live.device = compute.facts  # what the OOM advice estimates for
-    from studio.worker.precision_record import record
-
-    record(folder, compute.decision)  # what precision and why: the Train tab shows it
-    run = db.get_run(run_id)
-    patient = Patient(db)  # importing the sample task writes rows: it may meet a lock too
-    dataset_id = prepare.dataset_for(patient, spec, run.project_id)
-    if run.dataset_id != dataset_id:
-        patient.update_run(run_id, dataset_id=dataset_id)
     model, tokenizer, arch, params = prepare.build_model(spec, compute)
     train_set, eval_set, collator = prepare.build_data(db, spec, dataset_id, tokenizer)
     quantised = getattr(model, "is_loaded_in_4bit", False)
@@ -235,10 +258,6 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     )
     callback.trainer = live.trainer = trainer
     live.callback = callback
-    checkpoint = None
-    if resume:
-        latest = db.latest_checkpoint(run_id)
-        checkpoint = latest.path if latest is not None and Path(latest.path).is_dir() else None
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -248,7 +267,7 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     wall = time.perf_counter() - started
 
     if callback.cancel_mode is not None:
-        if callback.cancel_mode == "discard":
+        if callback.cancel_mode == "discard" and ranks.is_main():
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
             writer.submit(lambda: db.delete_checkpoints(run_id))  # after the queued checkpoint rows
         if callback.stopped_by is None:
@@ -276,14 +295,36 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     trainer.save_model(str(folder / "adapter"))
     live.saving_adapter = False
     writer.log_metrics(step, final)
-    if bakeoff is not None:
+    if bakeoff is not None and ranks.is_main():  # after training: no rank waits for it
         # Free the training model, optimizer and data before loading the saved adapter again.
         live.trainer = live.callback = None
         del trainer, model, callback, optimizer, optimizers, train_set, eval_set
         gc.collect()
-        measure_for_bakeoff(patient, run_id, bakeoff.id, spec, folder / "adapter", step,
+        measure_for_bakeoff(Patient(db), run_id, bakeoff.id, spec, folder / "adapter", step,
                             dataset_eval_rows(db, spec, dataset_id))
     return RunStatus.COMPLETED.value, {"exit_code": 0}
+
+
+def _decide(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool) -> tuple:
+    """Rank 0's choices for every rank: (compute, dataset id, checkpoint to resume or None)."""
+    compute = prepare.choose_compute(spec)
+    from studio.worker.precision_record import record
+
+    record(folder, compute.decision)  # what precision and why: the Train tab shows it
+    run = db.get_run(run_id)
+    patient = Patient(db)  # importing the sample task writes rows: it may meet a lock too
+    dataset_id = prepare.dataset_for(patient, spec, run.project_id)
+    if run.dataset_id != dataset_id:
+        patient.update_run(run_id, dataset_id=dataset_id)
+    if ranks.distributed():  # converted or downloaded once, before every rank loads it
+        from studio import models
+
+        models.resolve_source(spec.model)
+    checkpoint = None
+    if resume:
+        latest = db.latest_checkpoint(run_id)
+        checkpoint = latest.path if latest is not None and Path(latest.path).is_dir() else None
+    return compute, dataset_id, checkpoint
 
 
 def measure_for_bakeoff(db: Database, run_id: int, bakeoff_id: int, spec: RunSpec, adapter: Path,
@@ -332,7 +373,8 @@ def main(argv: list[str] | None = None, stop: GracefulStop | None = None) -> int
         stop.install()
     db = Database()
     status = train(db, args.run_id, resume=args.resume, stop=stop)
-    say(f"run {args.run_id}: {status}")
+    ranks.end_group()
+    say(f"run {args.run_id}: {status}" if ranks.is_main() else f"rank {ranks.rank()}, run {args.run_id}: {status}")
     if stop.requested:  # a shutdown is no time to start the next training
         say(f"not starting the next queued run: stopped by {stop.signal_name}")
     else:

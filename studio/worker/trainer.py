@@ -10,6 +10,12 @@ heartbeat, records checkpoints, runs the exact-match evaluation and turns a canc
 the UI, or SIGTERM/SIGINT, into a clean stop. Its writes go through a background writer, so a
 locked or full history file never stops training (``resilient.py``).
 
+Under a launcher every rank runs this callback, and only rank 0's writer writes
+(``resilient.SilentWriter`` elsewhere, ``ranks.py``). At each step end the ranks agree through
+one collective: rank 0's cancel request (only rank 0 reads the history), a signal on any rank,
+and the step's tokens of every rank, so that tokens/s counts them all and every rank stops at
+the same step (none is left waiting alone in a collective).
+
 The heartbeat is the supervisor's only sign of life (``launch.reconcile`` kills a worker silent
 for ``launch.STALE_HEARTBEAT``), so the loop beats at every point of progress, not only at step
 end: each micro-step, each evaluation batch, each generated token of the exact-match
@@ -35,7 +41,7 @@ from transformers import Trainer, TrainerCallback
 from studio.adapters import bottleneck
 from studio.db import Database
 from studio.sysinfo import peak_rss_bytes
-from studio.worker import kernels, label_loss
+from studio.worker import kernels, label_loss, ranks
 from studio.worker.resilient import BackgroundWriter, current_cancel_request, say
 from studio.worker.signals import GracefulStop
 
@@ -43,6 +49,7 @@ from studio.worker.signals import GracefulStop
 # (a write takes milliseconds); once one wait runs out, it stops waiting (see resilient.py).
 SETTLE_STEP_S, SETTLE_SAVE_S = 0.5, 5.0
 BEAT_EVERY_S = 0.25  # between two heartbeats at most this often (one coalesced SQLite write)
+REQUESTS = (None, "save", "discard")  # a cancel request as the number the ranks add up
 
 
 class CancelRequested(Exception):
@@ -52,7 +59,8 @@ class CancelRequested(Exception):
 class StudioTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # this rank's
+        self.tokens_all = 0  # every rank's, added up at each step end (StudioCallback._agree)
         self.train_seconds = 0.0  # inside training steps only: evals and saves do not count
         # None: not decided yet; "": the label-only loss is on and verified; else why it is off.
         self.full_logits_reason: str | None = None
@@ -192,6 +200,7 @@ class StudioCallback(TrainerCallback):
         self.saved_steps: set[int] = set()  # checkpoints written to the end by this process
         self._last_busy = 0.0
         self._last_tokens = 0
+        self._synced_tokens = 0  # this rank's tokens already added to the trainer's tokens_all
         self._started = time.perf_counter()
         self._process = psutil.Process(os.getpid())
         # What the worker does between steps (``Run.activity``), replaced whole (never mutated):
@@ -271,20 +280,37 @@ class StudioCallback(TrainerCallback):
         self._beat(force=True)
         # While writes are quick, wait for them: the history stays as current as the loop.
         self.writer.settle(SETTLE_STEP_S)
-        request = current_cancel_request(self.db, self.run_id)
-        if self.stop is not None and self.stop.requested:
-            request, self.stopped_by = "save", self.stop.signal_name
+        request, signal_name = self._agree()
+        if signal_name is not None:
+            request, self.stopped_by = "save", signal_name
         if request in ("save", "discard"):
             self.cancel_mode = request
             control.should_training_stop = True
             control.should_save = request == "save"
         return control
 
+    def _agree(self) -> tuple[str | None, str | None]:
+        """(the cancel request, the signal's name) as every rank sees them, with the step's tokens
+        of every rank added to the trainer's ``tokens_all``: one ``all_reduce`` per step
+        (``ranks.sum_across``; nothing with one process). Rank 0 alone reads the request from the
+        history; a SIGTERM or SIGINT on any rank stops them all."""
+        request = current_cancel_request(self.db, self.run_id) if ranks.is_main() else None
+        signal_name = self.stop.signal_name if self.stop is not None and self.stop.requested else None
+        seen = self.trainer.tokens_seen if self.trainer else 0
+        code, sigterm, sigint, tokens = ranks.sum_across([
+            REQUESTS.index(request) if request in REQUESTS else 0,
+            signal_name == "SIGTERM", signal_name == "SIGINT", seen - self._synced_tokens])
+        self._synced_tokens = seen
+        if self.trainer is not None:
+            self.trainer.tokens_all += tokens
+        agreed = "SIGTERM" if sigterm else "SIGINT" if sigint else None
+        return REQUESTS[min(code, len(REQUESTS) - 1)], agreed
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or state.global_step == 0:
             return
         now = time.perf_counter()
-        tokens = self.trainer.tokens_seen if self.trainer else 0
+        tokens = self.trainer.tokens_all if self.trainer else 0
         busy = self.trainer.train_seconds if self.trainer else now - self._started
         values = {k: float(v) for k, v in logs.items()
                   if isinstance(v, (int, float)) and k in ("loss", "learning_rate", "grad_norm", "epoch",

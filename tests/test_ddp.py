@@ -1,0 +1,193 @@
+"""DDP on the CPU with gloo, the worker's multi-process path (issue 18): real worker processes
+under a real ``torchrun``, real signals, the real history.
+
+One two-rank run, started through ``peft-studio train --nproc-per-node 2`` and shared by the
+checks of a finished run (module scope: a torchrun start costs several seconds); its one-process
+reference with twice the batch trains in this process with the worker's own ``train``. One more
+two-rank run is killed (kill -9 of rank 1), resumed under torchrun and stopped from the history.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from studio.db import Database
+from studio.runs import launch, liveness, multiprocess
+from studio.runspec import RunSpec, RunSpecError
+from studio.worker import train
+from worker_helpers import explain, metrics, new_run, tiny_spec, wait_finished, wait_for
+
+B, STEPS = 2, 4  # per-rank batch; the one-process reference trains on 2 × B
+# LoRA dropout off: each rank draws its own dropout masks, which no single process can repeat.
+SAME = dict(max_steps=STEPS, save_steps=STEPS, learning_rate=1e-2, method_settings={"lora_dropout": 0.0})
+# Measured: the two-rank losses equal the reference's to within ~1e-6 (fp32; the only differences
+# are the order of the gradient all-reduce's additions and each half-batch padded to its own
+# longest row). A wrong batch split or a loss normalised per rank moves them by far more.
+LOSS_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def studio_home(tmp_path_factory):
+    """One studio home for the module (replaces conftest's per-test home), with its environment."""
+    home = tmp_path_factory.mktemp("ddp-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PEFT_STUDIO_HOME", str(home))
+        patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("PEFT_STUDIO_PRECISION_PROBE", "fp32")
+        yield home
+        for run_id in range(1, 50):  # nothing of this module's runs may outlive it
+            liveness.kill_run(run_id)
+
+
+@pytest.fixture(scope="module")
+def db(studio_home):
+    database = Database()
+    yield database
+    database.close()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(db, tiny_chat_model, tmp_path_factory):
+    """(the CLI's completed process, the run) of a two-rank run through ``peft-studio train``."""
+    path = tmp_path_factory.mktemp("ddp-spec") / "runspec.json"
+    tiny_spec(tiny_chat_model, batch_size=B, **SAME).save(path)
+    done = subprocess.run([sys.executable, "-m", "studio", "train", str(path), "--nproc-per-node", "2",
+                           "--project", "ddp"], capture_output=True, text=True, timeout=300, env={**os.environ})
+    [run] = db.list_runs(db.get_project_by_name("ddp").id)
+    return done, db.get_run(run.id)
+
+
+@pytest.fixture(scope="module")
+def reference(db, tiny_chat_model, two_ranks):
+    """The same run in one process with twice the batch (after the two-rank run: never beside it)."""
+    run = new_run(db, tiny_spec(tiny_chat_model, batch_size=2 * B, **SAME), project="reference")
+    train.train(db, run.id)
+    gc.collect()
+    return db.get_run(run.id)
+
+
+def rank_processes(launcher: int) -> dict[int, psutil.Process]:
+    """{rank: process} of a torchrun launcher's workers (each in a session of its own)."""
+    found = {}
+    for child in psutil.Process(launcher).children(recursive=True):
+        try:
+            if "studio.worker" in child.cmdline():
+                found[int(child.environ()["RANK"])] = child
+        except (psutil.Error, KeyError):
+            continue
+    return found
+
+
+# ---------------------------------------------------------------- the spec, the command
+
+
+def test_the_spec_bounds_the_process_settings_with_their_reasons():
+    base = RunSpec(sample_task="dates")
+    assert base.nproc_per_node == 0 and base.distributed == "ddp" and base.offload is False
+    for change, words in [({"nproc_per_node": 65}, ("nproc_per_node", "at most 64")),
+                          ({"nproc_per_node": -1}, ("nproc_per_node", "at least 0")),
+                          ({"distributed": "horovod"}, ("distributed", "ddp, fsdp, zero2, zero3")),
+                          ({"distributed": "fsdp", "nproc_per_node": 1}, ("distributed", "more than one")),
+                          ({"offload": True}, ("offload", "fsdp"))]:
+        with pytest.raises(RunSpecError) as refused:
+            RunSpec(sample_task="dates", **change).validate()
+        assert all(w in str(refused.value) for w in words), (change, str(refused.value))
+
+
+def test_the_launch_command_is_torchrun_for_several_processes_and_splits_the_threads(db, tiny_chat_model):
+    one = new_run(db, tiny_spec(tiny_chat_model), project="commands")
+    two = new_run(db, tiny_spec(tiny_chat_model, nproc_per_node=2), project="commands")
+    folder = launch.run_folder(db, two)
+    assert launch._command(one, launch.run_folder(db, one), False)[1:] == ["-m", "studio.worker", str(one.id)]
+    command = launch._command(two, folder, True)
+    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "studio.worker", str(two.id), "--resume"]
+    env = multiprocess.environment(2, {"PATH": "/bin"})
+    assert env["OMP_NUM_THREADS"] == str(max(1, multiprocess.cpu_cores() // 2))
+    assert multiprocess.environment(2, {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"  # the user's
+    assert "OMP_NUM_THREADS" not in multiprocess.environment(1, {})
+
+
+# ---------------------------------------------------------------- a finished two-rank run
+
+
+def test_two_ranks_under_torchrun_complete_and_rank_0_alone_writes(db, two_ranks):
+    done, run = two_ranks
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert run.status == "completed", explain(db, run)
+    log = launch.log_tail(db, run, 400)
+    assert "rank 0 of 2" in log and "rank 1 of 2" in log, log
+    # Metrics once per step: every (name, step) row is written once, by rank 0.
+    rows = [(m.name, m.step) for m in db.metrics_for(run.id)]
+    assert len(rows) == len(set(rows)), sorted(rows)
+    assert sorted(metrics(db, run.id)["loss"]) == list(range(1, STEPS + 1))
+    [checkpoint] = db.list_checkpoints(run.id)
+    assert checkpoint.step == STEPS
+    files = {p.name for p in Path(checkpoint.path).iterdir()}
+    # The Trainer's per-rank RNG states prove two ranks trained; the rest is rank 0's alone.
+    assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "trainer_state.json"} <= files
+    assert (launch.run_folder(db, run) / "adapter" / "adapter_model.safetensors").is_file()
+    # rank 0 records the end, then the launcher and both ranks exit
+    wait_for(lambda: liveness.run_processes(run.id) == [], 30, what="the launcher and its ranks to exit")
+
+
+def test_two_ranks_with_batch_b_lose_as_one_process_with_2b(db, two_ranks, reference):
+    assert reference.status == "completed", explain(db, reference)
+    ranks2, one = metrics(db, two_ranks[1].id)["loss"], metrics(db, reference.id)["loss"]
+    assert sorted(ranks2) == sorted(one) == list(range(1, STEPS + 1))
+    for step in one:
+        assert abs(ranks2[step] - one[step]) <= LOSS_TOLERANCE, (step, ranks2, one)
+    assert one[STEPS] < one[1]  # it trained: equal losses of a model that never moved prove little
+
+
+def test_tokens_per_second_counts_every_ranks_tokens(db, two_ranks, reference):
+    """Both runs train on the same examples, so all ranks' tokens must equal the reference's."""
+    def tokens(run_id):
+        final = {k: v[max(v)] for k, v in metrics(db, run_id).items()}
+        return final["train_tokens_per_s"] * final["train_step_seconds"]
+    assert tokens(two_ranks[1].id) == pytest.approx(tokens(reference.id), rel=1e-6)
+
+
+# ---------------------------------------------------------------- kill -9, resume, cancel
+
+
+def test_kill_9_of_rank_1_fails_the_run_then_resume_and_cancel_stop_both_ranks(db, tiny_chat_model):
+    run = new_run(db, tiny_spec(tiny_chat_model, nproc_per_node=2, max_steps=400, save_steps=2,
+                                batch_size=B, learning_rate=1e-3), project="kill")
+    launch.start(db, run.id)
+    wait_for(lambda: db.latest_checkpoint(run.id) is not None, 120, what="a first checkpoint")
+    launcher = db.get_run(run.id).pid
+    victim = rank_processes(launcher)[1]
+    victim.send_signal(signal.SIGKILL)
+
+    failed = wait_finished(db, run.id, timeout=60)
+    assert failed.status == "failed", explain(db, failed)
+    assert f"rank 1 (pid {victim.pid}) ended with exit code -9" in failed.error, failed.error
+    assert liveness.run_processes(run.id) == []  # the launcher and rank 0 are gone too
+    saved = db.latest_checkpoint(run.id).step
+
+    resumed_at = time.time()
+    launch.resume(db, run.id)
+    first = wait_for(lambda: min([m.step for m in db.metrics_for(run.id, ["loss"]) if m.wall_time >= resumed_at],
+                                 default=None), 120, what="the resumed run's first step")
+    assert first == saved + 1, (first, saved)
+    assert sorted(rank_processes(db.get_run(run.id).pid)) == [0, 1]  # resumed under torchrun again
+    seen = db.last_step(run.id)
+    launch.stop(db, run.id, "save")
+    stopped = wait_finished(db, run.id, timeout=60)
+    assert stopped.status == "cancelled", explain(db, stopped)
+    last = max(metrics(db, run.id)["loss"])
+    assert seen <= last <= seen + 3, (seen, last)
+    assert db.latest_checkpoint(run.id).step == last
+    wait_for(lambda: liveness.run_processes(run.id) == [], 30, what="every rank to exit")
+    assert launch._exit_code(stopped.pid, run.id) == 0
