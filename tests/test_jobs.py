@@ -274,11 +274,16 @@ def test_a_stopped_job_imports_its_checkpoints(trip, tmp_path, monkeypatch):
     trip.db.delete_run(run.id)
     shutil.rmtree(launch.runs_root(trip.db, run.project_id) / run.folder)
 
-    shutil.rmtree(run_dir(stopped, Manifest.load(stopped)) / "checkpoints")
     count = len(trip.db.list_runs())
+    (run_dir(stopped, Manifest.load(stopped)) / "notes").symlink_to("/etc")  # never followed
+    with pytest.raises(JobError, match="is a link"):
+        import_job(trip.db, stopped)
+    (run_dir(stopped, Manifest.load(stopped)) / "notes").unlink()
+    shutil.rmtree(run_dir(stopped, Manifest.load(stopped)) / "checkpoints")
     with pytest.raises(JobError, match="stopped without a checkpoint"):
         import_job(trip.db, stopped)
     assert len(trip.db.list_runs()) == count
+    assert not list(launch.runs_root(trip.db, trip.project.id).glob(".job-import-*"))
 
 
 def test_model_reference_is_the_hub_id_when_there_is_one(tiny_chat_model):
