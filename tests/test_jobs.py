@@ -29,8 +29,7 @@ from studio.jobs.manifest import Manifest, projects_of, run_dir
 from studio.runs import launch
 from worker_helpers import tiny_spec
 
-# Two ranks once the worker is rank-aware (studio/worker/ranks.py: only rank 0 writes).
-NPROC = 1
+NPROC = 2  # two ranks (gloo): only rank 0 writes the job's history (studio/worker/ranks.py)
 JOB_SPEC = dict(max_steps=4, save_steps=2, batch_size=2)
 
 
@@ -111,7 +110,8 @@ def test_job_trains_under_torchrun_in_its_own_home_and_imports(trip, monkeypatch
     paths = [Path(c.path) for c in trip.db.list_checkpoints(run.id)]
     assert all(p.parent == folder / "checkpoints" and p.is_dir() for p in paths), (paths, folder)
     assert json.loads((folder / "job.json").read_text())["job_id"] == Manifest.load(trip.job).job_id
-    assert f"run {trip.source.id}: completed" in (folder / "worker.log").read_text()  # launch.sh's log
+    log = (folder / "worker.log").read_text()  # launch.sh's log, both ranks in it
+    assert f"run {trip.source.id}: completed" in log and f"rank 1, run {trip.source.id}: completed" in log
     # The source run is untouched: the job trained a copy of its spec.
     assert trip.db.get_run(trip.source.id).status == "queued"
 
