@@ -130,7 +130,13 @@ def test_imported_run_is_listed_by_export_and_loads_in_compare(trip, monkeypatch
     assert [s.step for s in sources] == [None, 2, 4]
     engine = ChatEngine.load(trip.project.model_source, dtype="float32", device="cpu")
     attached = engine.add_adapter("imported", sources[0].folder)
-    assert attached is not None
+    assert (attached.method, attached.path) == ("lora", "batched")
+    # History: the job's figures, read from the imported metrics like a local run's.
+    from studio.history import run_summaries
+
+    row = next(r for r in run_summaries(trip.db, trip.project.id) if r.id == run.id)
+    assert row.steps == 4 and row.train_loss is not None and row.eval_loss is not None
+    assert "cluster job" in row.notes
 
 
 def test_second_import_and_another_base_are_refused(trip, tiny_llama_dir, monkeypatch):
@@ -328,3 +334,20 @@ def test_a_zero3_job_launches_through_accelerate_with_the_written_config(db, tin
     # One node of one GPU cannot shard.
     with pytest.raises(JobError, match="1 node x 1 GPU"):
         export_job(db, run.id, nodes=1, gpus_per_node=1, dest=str(tmp_path / "one"))
+
+
+def test_cli_job_commands(db, exported, tmp_path, capsys):
+    """``peft-studio job export / import``: the folder and how to start it; a refusal is one line
+    and exit code 2."""
+    from studio.cli import main
+
+    assert main(["job", "export", str(exported.run.id), "--nodes", "1", "--gpus-per-node", "2",
+                 "--dest", str(tmp_path / "cli-job")]) == 0
+    out = capsys.readouterr().out
+    assert f"job written to {tmp_path / 'cli-job'}" in out and "sbatch job.sbatch" in out
+    assert Manifest.load(tmp_path / "cli-job").gpus_per_node == 2
+    assert main(["job", "import", str(tmp_path / "cli-job")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("peft-studio job: job run") and "has not run yet" in err and "\n" not in err
+    assert main(["job", "export", str(exported.run.id), "--nodes", "0"]) == 2
+    assert "--nodes: a whole number from 1" in capsys.readouterr().err
