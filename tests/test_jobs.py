@@ -274,8 +274,13 @@ def test_a_stopped_job_imports_its_checkpoints(trip, tmp_path, monkeypatch):
         job_db.update_run(trip.source.id, status="cancelled", error="Stopped by SIGTERM at step 4")
     finally:
         job_db.close()
-    run = import_job(trip.db, stopped)
+    trip.db.rename_project(trip.project.id, "renamed since")  # still the project it came from
+    try:
+        run = import_job(trip.db, stopped)
+    finally:
+        trip.db.rename_project(trip.project.id, trip.project.name)
     assert run.status == "cancelled" and run.error.startswith("Stopped by SIGTERM")
+    assert run.project_id == trip.project.id
     assert [w.step for w in exportable(trip.db, run)] == [4, 2]
     trip.db.delete_run(run.id)
     shutil.rmtree(launch.runs_root(trip.db, run.project_id) / run.folder)

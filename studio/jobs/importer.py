@@ -12,8 +12,8 @@ base model is not the project's; a job already imported (its ``job_id`` in a run
 history). The run folder is built in a hidden folder inside the project's ``runs/``, and the row,
 its metrics and checkpoints are recorded in one transaction that also renames the folder into
 place (as ``studio.adapters.compose`` places a composed adapter): a failure leaves no row and
-no folder. ``--project`` defaults to the project the run was exported from, by name (created,
-on the job's model, when this history has no such project).
+no folder. ``--project`` defaults to the project the run was exported from (by id and folder,
+so a rename does not matter; else by name; created on the job's model when there is none).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def import_job(db: Database, folder: str | Path, project: str | None = None) -> 
     job = Path(folder).expanduser().resolve()
     manifest = Manifest.load(job)
     found = _read_job(job, manifest)
-    target, created = _project(db, project or manifest.project, manifest)
+    target, created = _project(db, project, manifest, found["run"].project_id)
     try:
         _check_base(target, manifest, found["run"])
         _check_not_imported(db, manifest)
@@ -92,10 +92,17 @@ def _check_finished(job: Path, run: Run) -> None:
                        "(fix it and continue it with `./launch.sh --resume`)")
 
 
-def _project(db: Database, name: str, manifest: Manifest) -> tuple[Any, bool]:
-    """The project to import into, and whether it was created for this import."""
+def _project(db: Database, name: str | None, manifest: Manifest, exported_id: int) -> tuple[Any, bool]:
+    """The project to import into, and whether it was created for this import: ``name``; by
+    default the project the run was exported from (its id and folder, so a rename since does
+    not matter; else by name), created on the job's model when this history has neither."""
     from studio import projects
 
+    if name is None:
+        origin = db.get_project(exported_id)
+        if origin is not None and origin.folder == manifest.project_folder:
+            return origin, False
+        name = manifest.project
     found = db.get_project_by_name(name)
     if found is not None:
         return found, False
