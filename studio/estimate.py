@@ -40,6 +40,11 @@ import nothing heavy. Every term is a named field with its formula; the sources:
   studio falls back to the model's own loss: ``PEFT_STUDIO_FULL_LOGITS_LOSS=1`` or a model that
   soft-caps or scales its logits; there this term is short.)
 * runtime overhead: a fixed allowance for the CUDA context and allocator fragmentation.
+* more than one process (``TrainSetup.processes``): every term is per process, rewritten for the
+  strategy by ``studio.distributed.memory`` (ZeRO's Ψ formulas, Rajbhandari et al. 2020: DDP
+  replicates and adds its gradient buckets, ZeRO-2 divides gradients and optimizer state by N,
+  ZeRO-3 and FSDP the weights too plus what is gathered for compute; offloaded states become a
+  CPU RAM term outside the GPU total).
 """
 
 from __future__ import annotations
@@ -90,6 +95,11 @@ class TrainSetup:
     # unpadded single-length batches.
     masked: bool = True
     device: str = "cuda"  # "cpu" drops the CUDA runtime allowance
+    # More than one process (the world size): the terms are per process, for the strategy
+    # ("ddp", "zero2", "zero3", "fsdp") and its CPU offload (studio/distributed/memory.py).
+    processes: int = 1
+    strategy: str = "ddp"
+    offload: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,7 @@ class Term:
     name: str
     bytes: int
     formula: str
+    host: bool = False  # held in CPU RAM (offloaded), not part of the device total
 
 
 @dataclass(frozen=True)
@@ -109,7 +120,7 @@ class Estimate:
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.bytes for t in self.terms)
+        return sum(t.bytes for t in self.terms if not t.host)
 
     def term(self, name: str) -> Term:
         return next(t for t in self.terms if t.name == name)
@@ -215,6 +226,10 @@ def estimate_training(arch: ArchInfo, method: str, p: Any, trainable: int,
     gradient_bytes = next(t.bytes for t in terms if t.name == "gradients")
     if in_base:
         terms = _whole_model_gradients(terms, arch, spec, p, in_base, width, setup.optimizer, own)
+    if setup.processes > 1:  # per process under the strategy: ZeRO's Ψ formulas (distributed/memory.py)
+        from studio.distributed.memory import Counts, per_process
+
+        terms = per_process(terms, arch, setup, Counts(in_base, adapters, width, aw, gradient_bytes))
     saved = int(layers * per_layer + outside) + tokens * vocab * 4
     return Estimate(tuple(terms), trainable, saved_activation_bytes=saved,
                     gradient_bytes=gradient_bytes)

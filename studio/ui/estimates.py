@@ -31,13 +31,32 @@ def planned_device(draft: RunDraft, here: DeviceFacts) -> DeviceFacts:
     return dataclasses.replace(here, free_bytes=None)
 
 
+def distributed_choice(spec: Any) -> tuple[str, bool, int]:
+    """(strategy, offload, processes per node as set) of a RunSpec (``distributed.strategy``)."""
+    from studio.distributed.strategy import choices
+
+    return choices(spec)
+
+
+def planned_processes(spec: Any) -> int:
+    """The processes the estimate is per-process for: the run's ``nproc_per_node``; 0 (automatic:
+    every visible GPU) is planned as one, since the tabs do not know the GPUs it will find."""
+    return max(1, distributed_choice(spec)[2])
+
+
 def fit_notes(draft: RunDraft, model: str, device: DeviceFacts, result: dict[str, Any],
               quant: str = "none") -> list[str]:
-    """What to say below a verdict: the size warnings, and for "exceeds" or "tight" the single
-    changes that lower the estimate, each with its figure (Markdown lines)."""
+    """What to say below a verdict: per GPU for which strategy (more than one process), the size
+    warnings, and for "exceeds" or "tight" the single changes that lower the estimate, each with
+    its figure (Markdown lines)."""
     from studio import fit_advice
 
     notes = [labels.FIT["warning"].format(text=w) for w in result.get("warnings", [])]
+    setup = result.get("setup") or {}
+    if setup.get("processes", 1) > 1:
+        notes.insert(0, labels.FIT["per_process"].format(
+            n=setup["processes"], strategy=labels.STRATEGY_NAMES.get(setup["strategy"], setup["strategy"]),
+            offload=labels.FIT["offload"] if setup.get("offload") else ""))
     if result["verdict"] in ("exceeds", "tight"):
         spec = dataclasses.replace(draft.spec, model=model)
         try:
@@ -58,6 +77,9 @@ def plan_draft(draft: RunDraft, model: str, device: DeviceFacts, quant: str = "n
     spec = draft.spec
     choice = run_setup.training_setup(spec, device)
     setup = choice.setup if quant == "none" else dataclasses.replace(choice.setup, quant=quant)
+    strategy, offload, _ = distributed_choice(spec)
+    # More than one process: the estimate is per GPU, for the run's strategy (distributed/memory.py).
+    setup = dataclasses.replace(setup, processes=planned_processes(spec), strategy=strategy, offload=offload)
     budget, _ = run_setup.memory_budget(device)
     return plan(arch_for(model), spec.method, spec.method_settings, setup, budget), choice
 

@@ -192,7 +192,12 @@ FIT = {
     "warning": "**Warning:** {text}.",
     "advice": "**To fit, change one thing** (estimated):  \n{lines}",
     "no_advice": "(could not estimate the alternatives: {reason})",
+    "per_process": "**Per GPU**, for {n} processes under {strategy}{offload}: each term below is one "
+                   "process's share (the formulas say what is divided by {n}).",
+    "offload": " with CPU offload (the offloaded states are a RAM term, outside the GPU total)",
 }
+STRATEGY_NAMES = {"ddp": "DDP (everything replicated)", "fsdp": "FSDP (full shard)",
+                  "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
 TRAIN_MSG = {
     "no_project": "**Not started:** pick or create a project first.",
     "refused": "**Not started:** {reason}",

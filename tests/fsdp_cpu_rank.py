@@ -1,0 +1,119 @@
+"""One rank of the CPU FSDP check (tests/test_strategy_fsdp_cpu.py), started by ``accelerate launch``
+with the config ``studio.distributed.strategy`` writes: ``fsdp_cpu_rank.py OUT.json MODEL``.
+
+1. What the worker's Trainer would get on a CPU: ``Accelerator(cpu=True)`` (Trainer's
+   ``use_cpu``) under this FSDP launch. Recorded, not assumed: accelerate 1.15's FSDP plugin
+   raises for want of a GPU device (``sync_module_states``), and without that setting the
+   launch is MULTI_CPU with no FSDP plugin: why ``strategy.refusal`` refuses FSDP on CPUs.
+2. The FSDP engine itself on the CPU with gloo, configured exactly as the config says (the
+   ``FullyShardedDataParallelPlugin`` built from the launcher's environment, PEFT's
+   ``fsdp_auto_wrap_policy`` as transformers' Trainer installs it), over the studio's own LoRA
+   model (``worker.prepare.build_model``): three SGD steps on each rank's half of a batch, compared
+   on rank 0 with the same steps of an unsharded copy on the whole batch. One setting differs:
+   ``sync_module_states`` (the broadcast from rank 0 that RAM-efficient loading needs), which
+   torch's FSDP refuses with parameters on the CPU ("requires them to be on GPU"); every rank
+   builds the same model from the same seed here, and the comparison checks they agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def main(out: str, model_path: str) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from studio.runspec import RunSpec
+    from studio.worker import prepare
+
+    torch.set_num_threads(1)
+    facts = {}
+    try:  # what the worker's Trainer (use_cpu) does under this launch
+        Accelerator(cpu=True)
+        facts["accelerator_error"] = None
+    except RuntimeError as exc:
+        facts["accelerator_error"] = str(exc)
+    # Even without sync_module_states (the setting that asks for a GPU), a CPU launch is not FSDP.
+    os.environ["FSDP_SYNC_MODULE_STATES"] = os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    accelerator = Accelerator(cpu=True)  # initialises the gloo process group
+    facts["distributed_type"] = str(accelerator.distributed_type)
+    facts["fsdp_plugin"] = getattr(accelerator.state, "fsdp_plugin", None) is not None  # as Trainer reads it
+    os.environ["FSDP_SYNC_MODULE_STATES"] = os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    spec = RunSpec(model=model_path, method="lora", method_settings={"r": 8, "lora_dropout": 0.0},
+                   sample_task="dates", max_length=64)
+    torch.manual_seed(0)
+    model, _, _, _ = prepare.build_model(spec, prepare.Compute("cpu", "float32", False, False))
+    reference = copy.deepcopy(model) if rank == 0 else None
+
+    # With sync_module_states the plugin asks for the accelerator device (only to build its
+    # param_init_fn, unused here: nothing is on the meta device) and raises on a CPU-only machine,
+    # a second reason accelerate cannot run FSDP on CPUs. Answer that one question with "CUDA 0".
+    import accelerate.utils.dataclasses as accelerate_dataclasses
+
+    accelerate_dataclasses.is_cuda_available = lambda: True
+    current_device, torch.cuda.current_device = torch.cuda.current_device, lambda: 0
+    plugin = FullyShardedDataParallelPlugin()  # from ACCELERATE_USE_FSDP / FSDP_* set by the launcher
+    torch.cuda.current_device = current_device
+    facts["plugin"] = {"sharding_strategy": str(plugin.sharding_strategy), "use_orig_params": plugin.use_orig_params,
+                       "state_dict_type": str(plugin.state_dict_type),
+                       "wrap": plugin.transformer_cls_names_to_wrap}
+    sharded = FSDP(model, sharding_strategy=plugin.sharding_strategy, auto_wrap_policy=fsdp_auto_wrap_policy(model),
+                   use_orig_params=plugin.use_orig_params, sync_module_states=False,  # see below
+                   backward_prefetch=plugin.backward_prefetch, cpu_offload=plugin.cpu_offload,
+                   device_id=torch.device("cpu"))
+    facts["units"] = sum(isinstance(m, FSDP) for m in sharded.modules())
+    facts["local_numel"] = sum(p.numel() for p in sharded.parameters())  # this rank's shards
+    facts["total_numel"] = sum(p.numel() for p in reference.parameters()) if reference is not None else None
+
+    generator = torch.Generator().manual_seed(1)
+    batch = torch.randint(3, 500, (2 * world, 32), generator=generator)  # every rank draws the same batch
+    mine = batch[2 * rank: 2 * rank + 2]
+    optimizer = torch.optim.SGD([p for p in sharded.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for _ in range(3):
+        loss = sharded(input_ids=mine, labels=mine).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)  # the step's loss over the whole batch (equal-length rows)
+        losses.append(mean.item() / world)
+    facts["losses"] = losses
+
+    with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+        full = sharded.state_dict()
+    if rank == 0:
+        ref_opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
+        ref_losses = []
+        for _ in range(3):
+            loss = reference(input_ids=batch, labels=batch).loss
+            loss.backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            ref_losses.append(loss.item())
+        ref_state = reference.state_dict()
+        lora = [k for k in full if "lora_" in k]
+        facts["reference_losses"] = ref_losses
+        facts["lora_tensors"] = len(lora)
+        facts["lora_max_diff"] = max((full[k] - ref_state[k]).abs().max().item() for k in lora)
+        facts["lora_b_sum"] = sum(full[k].abs().sum().item() for k in lora if "lora_B" in k)  # 0 at init
+        with open(out, "w", encoding="utf-8") as handle:
+            json.dump(facts, handle)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
