@@ -284,6 +284,18 @@ def test_a_stopped_job_imports_its_checkpoints(trip, tmp_path, monkeypatch):
     assert [w.step for w in exportable(trip.db, run)] == [4, 2]
     trip.db.delete_run(run.id)
     shutil.rmtree(launch.runs_root(trip.db, run.project_id) / run.folder)
+    # Into a project of its own (made for it): the job's dataset comes along, so a clone works.
+    from studio.data import load_dataset_split
+    from studio.history import clone_spec
+
+    run = import_job(trip.db, stopped, project="elsewhere")
+    elsewhere = trip.db.get_project_by_name("elsewhere")
+    assert run.project_id == elsewhere.id and elsewhere.model_source == trip.project.model_source
+    [dataset] = trip.db.list_datasets(elsewhere.id)
+    assert run.dataset_id == run.spec["dataset_id"] == dataset.id
+    assert len(load_dataset_split(trip.db, dataset.id, "train")) == 9
+    assert clone_spec(trip.db, run.id).dataset_id == dataset.id
+    projects.delete_project(trip.db, elsewhere.id)
 
     count = len(trip.db.list_runs())
     (run_dir(stopped, Manifest.load(stopped)) / "notes").symlink_to("/etc")  # never followed

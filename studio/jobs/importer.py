@@ -2,7 +2,9 @@
 
 What is brought home: the run's row (name, method, spec, status, error and its times), every
 metric with its step and wall time, the checkpoints still on disk, the final adapter, the logs
-and the rest of the run folder (precision.json, the written accelerate config). The new run is
+and the rest of the run folder (precision.json, the written accelerate config); and the job's
+dataset (a new dataset of the project) when the project has no copy of it (by content hash), so
+that the run can be resumed or cloned like a local one. The new run is
 an ordinary local run: History, Compare, Export and Serve list it; its ``job.json`` (the job's
 manifest) names the job it came from, and its notes say so in words.
 
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from studio import config
-from studio.db import Checkpoint, Database, Metric, Run, RunStatus
+from studio.db import Checkpoint, Database, Dataset, Metric, Run, RunStatus
 from studio.db.engine import JOB_MARKER
 from studio.jobs.manifest import JOB_FILE, JobError, Manifest, projects_of
 
@@ -151,17 +153,18 @@ def _check_not_imported(db: Database, manifest: Manifest) -> None:
                            f"of project '{project.name}'; delete that run to import it again")
 
 
-def _copy_run(source: Path, dest: Path) -> None:
-    """The job's run folder, refusing links (a studio run folder holds none)."""
+def _copy_tree(source: Path, dest: Path) -> None:
+    """A folder of the job, refusing links (a studio run or dataset folder holds none)."""
     for root, dirs, files in os.walk(source):
         for name in dirs + files:
             if (Path(root) / name).is_symlink():
-                raise JobError(f"{Path(root) / name} is a link; a job's run folder holds none, so "
+                raise JobError(f"{Path(root) / name} is a link; a job's folders hold none, so "
                                "the job is not imported")
     shutil.copytree(source, dest)
 
 
 def _place(db: Database, target: Any, job: Path, manifest: Manifest, found: dict[str, Any]) -> Run:
+    from studio.projects import project_dir
     from studio.runs.launch import folder_name, runs_root
 
     run = found["run"]
@@ -177,20 +180,32 @@ def _place(db: Database, target: Any, job: Path, manifest: Manifest, found: dict
         raise JobError(f"job run {run.id} was stopped without a checkpoint: there is nothing trained "
                        "to import")
     spec = _local_spec(db, target, run, found["dataset"])
+    data = _dataset_to_copy(job, found) if spec["dataset_id"] is None else None
     root = runs_root(db, target.id)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=root))
     placed: list[Path] = []
     try:
-        _copy_run(source, work / "run")
-        (work / "run" / "runspec.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+        _copy_tree(source, work / "run")
+        if data is not None:
+            _copy_tree(data, work / "dataset")
         (work / "run" / JOB_FILE).write_text(json.dumps(
             {**json.loads((job / JOB_FILE).read_text(encoding="utf-8")), "imported_from": str(job)},
             indent=2) + "\n", encoding="utf-8")
         with db.session() as s:
             s.connection()  # BEGIN IMMEDIATE now: the check below runs under the write lock
             _check_not_imported(db, manifest)  # again: two imports of one job at once
-            row = Run(project_id=target.id, dataset_id=spec.get("dataset_id"), name=run.name,
+            moves = []
+            if data is not None:  # the project has no copy of the job's dataset: it gets one
+                datasets = project_dir(target) / "datasets"
+                copy = found["dataset"].to_dict()
+                dataset_row = Dataset(**{k: v for k, v in copy.items() if k not in ("id", "project_id", "folder")},
+                                      project_id=target.id, folder=_free_name(datasets, found["dataset"].folder))
+                s.add(dataset_row)
+                s.flush()
+                spec["dataset_id"] = dataset_row.id
+                moves.append((work / "dataset", config.child_path(datasets, dataset_row.folder)))
+            row = Run(project_id=target.id, dataset_id=spec["dataset_id"], name=run.name,
                       method=run.method, spec=spec, status=run.status, created_at=run.created_at,
                       started_at=run.started_at, finished_at=run.finished_at,
                       heartbeat_at=run.heartbeat_at, error=run.error, exit_code=run.exit_code,
@@ -205,13 +220,17 @@ def _place(db: Database, target: Any, job: Path, manifest: Manifest, found: dict
                                  path=str(dest / "checkpoints" / name)) for name, c in on_disk.items())
             row.folder = folder
             s.flush()
-            if dest.exists() or dest.is_symlink():  # a leftover of a deleted run: never ours to replace
-                raise JobError(f"the folder {dest} already exists; move it aside and import again")
-            os.rename(work / "run", dest)  # same file system (inside runs/): one step
-            placed.append(dest)
+            (work / "run" / "runspec.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+            moves.append((work / "run", dest))
+            for here, there in moves:
+                if there.exists() or there.is_symlink():  # a leftover: never ours to replace
+                    raise JobError(f"the folder {there} already exists; move it aside and import again")
+                there.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(here, there)  # same file system (inside the project): one step
+                placed.append(there)
     except BaseException:
-        for dest in placed:  # the row did not commit: its folder goes too
-            shutil.rmtree(dest, ignore_errors=True)
+        for there in placed:  # the rows did not commit: their folders go too
+            shutil.rmtree(there, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -220,7 +239,7 @@ def _place(db: Database, target: Any, job: Path, manifest: Manifest, found: dict
 
 def _local_spec(db: Database, target: Any, run: Run, dataset: Any) -> dict[str, Any]:
     """The job's spec as this project knows it: the project's model (the same base, checked), and
-    the project's copy of the dataset (same content hash) or none."""
+    the project's copy of the dataset (same content hash), else None (``_dataset_to_copy``)."""
     spec = dict(run.spec or {})
     spec["model"] = target.model_source
     local = None
@@ -228,6 +247,26 @@ def _local_spec(db: Database, target: Any, run: Run, dataset: Any) -> dict[str, 
         local = db.find_dataset_by_hash(target.id, dataset.source_hash)
     spec["dataset_id"] = local.id if local is not None else None
     return spec
+
+
+def _dataset_to_copy(job: Path, found: dict[str, Any]) -> Path | None:
+    """The job's dataset folder, brought along when the project has no copy of it, so that the
+    imported run can be resumed or cloned here like a local one; None when the job has none."""
+    dataset = found["dataset"]
+    if dataset is None or not dataset.folder:
+        return None
+    folder = config.child_path(config.child_path(projects_of(job), found["project_folder"]) / "datasets",
+                               dataset.folder)
+    return folder if folder.is_dir() else None
+
+
+def _free_name(root: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``...: the first not taken in ``root``."""
+    candidate, n = name, 1
+    while (root / candidate).exists() or (root / candidate).is_symlink():
+        n += 1
+        candidate = f"{name}-{n}"
+    return config.child_path(root, candidate).name
 
 
 def _notes(run: Run, manifest: Manifest, job: Path) -> str:
