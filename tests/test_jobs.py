@@ -295,6 +295,7 @@ def test_a_stopped_job_imports_its_checkpoints(trip, tmp_path, monkeypatch):
     assert run.dataset_id == run.spec["dataset_id"] == dataset.id
     assert len(load_dataset_split(trip.db, dataset.id, "train")) == 9
     assert clone_spec(trip.db, run.id).dataset_id == dataset.id
+    assert run.spec["nproc_per_node"] == 0  # the job's 2 per node stay in its notes
     projects.delete_project(trip.db, elsewhere.id)
 
     count = len(trip.db.list_runs())

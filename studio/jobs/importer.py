@@ -238,10 +238,14 @@ def _place(db: Database, target: Any, job: Path, manifest: Manifest, found: dict
 
 
 def _local_spec(db: Database, target: Any, run: Run, dataset: Any) -> dict[str, Any]:
-    """The job's spec as this project knows it: the project's model (the same base, checked), and
-    the project's copy of the dataset (same content hash), else None (``_dataset_to_copy``)."""
+    """The job's spec as this project knows it: the project's model (the same base, checked), the
+    project's copy of the dataset (same content hash), else None (``_dataset_to_copy``), and
+    processes "automatic" (one per GPU here): the cluster's count stays in the notes and job.json,
+    and a Resume or Clone here must not start a cluster node's worth of processes."""
     spec = dict(run.spec or {})
     spec["model"] = target.model_source
+    if "nproc_per_node" in spec:
+        spec["nproc_per_node"] = 0
     local = None
     if dataset is not None and dataset.source_hash:
         local = db.find_dataset_by_hash(target.id, dataset.source_hash)
