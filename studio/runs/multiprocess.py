@@ -35,17 +35,6 @@ def process_count(spec: RunSpec, gpus: int) -> int:
     return gpus if gpus > 1 else 1
 
 
-def refusal(spec: RunSpec, gpus: int) -> str | None:
-    """Why ``spec`` cannot start with the processes this machine gives it, or None. A sharded
-    strategy with one process has nothing to shard across (RunSpec.validate refuses an explicit
-    1; this is the automatic count on a machine with fewer than two GPUs)."""
-    if spec.distributed != "ddp" and process_count(spec, gpus) < 2:
-        return (f"runspec 'distributed': {spec.distributed} shards the model across worker processes, "
-                f"and this machine gives the run one (nproc_per_node {spec.nproc_per_node}, {gpus} GPU(s) "
-                "visible); set nproc_per_node to 2 or more, or use ddp")
-    return None
-
-
 def torchrun_command(processes: int, run_id: int, resume: bool) -> list[str]:
     """``python -m torch.distributed.run --standalone --nproc_per_node=N -m studio.worker RUN_ID``
     (``liveness`` recognises the launcher and every rank by ``-m studio.worker RUN_ID``)."""
