@@ -150,14 +150,21 @@ def test_what_cannot_run_here_is_refused_with_the_reason():
 def test_launch_command_writes_the_config_and_accelerate_accepts_the_command(tmp_path, monkeypatch,
                                                                            tiny_llama_dir):
     """The command ``runs/launch._command`` runs for an FSDP run: its arguments parsed by
-    accelerate's own launcher parser; the wrap class read from the model by the child process.
-    Only the GPU count is pretended (this machine has none)."""
+    accelerate's own launcher parser, the config beside it. Only the GPU count is pretended (this
+    machine has none); the wrap class comes from the cache a first launch writes (the child
+    process that reads it from the model runs in test_strategy_fsdp_cpu.py)."""
+    import json as json_module
+
     from accelerate.commands.launch import launch_command_parser
+    from studio.distributed import layers
     from studio.runs import launch
 
     monkeypatch.setattr(launch, "_cuda_device_count", lambda: 2)
     monkeypatch.setattr(strategy, "run_precision", lambda spec: "bf16")
-    run = spec("fsdp", model=str(tiny_llama_dir))
+    source = str(tiny_llama_dir)
+    layers._cache_file(source).write_text(json_module.dumps(
+        {"source": source, "stamp": layers._stamp(source), "layer_class": "LlamaDecoderLayer"}))
+    run = spec("fsdp", model=source)
     cmd = strategy.launch_command(run, tmp_path, 5, resume=True)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     args = launch_command_parser().parse_args(cmd[3:])

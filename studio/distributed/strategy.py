@@ -254,9 +254,18 @@ def write_configs(spec: Any, folder: Path, processes: int, machines: int = 1, pr
         _write(ds_path, json.dumps(deepspeed_json(int(strategy[-1]), offload), indent=2) + "\n")
         ds_file = deepspeed_ref or str(ds_path.resolve())
     elif strategy == "fsdp" and layer_class is None:
-        from studio.distributed.layers import decoder_layer_class
+        import subprocess
 
-        layer_class = decoder_layer_class(spec.model, getattr(spec, "trust_remote_code", False))
+        from studio.distributed.layers import LayerClassError, decoder_layer_class
+
+        try:
+            layer_class = decoder_layer_class(spec.model, getattr(spec, "trust_remote_code", False))
+        except (LayerClassError, subprocess.TimeoutExpired, OSError) as exc:
+            # A model this machine cannot read now (a hub id offline, for a job): the key is left
+            # out and accelerate and PEFT wrap the model's own _no_split_modules, which names
+            # the decoder layer in every transformers model.
+            print(f"FSDP wrap class not written ({exc}); the model's _no_split_modules will be used",
+                  file=sys.stderr)
     config = accelerate_config(strategy, processes, machines, precision, offload, layer_class, ds_file)
     path = folder / ACCELERATE_CONFIG
     _write(path, yaml.safe_dump(config, sort_keys=True))
