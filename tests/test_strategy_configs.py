@@ -74,7 +74,7 @@ def test_fsdp_config_is_what_accelerate_and_its_fsdp_plugin_read(tmp_path, monke
     assert plugin.sharding_strategy == ShardingStrategy.FULL_SHARD
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
     assert plugin.use_orig_params is False and plugin.sync_module_states is True
-    assert plugin.cpu_ram_efficient_loading is True
+    assert plugin.cpu_ram_efficient_loading is strategy.RAM_EFFICIENT_LOADING  # see fsdp_section
     assert plugin.state_dict_type == StateDictType.FULL_STATE_DICT  # Trainer.save_model writes the adapter
     assert plugin.backward_prefetch == BackwardPrefetch.BACKWARD_PRE
     assert plugin.cpu_offload.offload_params is offload

@@ -14,8 +14,8 @@ What is written, and why (each from the engine's own documentation):
   (``layers.decoder_layer_class``; transformers' Trainer then swaps in PEFT's
   ``fsdp_auto_wrap_policy``, which also wraps every trainable adapter Linear as its own unit),
   ``use_orig_params: false`` (PEFT: needed for the memory saving; the separate adapter units keep
-  each flat parameter uniformly trainable or frozen), ``cpu_ram_efficient_loading`` with
-  ``sync_module_states`` (accelerate requires the pair), ``BACKWARD_PRE`` prefetch, and
+  each flat parameter uniformly trainable or frozen), ``sync_module_states`` (rank 0's weights
+  broadcast at wrapping), ``BACKWARD_PRE`` prefetch, and
   ``FULL_STATE_DICT``: transformers' ``Trainer.save_model`` writes nothing under FSDP unless the
   state dict type is full, and an adapter's full state dict is small. ``offload`` sets
   ``fsdp_offload_params`` (sharded parameters, their gradients and the optimizer step on the CPU).
@@ -141,6 +141,9 @@ def mixed_precision(precision: str) -> str:
     return {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
 
 
+RAM_EFFICIENT_LOADING = False
+
+
 def fsdp_section(layer_class: str | None, offload: bool) -> dict[str, Any]:
     """accelerate's ``fsdp_config`` for a PEFT run (module docstring: why each value)."""
     section: dict[str, Any] = {
@@ -150,7 +153,11 @@ def fsdp_section(layer_class: str | None, offload: bool) -> dict[str, Any]:
         "fsdp_backward_prefetch": "BACKWARD_PRE",
         "fsdp_forward_prefetch": False,
         "fsdp_use_orig_params": False,
-        "fsdp_cpu_ram_efficient_loading": True,
+        # RAM-efficient loading (PEFT's guide turns it on) makes transformers load the weights on
+        # rank 0 only and leave the other ranks' models on the meta device, which the worker's
+        # load_model(device="cuda") cannot move; until the worker leaves placement to FSDP under
+        # this strategy, every rank loads the whole model and FSDP shards it at wrapping.
+        "fsdp_cpu_ram_efficient_loading": RAM_EFFICIENT_LOADING,
         "fsdp_sync_module_states": True,
         "fsdp_offload_params": bool(offload),
         "fsdp_state_dict_type": "FULL_STATE_DICT",
