@@ -205,3 +205,26 @@ def test_kill_9_of_rank_1_fails_the_run_then_resume_and_cancel_stop_both_ranks(d
     assert db.latest_checkpoint(run.id).step == last
     assert launch._children[stopped.pid].wait(timeout=60) == 0  # the launcher, once both ranks exited 0
     assert liveness.run_processes(run.id) == []
+
+
+# ---------------------------------------------------------------- the Train tab's setting
+
+
+def test_the_processes_setting_reaches_the_draft_and_shows_only_with_several_gpus(monkeypatch):
+    import gradio as gr
+
+    from studio import sysinfo
+    from studio.ui import train_tab
+    from studio.ui.draft import RunDraft
+
+    assert RunDraft().with_field("nproc_per_node", 2.0).spec.nproc_per_node == 2
+    with pytest.raises(ValueError, match="whole number"):
+        RunDraft().with_field("nproc_per_node", 1.5)
+    shown = {}
+    for gpus in (0, 1, 2):  # what the accelerator probe (a child process) would have said
+        monkeypatch.setattr(sysinfo, "_cached", {"gpus": [{"name": "gpu", "free_bytes": 2**34}] * gpus})
+        with gr.Blocks():
+            widget = train_tab._option("nproc_per_node")
+        shown[gpus] = widget.visible
+        assert widget.label == "Processes (DDP)" and widget.value == 0
+    assert shown == {0: False, 1: False, 2: True}

@@ -23,7 +23,7 @@ from studio.ui import data_choice
 # RunSpec fields the tabs have widgets for (Train: all but the optimizer; Method: the setup ones).
 TRAINING_FIELDS = ("max_steps", "epochs", "batch_size", "grad_accum", "learning_rate", "lr_scheduler",
                    "max_length", "packing", "grad_checkpointing", "precision", "liger_kernel", "optimizer", "seed",
-                   "eval_steps", "exact_match_limit")
+                   "eval_steps", "exact_match_limit", "nproc_per_node")
 QUANTS = ("none", "nf4", "int8")
 
 

@@ -166,6 +166,9 @@ TRAIN_FIELDS = {
     "seed": ("Seed", "The same seed and settings give the same run."),
     "eval_steps": ("Eval every (steps)", "Evaluate on the held-out split every this many steps (0: only "
                    "at the end)."),
+    "nproc_per_node": ("Processes (DDP)", "Worker processes on this machine, one per GPU, each training on "
+                       "its share of every step (DDP under torchrun): the batch size is per process, so a step "
+                       "trains on processes × batch examples. 0 uses every visible GPU."),
     "exact_match_limit": ("Exact-match eval rows", "Held-out rows the model answers at each evaluation for "
                           "the exact-match score: a sample task's answers, or an imported chat dataset's "
                           "final assistant turns (0: skip; generating is slow on a CPU, most with long "

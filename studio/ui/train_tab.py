@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from studio import sysinfo
 from studio.db import Database, RunStatus
 from studio.methods import all_methods
 from studio.runs import launch
@@ -45,9 +46,19 @@ def option_elem_id(name: str) -> str:
     return "train-steps" if name == "max_steps" else f"train-{name.replace('_', '-')}"
 
 
+def several_gpus() -> bool:
+    """True where the "Processes (DDP)" setting applies: one process per GPU needs several GPUs.
+    (``peft-studio train --nproc-per-node`` works everywhere, gloo processes on a CPU too.)"""
+    return len(sysinfo.probe_accelerators().get("gpus") or []) > 1
+
+
 def _option(name: str) -> gr.components.Component:
     """The widget for one RunSpec field: its default, label and help in one place."""
     default, elem_id = getattr(RunSpec(), name), option_elem_id(name)
+    if name == "nproc_per_node":  # shown only when it applies (several GPUs)
+        label, info = labels.TRAIN_FIELDS[name]
+        return gr.Number(default, label=label, info=info, minimum=0, maximum=64, precision=0,
+                         elem_id=elem_id, visible=several_gpus())
     label, info = labels.TRAIN_FIELDS[name]
     if isinstance(default, bool):
         return gr.Checkbox(default, label=label, info=info, elem_id=elem_id)
