@@ -69,7 +69,12 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         arch = ArchInfo.from_config(load_config(args.model, args.trust_remote_code), args.trust_remote_code)
         setup = TrainSetup(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
                            quant=args.quant or "none", grad_checkpointing=args.grad_checkpointing,
-                           optimizer=args.optimizer, device=args.device)
+                           optimizer=args.optimizer, device=args.device, processes=args.processes,
+                           strategy=args.distributed, offload=args.offload)
+        if args.offload and args.distributed == "ddp":
+            raise ValueError("--offload needs --distributed fsdp, zero2 or zero3 (ddp keeps whole copies)")
+        if not 1 <= args.processes <= 65_536:
+            raise ValueError(f"--processes must be 1 to 65,536 GPUs in all (got {args.processes})")
         result = plan(arch, args.method, settings, setup)
     except (ModelSourceError, SettingError, ValueError) as exc:
         print(f"peft-studio estimate: {exc}", file=sys.stderr)
@@ -81,7 +86,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
               f"({result['trainable_percent']:.3f} %)\n  {result['formula']}")
         for name, value in result["memory_bytes"].items():
             print(f"  {name:12s} {value / 2**30:9.3f} GiB   {result['memory_formulas'][name]}")
-        print(f"  {'total':12s} {result['total_bytes'] / 2**30:9.3f} GiB")
+        each = f" per GPU, {args.processes} processes, {args.distributed}" if args.processes > 1 else ""
+        print(f"  {'total':12s} {result['total_bytes'] / 2**30:9.3f} GiB{each}")
     return 0
 
 
@@ -155,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], default="adamw")
     est.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                      help="cuda adds the runtime allowance (~0.75 GiB)")
+    est.add_argument("--processes", type=int, default=1, help="GPUs in all (nodes x GPUs per node): the "
+                     "estimate is per GPU (studio/distributed/memory.py)")
+    est.add_argument("--distributed", choices=["ddp", "fsdp", "zero2", "zero3"], default="ddp")
+    est.add_argument("--offload", action="store_true", help="FSDP / ZeRO states in CPU RAM (a RAM term)")
     est.add_argument("--trust-remote-code", action="store_true")
     est.add_argument("--json", action="store_true", help="print one JSON object")
     est.set_defaults(handler=_cmd_estimate)

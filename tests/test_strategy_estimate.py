@@ -144,3 +144,17 @@ def test_the_method_tab_shows_the_per_gpu_estimate_for_the_strategy(llama7b):
     notes = estimates.fit_notes(sharded, model, gpu, four)
     assert notes[0].startswith("**Per GPU**") and "4 processes" in notes[0] and "ZeRO-3" in notes[0]
     assert not any("Per GPU" in n for n in estimates.fit_notes(base, model, gpu, one))
+
+
+def test_cli_estimate_is_per_gpu_for_the_strategy(capsys):
+    from studio import cli
+
+    model = str(CONFIGS / "llama3-8b.json")
+    assert cli.main(["estimate", "--model", model, "--method", "lora", "--processes", "8",
+                     "--distributed", "zero3", "--offload", "--json"]) == 0
+    result = __import__("json").loads(capsys.readouterr().out)
+    assert result["setup"]["processes"] == 8 and result["setup"]["strategy"] == "zero3"
+    assert result["memory_bytes"]["weights"] == 0 and result["memory_bytes"]["offloaded_ram"] > 0
+    assert result["total_bytes"] == sum(v for k, v in result["memory_bytes"].items() if k != "offloaded_ram")
+    assert cli.main(["estimate", "--model", model, "--method", "lora", "--offload"]) == 2
+    assert "--offload needs --distributed fsdp, zero2 or zero3" in capsys.readouterr().err
