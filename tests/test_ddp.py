@@ -228,3 +228,35 @@ def test_the_processes_setting_reaches_the_draft_and_shows_only_with_several_gpu
         shown[gpus] = widget.visible
         assert widget.label == "Processes (DDP)" and widget.value == 0
     assert shown == {0: False, 1: False, 2: True}
+
+
+@pytest.mark.heavy  # a third torchrun run (two more starts): out of the default suite's budget
+def test_kill_9_of_the_launcher_kills_its_ranks_and_sigterm_on_rank_1_stops_both(db, tiny_chat_model):
+    """torchrun starts each rank in a session of its own: a launcher killed with SIGKILL leaves
+    them training, so reconcile must end them before it marks the run failed. Then a SIGTERM
+    to rank 1 alone stops both ranks at the same step, with a checkpoint, like Stop and save."""
+    run = new_run(db, tiny_spec(tiny_chat_model, nproc_per_node=2, max_steps=400, save_steps=1,
+                                batch_size=B, learning_rate=1e-3), project="launcher")
+    launch.start(db, run.id)
+    wait_for(lambda: (db.last_step(run.id) or 0) >= 2, 120, what="two steps")
+    launcher = db.get_run(run.id).pid
+    ranks = rank_processes(launcher)
+    os.kill(launcher, signal.SIGKILL)
+    failed = wait_finished(db, run.id, timeout=30)
+    assert failed.status == "failed", explain(db, failed)
+    assert f"pid {launcher}) ended with exit code -9" in failed.error, failed.error
+    assert "outlived it and were killed" in failed.error, failed.error
+    assert not [p for p in ranks.values() if liveness._lives(p)] and liveness.run_processes(run.id) == []
+
+    saved = db.latest_checkpoint(run.id).step
+    launch.resume(db, run.id)
+    wait_for(lambda: (db.last_step(run.id) or 0) >= saved + 2, 120, what="two resumed steps")
+    launcher = db.get_run(run.id).pid
+    seen = db.last_step(run.id)
+    rank_processes(launcher)[1].send_signal(signal.SIGTERM)
+    assert launch._children[launcher].wait(timeout=60) == 0
+    stopped = db.get_run(run.id)
+    assert stopped.status == "cancelled" and "Stopped by SIGTERM" in stopped.error, explain(db, stopped)
+    last = max(metrics(db, run.id)["loss"])
+    assert seen <= last <= seen + 3 and db.latest_checkpoint(run.id).step == last, (seen, last)
+    assert liveness.run_processes(run.id) == []
