@@ -216,6 +216,23 @@ def test_preflight_sets_the_model_and_refuses_a_restart(exported, tiny_llama_dir
     assert "ready" in preflight(job, "", resume=True)
     with pytest.raises(JobError, match="MODEL in launch.sh"):
         preflight(job, str(job / "no-such-model"), resume=True)
+    # After a launcher that failed (a rank killed: measured by hand, see the report), a run left
+    # "running" is recorded failed with the log's tail; a run that recorded its own end is kept.
+    from studio.jobs.preflight import ended
+
+    (run_dir(job, manifest) / "worker.log").write_text("rank 1 exitcode -9 (SIGKILL)\n")
+    job_db = Database()
+    try:
+        job_db.update_run(manifest.run_id, status="running")
+        assert "marked failed" in ended(job, 1)
+        run = job_db.get_run(manifest.run_id)
+        assert (run.status, run.exit_code) == ("failed", 1) and "--resume" in run.error
+        assert "SIGKILL" in run.error
+        job_db.update_run(manifest.run_id, status="cancelled")
+        assert ended(job, 1) == f"run {manifest.run_id}: cancelled"
+        assert job_db.get_run(manifest.run_id).status == "cancelled"
+    finally:
+        job_db.close()
 
 
 def test_import_refuses_what_is_not_a_finished_job(db, exported, tmp_path):

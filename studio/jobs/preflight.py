@@ -1,5 +1,7 @@
 """``python -m studio.jobs.preflight --model MODEL [--resume]``: what ``launch.sh`` runs on the
-first node, in the job's home, before the launcher starts any worker.
+first node, in the job's home, before the launcher starts any worker (and ``--ended CODE`` after
+a launcher that failed: a run left "running" is recorded as failed, as ``launch.reconcile`` does
+for a local run, since no supervisor watches a job).
 
 - The model: ``MODEL`` at the top of launch.sh is the one place a user changes the base model
   (a copy of it on the cluster); it is written into the job's run (its row and runspec.json),
@@ -18,22 +20,30 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from studio import config
 from studio.jobs.manifest import JobError, Manifest, run_dir
 
 
-def preflight(job: Path, model: str, resume: bool) -> str:
-    """Prepares the job's run; returns what it did, one line. ``JobError`` when it must not start."""
-    from studio.db import Database, RunStatus
+def _open(job: Path) -> tuple[Manifest, Any]:
+    """The job's manifest and history, refusing a PEFT_STUDIO_HOME that is not the job's."""
+    from studio.db import Database
     from studio.db.engine import JOB_MARKER
-    from studio.runspec import RunSpec, RunSpecError
 
     manifest = Manifest.load(job)
     projects = config.projects_dir()
     if not (projects / JOB_MARKER).is_file() or projects.resolve() != (job / "home" / "projects").resolve():
         raise JobError(f"PEFT_STUDIO_HOME must be the job's home {job / 'home'} (launch.sh sets it)")
-    db = Database()
+    return manifest, Database()
+
+
+def preflight(job: Path, model: str, resume: bool) -> str:
+    """Prepares the job's run; returns what it did, one line. ``JobError`` when it must not start."""
+    from studio.db import RunStatus
+    from studio.runspec import RunSpec, RunSpecError
+
+    manifest, db = _open(job)
     try:
         run = db.get_run(manifest.run_id)
         if run is None:
@@ -64,6 +74,29 @@ def preflight(job: Path, model: str, resume: bool) -> str:
         db.close()
 
 
+def ended(job: Path, code: int) -> str:
+    """After the launcher exited with ``code`` (not 0): a run still "running" is marked failed,
+    with the reason and the log's tail (no supervisor watches a job; the workers are gone, or
+    the run would not be marked: a worker that ended by itself recorded its own status)."""
+    from studio.db import RunStatus, utcnow
+
+    manifest, db = _open(job)
+    try:
+        run = db.get_run(manifest.run_id)
+        if run is None or run.status != RunStatus.RUNNING.value:
+            return f"run {manifest.run_id}: {run.status if run else 'missing'}"
+        log = run_dir(job, manifest) / "worker.log"
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]) \
+            if log.is_file() else ""
+        db.update_run(run.id, status=RunStatus.FAILED.value, finished_at=utcnow(), exit_code=code,
+                      error=f"the job's launcher ended with exit code {code} while run {run.id} was training "
+                            "(a rank killed or out of memory, a node lost?); `./launch.sh --resume` "
+                            f"continues from the latest checkpoint.\n\n--- last lines of worker.log ---\n{tail}")
+        return f"run {run.id} marked failed (launcher exit code {code})"
+    finally:
+        db.close()
+
+
 def _check_model(source: str) -> None:
     """A hub id or a path that is there (no download, no weights read)."""
     from studio.models import ModelSourceError, parse_source
@@ -90,11 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studio.jobs.preflight")
     parser.add_argument("--model", default="", help="the base model launch.sh's MODEL names")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--ended", type=int, default=None, metavar="CODE",
+                        help="after the launcher: it exited with CODE; record a run left running as failed")
     parser.add_argument("--job", default=None, help="the job folder (default: the home's parent)")
     args = parser.parse_args(argv)
     job = Path(args.job).resolve() if args.job else config.studio_home().parent
     try:
-        print(f"preflight: {preflight(job, args.model, args.resume)}", flush=True)
+        if args.ended is not None:
+            print(f"launch.sh: {ended(job, args.ended)}", flush=True)
+        else:
+            print(f"preflight: {preflight(job, args.model, args.resume)}", flush=True)
     except Exception as exc:  # a refusal, or the world (a locked or read-only history): one line
         from studio import errors
 

@@ -94,7 +94,19 @@ else
   LOG="$RUN_DIR/worker-node$NODE_RANK.log"
 fi
 exec > >(tee -a "$LOG") 2>&1
-exec "${{CMD[@]}}"
+# The launcher runs as a child so that its end can be recorded: a job killed (a rank's kill -9,
+# a lost node) is marked failed in its history instead of staying "running" with no one to say.
+# A SIGTERM or Ctrl-C here is passed on as SIGTERM: every rank stops and saves at the step's end.
+"${{CMD[@]}}" &
+CHILD=$!
+trap 'kill -TERM "$CHILD" 2>/dev/null' TERM INT
+CODE=0
+wait "$CHILD" || CODE=$?
+while kill -0 "$CHILD" 2>/dev/null; do CODE=0; wait "$CHILD" || CODE=$?; done  # after a trapped signal
+if [ "$CODE" != 0 ] && [ "$NODE_RANK" = 0 ]; then
+  "$PYTHON" -m studio.jobs.preflight --ended "$CODE" || true
+fi
+exit "$CODE"
 """
 
 
