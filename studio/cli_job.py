@@ -49,7 +49,7 @@ def export(args: argparse.Namespace) -> int:
     print(f"job written to {folder}\n"
           f"  one machine:  {folder / 'launch.sh'}\n"
           f"  SLURM:        cd {folder} && sbatch job.sbatch\n"
-          f"  each node:    {folder / 'launch.sh'} --rdzv-host FIRST_NODE\n"
+          f"  each node:    {folder / 'launch.sh'} --rdzv-host FIRST_NODE --node-rank K\n"
           f"  when done:    peft-studio job import {folder}\n"
           f"(README.txt says more; the base model is set at the top of launch.sh)")
     return 0

@@ -141,7 +141,7 @@ def readme(m: Manifest, on_hub: bool) -> str:
                 "on the hub's original weights.\n")
     return f"""PEFT Studio job {m.job_id}: run {m.run_id} ({_line(m.run_name)}), {m.nodes} node(s) x {m.gpus_per_node} GPU(s), {m.distributed}.
 1. On the cluster, install the same PEFT Studio (pip install peft-studio, or its checkout), and copy this folder to a shared file system.
-2. Run it: `sbatch job.sbatch` from this folder under SLURM, or `./launch.sh --rdzv-host FIRST_NODE` on every node (`./launch.sh` alone on one machine).
+2. Run it: `sbatch job.sbatch` from this folder under SLURM, or `./launch.sh --rdzv-host FIRST_NODE --node-rank K` on node K = 0, 1, ... (`./launch.sh` alone on one machine).
 3. Bring it home: copy the folder back and run `peft-studio job import FOLDER` (stopped or killed? `./launch.sh --resume` continues).
 
 Base model: {m.model} ({where}).
