@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +52,17 @@ def _small_dataset(db, project, folder: Path):
 
 
 def _launch(job: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """launch.sh in a session of its own: a launch that times out takes its ranks with it."""
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(["bash", str(job / "launch.sh"), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    proc = subprocess.Popen(["bash", str(job / "launch.sh"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
