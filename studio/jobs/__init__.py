@@ -9,9 +9,10 @@ as a local run's, with ``PEFT_STUDIO_HOME`` pointing at ``home/``: its metrics, 
 checkpoints land in the job folder, never in the user's history. That history is opened with a
 rollback journal (``studio.db.engine.JOB_MARKER``), since WAL needs memory shared on one host.
 
-``export.py`` writes a job, ``preflight.py`` runs on the first node before the launcher
-(the model to use, checkpoint paths after the folder moved), ``importer.py`` copies a finished
-job's run into a project. No torch is imported by any of them.
+``export.py`` writes a job, ``preflight.py`` runs on the first node before the launcher (the
+model to use, checkpoint paths after the folder moved) and after a launcher that failed (the run
+recorded failed, since no supervisor watches a job), ``importer.py`` copies a finished job's run
+into a project. No torch is imported by any of them.
 """
 
 from studio.jobs.manifest import JobError
