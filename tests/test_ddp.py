@@ -132,6 +132,15 @@ def test_the_launch_command_is_torchrun_for_several_processes_and_splits_the_thr
     assert "OMP_NUM_THREADS" not in multiprocess.environment(1, {})
 
 
+def test_more_processes_than_gpus_is_refused_before_a_run_exists(db, tiny_chat_model, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # what launch counts GPUs by, before any probe
+    project = projects.create_project(db, "four on two")
+    with pytest.raises(RunSpecError, match="4 processes need 4 GPUs.*shows 2"):
+        launch.create_run(db, project.id, tiny_spec(tiny_chat_model, nproc_per_node=4))
+    assert db.list_runs(project.id) == []
+    assert multiprocess.gpu_refusal(RunSpec(nproc_per_node=4), 0) is None  # a CPU: gloo, any count
+
+
 # ---------------------------------------------------------------- a finished two-rank run
 
 

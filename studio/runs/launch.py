@@ -122,6 +122,8 @@ def create_run(db: Database, project_id: int, spec: RunSpec, name: str | None = 
     folder that cannot be used leaves nothing behind: no row, no folder."""
     spec.validate()
     _check_dataset(db, project_id, spec)
+    if spec.nproc_per_node > 1 and (why := multiprocess.gpu_refusal(spec, _cuda_device_count())):
+        raise RunSpecError(why)
     runs_root(db, project_id)  # a project folder that is not ours is refused before any row
     title = (name or f"{spec.method} on {spec.sample_task or f'dataset {spec.dataset_id}'}").strip()
     run = db.create_run(project_id, title, spec.method, spec.to_dict(), dataset_id=spec.dataset_id)

@@ -35,6 +35,17 @@ def process_count(spec: RunSpec, gpus: int) -> int:
     return gpus if gpus > 1 else 1
 
 
+def gpu_refusal(spec: RunSpec, gpus: int) -> str | None:
+    """Why ``spec``'s process count cannot run on a machine with ``gpus`` GPUs, or None. On a GPU
+    machine every process takes a GPU of its own (NCCL cannot put two ranks on one); on a CPU any
+    count runs, with gloo, the cores split between the ranks."""
+    if gpus and spec.nproc_per_node > gpus:
+        return (f"runspec 'nproc_per_node': {spec.nproc_per_node} processes need {spec.nproc_per_node} GPUs, "
+                f"one each (two ranks cannot share one), and this machine shows {gpus}; set it to at most "
+                f"{gpus}, or 0 for one per GPU")
+    return None
+
+
 def torchrun_command(processes: int, run_id: int, resume: bool) -> list[str]:
     """``python -m torch.distributed.run --standalone --nproc_per_node=N -m studio.worker RUN_ID``
     (``liveness`` recognises the launcher and every rank by ``-m studio.worker RUN_ID``)."""
