@@ -178,3 +178,23 @@ def test_launch_command_writes_the_config_and_accelerate_accepts_the_command(tmp
         with pytest.raises(strategy.StrategyError, match="zero2 needs the deepspeed package"):
             strategy.launch_command(spec("zero2", model=str(tiny_llama_dir)), tmp_path / "z", 5, resume=False)
         assert not (tmp_path / "z").exists()
+
+
+def test_a_strategy_this_machine_cannot_run_is_refused_before_a_run_row(db):
+    """``peft-studio train`` and the Train tab create the row through ``launch.create_run``: on
+    this CPU machine (no GPU, no deepspeed) ZeRO and FSDP are refused there with the reason, and
+    nothing is written; DDP with two processes is accepted (gloo)."""
+    from studio import projects
+    from studio.runs import launch
+    from studio.runspec import RunSpec, RunSpecError
+
+    if launch._cuda_device_count() or strategy.deepspeed_available():
+        pytest.skip("this check is for a machine without GPUs or deepspeed")
+    project = projects.create_project(db, "strategies")
+    for distributed, reason in (("zero3", "zero3 needs the deepspeed package"), ("fsdp", "fsdp needs CUDA GPUs")):
+        spec = RunSpec(model="m", sample_task="dates", nproc_per_node=2, distributed=distributed)
+        with pytest.raises(RunSpecError, match=reason):
+            launch.create_run(db, project.id, spec)
+    assert db.list_runs(project.id) == []
+    run = launch.create_run(db, project.id, RunSpec(model="m", sample_task="dates", nproc_per_node=2))
+    assert db.get_run(run.id).spec["distributed"] == "ddp"

@@ -124,6 +124,12 @@ def create_run(db: Database, project_id: int, spec: RunSpec, name: str | None = 
     _check_dataset(db, project_id, spec)
     if spec.nproc_per_node > 1 and (why := multiprocess.gpu_refusal(spec, _cuda_device_count())):
         raise RunSpecError(why)
+    if spec.distributed != "ddp":  # FSDP / ZeRO on this machine: ZeRO needs deepspeed, both need CUDA
+        from studio.distributed.strategy import refusal
+
+        gpus = _cuda_device_count()
+        if why := refusal(spec, "cuda" if gpus else "cpu", multiprocess.process_count(spec, gpus)):
+            raise RunSpecError(why)
     runs_root(db, project_id)  # a project folder that is not ours is refused before any row
     title = (name or f"{spec.method} on {spec.sample_task or f'dataset {spec.dataset_id}'}").strip()
     run = db.create_run(project_id, title, spec.method, spec.to_dict(), dataset_id=spec.dataset_id)
