@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import _reap_workers
 from studio import projects
 from studio.db import Database
 from studio.runs import launch, liveness, multiprocess
@@ -49,8 +50,7 @@ def studio_home(tmp_path_factory):
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("PEFT_STUDIO_PRECISION_PROBE", "fp32")
         yield home
-        for run_id in range(1, 50):  # nothing of this module's runs may outlive it
-            liveness.kill_run(run_id)
+        _reap_workers(home)  # launchers and ranks alike: nothing of this module may outlive it
 
 
 @pytest.fixture(scope="module")
