@@ -1,9 +1,11 @@
 """Building what the Trainer needs from a RunSpec: device and precision, the model with its
-method applied, and the tokenised train / eval data with their collator."""
+method applied, and the tokenised train / eval data with their collator; ``decide``: what rank 0
+chooses for every rank of a multi-process run before any of them loads (``ranks.py``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from studio.methods import get_method
 from studio.methods.base import ApplyContext
 from studio.run_setup import DeviceFacts, training_setup
 from studio.runspec import RunSpec
-from studio.worker import kernels
+from studio.worker import kernels, ranks
 
 
 @dataclass
@@ -64,6 +66,28 @@ def choose_compute(spec: RunSpec) -> Compute:
     load = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float32"}[chosen]
     decision.attention = probe.attention_for(device.kind, load, spec.max_length)
     return Compute(device.kind, load, chosen == "bf16" and cuda, chosen == "fp16", decision.as_dict(), device)
+
+
+def decide(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool) -> tuple:
+    """Rank 0's choices for every rank (``ranks.share``): (compute, dataset id, the checkpoint
+    to resume from or None). Writes precision.json and, for a sample task, its dataset."""
+    from studio.worker.precision_record import record
+    from studio.worker.resilient import Patient
+
+    compute = choose_compute(spec)
+    record(folder, compute.decision)  # what precision and why: the Train tab shows it
+    run = db.get_run(run_id)
+    patient = Patient(db)  # importing the sample task writes rows: it may meet a lock too
+    dataset_id = dataset_for(patient, spec, run.project_id)
+    if run.dataset_id != dataset_id:
+        patient.update_run(run_id, dataset_id=dataset_id)
+    if ranks.distributed():  # converted or downloaded once, before every rank loads it
+        models.resolve_source(spec.model)
+    checkpoint = None
+    if resume:
+        latest = db.latest_checkpoint(run_id)
+        checkpoint = latest.path if latest is not None and Path(latest.path).is_dir() else None
+    return compute, dataset_id, checkpoint
 
 
 def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, Any]:

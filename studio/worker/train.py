@@ -232,7 +232,7 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     ranks.start_group("cuda" if torch.cuda.is_available() else "cpu")
     # Rank 0 decides, every rank follows (ranks.share): one precision probe, one sample-task
     # import, one download or conversion of the model before every rank loads it.
-    decided = _decide(db, run_id, spec, folder, resume) if ranks.is_main() else None
+    decided = prepare.decide(db, run_id, spec, folder, resume) if ranks.is_main() else None
     compute, dataset_id, checkpoint = ranks.share(decided)
     live.device = compute.facts  # what the OOM advice estimates for
     model, tokenizer, arch, params = prepare.build_model(spec, compute)
@@ -303,28 +303,6 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
         measure_for_bakeoff(Patient(db), run_id, bakeoff.id, spec, folder / "adapter", step,
                             dataset_eval_rows(db, spec, dataset_id))
     return RunStatus.COMPLETED.value, {"exit_code": 0}
-
-
-def _decide(db: Database, run_id: int, spec: RunSpec, folder: Path, resume: bool) -> tuple:
-    """Rank 0's choices for every rank: (compute, dataset id, checkpoint to resume or None)."""
-    compute = prepare.choose_compute(spec)
-    from studio.worker.precision_record import record
-
-    record(folder, compute.decision)  # what precision and why: the Train tab shows it
-    run = db.get_run(run_id)
-    patient = Patient(db)  # importing the sample task writes rows: it may meet a lock too
-    dataset_id = prepare.dataset_for(patient, spec, run.project_id)
-    if run.dataset_id != dataset_id:
-        patient.update_run(run_id, dataset_id=dataset_id)
-    if ranks.distributed():  # converted or downloaded once, before every rank loads it
-        from studio import models
-
-        models.resolve_source(spec.model)
-    checkpoint = None
-    if resume:
-        latest = db.latest_checkpoint(run_id)
-        checkpoint = latest.path if latest is not None and Path(latest.path).is_dir() else None
-    return compute, dataset_id, checkpoint
 
 
 def measure_for_bakeoff(db: Database, run_id: int, bakeoff_id: int, spec: RunSpec, adapter: Path,
