@@ -239,7 +239,9 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     train_set, eval_set, collator = prepare.build_data(db, spec, dataset_id, tokenizer)
     quantised = getattr(model, "is_loaded_in_4bit", False)
     # A bake-off scores the saved adapter after training (measure_for_bakeoff); scoring the
-    # training model too, at the final evaluation, would only cost time.
+    # training model too, at the final evaluation, would only cost time. Under a launcher every
+    # rank scores (greedy: the same answers; rank 0 records): no rank then waits in a collective
+    # for rank 0's generation, and FSDP's sharded forward needs every rank anyway.
     bakeoff = db.bakeoff_for_run(run_id)
     scorer = None if bakeoff is not None else exact_match_scorer(
         spec, tokenizer, dataset_eval_rows(db, spec, dataset_id))
