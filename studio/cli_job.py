@@ -21,6 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--nodes", type=int, default=1, help="machines (default 1)")
     ex.add_argument("--gpus-per-node", type=int, default=1,
                     help="processes (GPUs) per machine (default 1)")
+    ex.add_argument("--distributed", choices=("ddp", "fsdp", "zero2", "zero3"), default=None,
+                    help="the job's strategy (default: the run's)")
+    ex.add_argument("--offload", action="store_true", default=None,
+                    help="FSDP / ZeRO: offload the sharded states to CPU memory")
     ex.add_argument("--dest", default=None,
                     help="a new or empty folder (default: the project's jobs/ folder)")
     ex.set_defaults(handler=export)
@@ -43,7 +47,8 @@ def export(args: argparse.Namespace) -> int:
 
     db = Database()
     try:
-        folder = export_job(db, args.run_id, args.nodes, args.gpus_per_node, args.dest)
+        folder = export_job(db, args.run_id, args.nodes, args.gpus_per_node, args.dest,
+                            distributed=args.distributed, offload=args.offload)
     except JobError as exc:
         return _fail(str(exc))
     print(f"job written to {folder}\n"

@@ -28,6 +28,7 @@ from studio.jobs.export import export_job
 from studio.jobs.importer import import_job
 from studio.jobs.manifest import Manifest, projects_of, run_dir
 from studio.runs import launch
+from studio.runspec import RunSpecError
 from worker_helpers import tiny_spec
 
 NPROC = 2  # two ranks (gloo): only rank 0 writes the job's history (studio/worker/ranks.py)
@@ -357,8 +358,12 @@ def test_a_zero3_job_launches_through_accelerate_with_the_written_config(db, tin
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
     project = projects.create_project(db, "zero", model_source=str(tiny_chat_model))
-    run = launch.create_run(db, project.id, tiny_spec(tiny_chat_model, distributed="zero3", offload=True))
-    job = export_job(db, run.id, nodes=2, gpus_per_node=4, dest=str(tmp_path / "job"))
+    with pytest.raises(RunSpecError, match="zero3 needs"):  # not on this machine: as a job
+        launch.create_run(db, project.id, tiny_spec(tiny_chat_model, distributed="zero3", offload=True,
+                                                    nproc_per_node=2))
+    run = launch.create_run(db, project.id, tiny_spec(tiny_chat_model))
+    job = export_job(db, run.id, nodes=2, gpus_per_node=4, dest=str(tmp_path / "job"),
+                     distributed="zero3", offload=True)
     folder = run_dir(job, Manifest.load(job))
     assert json.loads((folder / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 3
     printed = _launch(job, "--print", "--node-rank", "1", "--rdzv-host", "node-a", "--rdzv-port", "1234")
@@ -377,7 +382,9 @@ def test_a_zero3_job_launches_through_accelerate_with_the_written_config(db, tin
     assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(folder / "deepspeed.json")
     # One node of one GPU cannot shard.
     with pytest.raises(JobError, match="1 node x 1 GPU"):
-        export_job(db, run.id, nodes=1, gpus_per_node=1, dest=str(tmp_path / "one"))
+        export_job(db, run.id, nodes=1, gpus_per_node=1, dest=str(tmp_path / "one"), distributed="zero3")
+    with pytest.raises(JobError, match="offload"):  # the strategy's own rules, named
+        export_job(db, run.id, nodes=2, gpus_per_node=4, dest=str(tmp_path / "two"), offload=True)
 
 
 def test_cli_job_commands(db, exported, tmp_path, capsys):

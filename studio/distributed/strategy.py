@@ -54,8 +54,9 @@ STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
 SHARDED = ("fsdp", "zero2", "zero3")  # the strategies started through accelerate with a config
 ACCELERATE_CONFIG = "accelerate_config.yaml"
 DEEPSPEED_CONFIG = "deepspeed.json"
-JOB_EXPORT_HINT = ("`peft-studio job export RUN_ID --nodes N --gpus-per-node G` writes this run's "
-                   "accelerate config for a GPU machine")
+JOB_EXPORT_HINT = ("train it here with ddp and take it to GPUs with `peft-studio job export RUN_ID "
+                   "--nodes N --gpus-per-node G --distributed fsdp|zero2|zero3 [--offload]`, which "
+                   "writes the accelerate config for them")
 
 
 class StrategyError(ValueError):

@@ -42,8 +42,11 @@ JOBS_FOLDER = "jobs"  # inside the project's folder: the default destination
 
 
 def export_job(db: Database, run_id: int, nodes: int = 1, gpus_per_node: int = 1,
-               dest: str | None = None) -> Path:
-    """Writes the job folder; returns its path. ``JobError`` (nothing written) when it cannot."""
+               dest: str | None = None, distributed: str | None = None,
+               offload: bool | None = None) -> Path:
+    """Writes the job folder; returns its path. ``JobError`` (nothing written) when it cannot.
+    ``distributed`` / ``offload`` set the job's strategy in place of the run's: a run made here
+    (on a CPU, where FSDP and ZeRO are refused) goes to the cluster sharded."""
     from studio.projects import project_dir
     from studio.runspec import RunSpec, RunSpecError
 
@@ -59,6 +62,13 @@ def export_job(db: Database, run_id: int, nodes: int = 1, gpus_per_node: int = 1
         source = RunSpec.from_dict(dict(run.spec)).validate()
     except RunSpecError as exc:
         raise JobError(f"run {run_id}'s spec cannot be trained by this version: {exc}") from None
+    strategy = {k: v for k, v in (("distributed", distributed), ("offload", offload)) if v is not None}
+    if strategy:
+        try:  # nproc_per_node is the job's (below); the strategy's own rules are checked here
+            source = dataclasses.replace(source, nproc_per_node=max(2, source.nproc_per_node),
+                                         **strategy).validate()
+        except RunSpecError as exc:
+            raise JobError(str(exc)) from None
     model, on_hub = model_reference(source.model)
     spec = _job_spec(source, model, nodes, gpus_per_node)
     target = _destination(project_dir(project), run, nodes, gpus_per_node, dest)  # before any write
