@@ -40,11 +40,9 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-import psutil
-
 from studio import config
 from studio.db import Database, Run, RunStatus, utcnow
-from studio.runs import liveness, multiprocess
+from studio.runs import children, liveness, multiprocess
 from studio.runspec import RunSpec, RunSpecError
 
 log = logging.getLogger(__name__)
@@ -52,12 +50,7 @@ log = logging.getLogger(__name__)
 # only one training step (forward and backward of one micro-batch) must fit in it.
 STALE_HEARTBEAT = timedelta(minutes=10)
 LOG_NAME = "worker.log"
-_children: dict[int, subprocess.Popen] = {}  # workers this process started and has not reaped
-_child_runs: dict[int, int] = {}  # their pid -> run id
-# Exit codes of reaped workers, keyed by (pid, run id): once reaped, a pid can be reused by any
-# process, so a code is only believed for the run that worker was started for.
-_exited: dict[tuple[int, int], int] = {}
-_EXITED_KEPT = 256
+_children = children.processes  # workers this process started and has not reaped (tests read it)
 _logged: set[str] = set()  # poll faults already logged (a poll runs every second)
 
 
@@ -285,8 +278,7 @@ def _claim_and_spawn(db: Database, run_id: int | None, resume: bool) -> tuple[Ru
         except Exception as undo:  # the claim then goes stale (our pid's heartbeat stops)
             log.warning("could not mark run %s failed: %s", claimed.id, undo)
         raise
-    _child_runs[proc.pid] = claimed.id
-    _children[proc.pid] = proc
+    children.remember(proc, claimed.id)
     # Only pid and heartbeat: the status was set by the claim, and a worker that already ended
     # (in a few ms, with a bad spec) has written its own status, which must not be overwritten.
     return db.update_run(claimed.id, pid=proc.pid, heartbeat_at=utcnow()), None
@@ -324,39 +316,6 @@ def log_tail(db: Database, run: Run, lines: int = 40) -> str:
         return ""
 
 
-def _reap_children() -> None:
-    """Collect every finished worker this process started, whether or not anyone looks at its
-    run (a worker that wrote its own end is never reconciled, and stayed a zombie). Only our
-    own Popen objects are polled: ``os.waitpid(-1)`` would steal the exit codes of other
-    children of this process (``subprocess.run`` elsewhere in the UI)."""
-    for pid, proc in list(_children.items()):
-        code = proc.poll()
-        if code is None:
-            continue
-        run_id = _child_runs.pop(pid, None)
-        if run_id is not None:  # recorded before the Popen is dropped: a concurrent poll sees one
-            _exited[(pid, run_id)] = code
-        _children.pop(pid, None)
-    while len(_exited) > _EXITED_KEPT:
-        _exited.pop(next(iter(_exited)))
-
-
-def _exit_code(pid: int, run_id: int | None = None) -> int | None:
-    """The worker's exit code if it has ended (reaping our own children), else None."""
-    proc = _children.get(pid)
-    if proc is not None:
-        return proc.poll()
-    if (pid, run_id) in _exited:
-        return _exited[(pid, run_id)]
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return -1
-        return None
-    except psutil.NoSuchProcess:
-        return -1  # gone, and not our child: the code is unknown
-
-
 def reconcile(db: Database) -> list[int]:
     """Mark runs whose worker is gone (or silent too long) as failed; returns their ids.
     After a failure the next waiting run is dispatched: the dead worker could not do it.
@@ -369,7 +328,7 @@ def reconcile(db: Database) -> list[int]:
 
 
 def _mark_dead(db: Database) -> list[int]:
-    _reap_children()
+    children.reap()
     try:
         running = db.runs_with_status(RunStatus.RUNNING.value)
     except Exception as exc:  # an unreadable history: the caller's own reads will say so
@@ -386,7 +345,7 @@ def _mark_dead(db: Database) -> list[int]:
 
 
 def _mark_if_dead(db: Database, run: Run) -> bool:
-    code = _exit_code(run.pid, run.id) if run.pid else -1
+    code = children.exit_code(run.pid, run.id) if run.pid else -1
     stale = run.heartbeat_at is not None and utcnow() - run.heartbeat_at > STALE_HEARTBEAT
     if code is None and not stale:
         return False
@@ -421,6 +380,6 @@ def _end_hung(run: Run) -> tuple[str, int | None]:
     if process is None:  # the pid now belongs to another program: the worker is long gone
         return f"{silent}, and pid {run.pid} is no longer a PEFT Studio worker of this run", -1
     code = liveness.kill_worker(process, run.id, _children.get(run.pid))  # TimeoutError: next poll
-    _reap_children()
+    children.reap()
     return (f"{silent}: the worker (pid {run.pid}) was hung and has been killed; Resume continues from "
             "the latest checkpoint"), (-1 if code is None else code)
