@@ -120,6 +120,15 @@ def ensure_chromium() -> None:
     run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env)
 
 
+def parallel(pytest_args: list[str]) -> list[str]:
+    """Two pytest-xdist workers, tests grouped by file (the real model's and the browser's each in
+    one group: ``tests/conftest.py``), unless the caller chose (``-n``, ``-p no:xdist``): most
+    tests wait on a child process (a worker, a server, a browser), so two at a time use the two
+    cores of a small machine where one at a time leaves one idle."""
+    chosen = any(a == "-n" or a.startswith(("-n", "--numprocesses")) or a == "no:xdist" for a in pytest_args)
+    return [] if chosen else ["-n", "2", "--dist", "loadgroup"]
+
+
 def main(argv: list[str]) -> int:
     if sys.version_info < (3, 10):
         say(f"Python 3.10 or newer is needed; this is {sys.version.split()[0]}")
@@ -130,7 +139,7 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     if testing:
         ensure_chromium()
-        return subprocess.run([str(python), "-m", "pytest", *rest], cwd=ROOT, env=env).returncode
+        return subprocess.run([str(python), "-m", "pytest", *parallel(rest), *rest], cwd=ROOT, env=env).returncode
     subprocess.run([str(python), "-m", "studio", "setup"], cwd=ROOT, env=env, check=True)
     try:
         return subprocess.run([str(python), "-m", "studio", "ui", *rest], cwd=ROOT, env=env).returncode

@@ -14,6 +14,23 @@ ASSETS = Path(__file__).parent / "assets"
 CONFIGS = ASSETS / "configs"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``launcher.py --test`` runs two workers with ``--dist loadgroup``):
+    a test file's tests stay on one worker (its module-scoped fixtures are built once), the real
+    model's tests share one worker (its session fixtures convert and train it once) and the
+    browser tests another (two chromiums at once on two cores would only wait on each other)."""
+    if not config.pluginmanager.hasplugin("xdist") or not getattr(config.option, "numprocesses", None):
+        return
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            group = "browser"
+        elif item.get_closest_marker("slow"):
+            group = "real-model"
+        else:
+            group = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def studio_home(tmp_path, monkeypatch):
     """Every test works in its own PEFT_STUDIO_HOME: nothing touches the real projects/."""
