@@ -15,10 +15,10 @@ import pandas as pd
 from studio.compare.sources import chat_memory_refusal, project_adapters
 from studio.db import Database
 from studio.ui import compare_view as view
-from studio.ui import data_choice, labels
+from studio.ui import data_choice, labels_compare
 from studio.ui.compare_view import BASE_LABEL, SLOTS
 
-TXT = labels.COMPARE
+TXT = labels_compare.COMPARE
 _engine: dict[str, Any] = {}  # "engine": the ChatEngine of this app process
 
 

@@ -17,10 +17,10 @@ import pandas as pd
 
 from studio.compare.settings import ColumnAnswer, GenerationSettings
 from studio.methods import get_method
-from studio.ui import data_choice, labels
+from studio.ui import data_choice, labels_compare
 
 SLOTS = 7  # the base + up to six adapters (studio.compare.engine.MAX_ADAPTERS)
-TXT = labels.COMPARE
+TXT = labels_compare.COMPARE
 BASE_LABEL = TXT["base_column"]
 ENGINE_BASE = "__base__"  # studio.compare.engine.BASE, repeated here so this module needs no torch
 SETTING_COLUMNS = ["column", "decoding", "temperature", "top_p", "max_new_tokens", "seed"]

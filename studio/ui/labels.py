@@ -299,63 +299,6 @@ BAKEOFF = {
 }
 
 
-# ---- Compare tab ----
-COMPARE = {
-    "intro": ("Ask the base model and your adapters the same thing, side by side, over one copy of the base "
-              "weights. LoRA columns are answered together in one batch (faster); other methods are "
-              "answered one after another. Each column keeps its own conversation."),
-    "model": "Base model",
-    "model_help": "the project's model, or any model folder / hub id",
-    "base_column": "Base model",  # the base model's column; also its name in the column choices
-    "load": "Load base model",
-    "no_model": "No model loaded yet.",
-    "adapters": "Adapters from this project's runs and checkpoints",
-    "folder": "…or an adapter folder on disk",
-    "attach": "Attach",
-    "columns": "Columns (untick to hide a column; hidden columns are not asked)",
-    "system": "System prompt (optional)",
-    "generation": "Generation settings",
-    "decoding": "Decoding",
-    "temperature": "Temperature",
-    "top_p": "Top-p",
-    "max_new": "Max new tokens",
-    "seed": "Seed",
-    "per_column": "Different settings per column (edit the table)",
-    "column": "Column {i}",
-    "message": "Message",
-    "message_hint": "Type once; every shown column answers",
-    "send": "Send",
-    "stop": "Stop",
-    "clear": "Clear conversations",
-    "eval": "Compare on an eval set (exact match)",
-    "eval_set": "Eval set",
-    "eval_set_help": "a sample task, or a dataset imported into this project (its eval split's final assistant answers)",
-    "eval_rows": "Eval rows",
-    "score": "Compare on eval set",
-    "loading": "loading {source}",
-    "load_failed": "**Could not load {source}:** {reason}",
-    "load_first": "Load the base model first.",
-    "not_attached": "\n\n**Not attached:** {problem}",
-    "generation_failed": "**Generation failed:** {reason}",
-    "scoring": "generating answers for every column",
-    "stats": "**{path}** · {tokens} tokens · {seconds:.2f} s · {speed:.1f} tokens/s{stopped}",
-    "stopped": " · stopped",
-    "loaded": ("**Loaded** `{source}`: {millions:.1f} M parameters on {device} ({dtype}), {mib:.0f} MiB of "
-               "weights in memory for all columns."),
-    "batched": "Answered together with the base model, in one batch: {names}.",
-    "switched": "Answered one at a time, each on its own (their method cannot share a batch): {names}.",
-    # How a column is answered (the engine's "batched" / "switched"), in the column titles and stats.
-    "paths": {"batched": "answered in one batch with the others", "switched": "answered on its own"},
-    "row_answers": "Answers, row by row (✓ counts as an exact match)",
-    "row_prompt": "prompt",
-    "row_expected": "expected",
-    "quantized": ("{names}: trained over the 4-bit base, answered here over the loaded base at its own "
-                  "precision (answers can differ slightly from the 4-bit model)."),
-    "pick_eval": "Pick an eval set.",
-    "eval_gone": "Dataset #{id} no longer exists: pick another eval set.",
-    "nothing_to_score": "Nothing to score: {reason}.",
-}
-
 EXPORT = {
     "run": "Run",
     "weights": "Weights",
