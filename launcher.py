@@ -124,7 +124,10 @@ def parallel(pytest_args: list[str]) -> list[str]:
     """Two pytest-xdist workers, tests grouped by file (the real model's and the browser's each in
     one group: ``tests/conftest.py``), unless the caller chose (``-n``, ``-p no:xdist``): most
     tests wait on a child process (a worker, a server, a browser), so two at a time use the two
-    cores of a small machine where one at a time leaves one idle."""
+    cores of a small machine where one at a time leaves one idle. Each then computes on one torch
+    thread (``main`` sets OMP_NUM_THREADS=1 for them and their children): two processes of two
+    OpenMP threads each on two cores spin-wait on each other (measured: the real model's LoRA
+    steps 27 s each instead of 1.5)."""
     chosen = any(a == "-n" or a.startswith(("-n", "--numprocesses")) or a == "no:xdist" for a in pytest_args)
     return [] if chosen else ["-n", "2", "--dist", "loadgroup"]
 
@@ -139,7 +142,11 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     if testing:
         ensure_chromium()
-        return subprocess.run([str(python), "-m", "pytest", *parallel(rest), *rest], cwd=ROOT, env=env).returncode
+        workers = parallel(rest)
+        if workers:
+            env.setdefault("OMP_NUM_THREADS", "1")
+            env.setdefault("MKL_NUM_THREADS", "1")
+        return subprocess.run([str(python), "-m", "pytest", *workers, *rest], cwd=ROOT, env=env).returncode
     subprocess.run([str(python), "-m", "studio", "setup"], cwd=ROOT, env=env, check=True)
     try:
         return subprocess.run([str(python), "-m", "studio", "ui", *rest], cwd=ROOT, env=env).returncode

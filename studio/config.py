@@ -46,6 +46,26 @@ def models_dir() -> Path:
     return path
 
 
+def model_fact_file(source: str, suffix: str) -> Path:
+    """Where a fact read from model ``source`` is cached (``models/arch/<hash><suffix>``): keyed
+    by the folder's real path (a moved folder is the same model) or by the hub id."""
+    import hashlib
+
+    path = Path(source).expanduser()
+    key = str(path.resolve()) if path.exists() else source
+    folder = models_dir() / "arch"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}{suffix}"
+
+
+def model_stamp(source: str) -> float:
+    """The mtime of a local model's config (0 for a hub id), so a cached fact is re-read after
+    config.json is edited."""
+    path = Path(source).expanduser()
+    target = path / "config.json" if path.is_dir() else path
+    return target.stat().st_mtime if target.exists() else 0.0
+
+
 def assets_dir() -> Path:
     return REPO_ROOT / "assets"
 

@@ -8,14 +8,12 @@ under ``projects/models/arch/``, so the UI stays light and every later estimate 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import threading
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from studio import config
@@ -33,29 +31,14 @@ _memory: dict[str, ArchInfo] = {}
 _lock = threading.Lock()
 
 
-def _cache_file(source: str) -> Path:
-    path = Path(source).expanduser()
-    key = str(path.resolve()) if path.exists() else source  # a folder moves: key by real path
-    folder = config.models_dir() / "arch"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-
-
-def _stamp(source: str) -> float:
-    """mtime of a local config, so an edited config.json is re-read."""
-    path = Path(source).expanduser()
-    target = path / "config.json" if path.is_dir() else path
-    return target.stat().st_mtime if target.exists() else 0.0
-
-
 def arch_for(source: str = config.DEFAULT_MODEL, trust_remote_code: bool = False) -> ArchInfo:
     """``ArchInfo`` for a model source: memory, then disk cache, then a child process."""
     source = (source or config.DEFAULT_MODEL).strip()
     with _lock:
         if source in _memory:
             return _memory[source]
-        cache = _cache_file(source)
-        stamp = _stamp(source)
+        cache = config.model_fact_file(source, ".json")
+        stamp = config.model_stamp(source)
         if cache.is_file():
             data = json.loads(cache.read_text())
             if data.get("stamp") == stamp:

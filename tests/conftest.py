@@ -58,6 +58,19 @@ def module_home(tmp_path_factory, name: str):
         yield home
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``):
+    their matmuls are tiny, and on a busy 2-core machine two threads spin-wait on each other
+    (measured: LAPACK's 64×64 SVD 1000× slower, 20 tiny training steps 26 s against 1.2 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def db(studio_home):
     """This test's history (a real SQLite file in its home). Runs it queued or started are

@@ -28,17 +28,10 @@ from studio.db import Database, RunStatus
 from studio.runs import launch
 from studio.runspec import RunSpec
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 TOKENS = torch.tensor([[1, 5, 9, 42, 7, 300, 11, 2]])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: LAPACK's SVD on two threads of a busy 2-core machine spun for ~1 s per
-    64×64 matrix (1000× its idle time), which made one SVD composition take 10 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,9 @@ from studio.arch import ArchInfo
 from studio.methods import ORDER, get_method
 from studio.worker import label_loss
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 VOCAB = 512
 IGNORE = -100
 
@@ -93,15 +96,6 @@ def loss_and_grads(model, batch: dict, fast: bool, **kwargs) -> tuple[torch.Tens
     return out.loss.detach(), grads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine: a second thread only waits (100× slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from transformers import AutoModelForCausalLM
@@ -134,7 +128,7 @@ def test_label_only_loss_and_gradients_equal_the_full_loss(tiny_dir, method):
     gc.collect()
 
 
-def test_label_only_path_peaks_far_below_the_full_logits(one_thread):
+def test_label_only_path_peaks_far_below_the_full_logits():
     """V = 32,000, 2 × 256 positions, all labelled: the full path holds b·s·V logits, their fp32
     log-softmax and gradient (~4 × 65 MB); the label-only path one chunk of them at a time."""
     from transformers import AutoModelForCausalLM
@@ -234,7 +228,7 @@ def test_logits_post_processing_is_refused_and_caught_by_the_first_call_check():
     torch.testing.assert_close(out.loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
 
 
-def test_the_estimates_logits_term_follows_the_label_only_path(one_thread):
+def test_the_estimates_logits_term_follows_the_label_only_path():
     """The memory estimate's logits term against the measured peak of a label-only training
     step (all 2 × 512 positions labelled, V = 32,000: chunks of 524 and 500 positions). The old
     b·s × V × 12 B term would be twice the measurement."""

@@ -28,6 +28,8 @@ from studio.models import load_config
 from studio.runspec import RunSpec, RunSpecError
 from worker_helpers import explain, folder_of, metrics, tiny_spec, train_here
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # The tiny chat model's Linear inputs are 64 wide (down_proj 128): BOFT with 2 butterfly
 # factors of 8 blocks of 8, on every Linear, exercises the permutations PEFT's CPU fallback drops.
 SETTINGS = {"oft": {"oft_block_size": 16},
@@ -39,15 +41,6 @@ TOKENS = 8
 def studio_home(tmp_path_factory):
     """One studio home (and history) for the module: the two runs are trained once and shared."""
     yield from module_home(tmp_path_factory, "oft-home")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls (OFT's 16 × 16 blocks): on a busy 2-core machine a second thread only waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

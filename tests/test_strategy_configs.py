@@ -156,14 +156,14 @@ def test_launch_command_writes_the_config_and_accelerate_accepts_the_command(tmp
     import json as json_module
 
     from accelerate.commands.launch import launch_command_parser
-    from studio.distributed import layers
+    from studio import config
     from studio.runs import launch
 
     monkeypatch.setattr(launch, "_cuda_device_count", lambda: 2)
     monkeypatch.setattr(strategy, "run_precision", lambda spec: "bf16")
     source = str(tiny_llama_dir)
-    layers._cache_file(source).write_text(json_module.dumps(
-        {"source": source, "stamp": layers._stamp(source), "layer_class": "LlamaDecoderLayer"}))
+    config.model_fact_file(source, ".layer.json").write_text(json_module.dumps(
+        {"source": source, "stamp": config.model_stamp(source), "layer_class": "LlamaDecoderLayer"}))
     run = spec("fsdp", model=source)
     cmd = strategy.launch_command(run, tmp_path, 5, resume=True)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]

@@ -16,12 +16,10 @@ that may name vision blocks first).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from studio import config
@@ -31,24 +29,10 @@ class LayerClassError(ValueError):
     """The model's decoder-layer class could not be read (the message says why)."""
 
 
-def _cache_file(source: str) -> Path:
-    path = Path(source).expanduser()
-    key = str(path.resolve()) if path.exists() else source
-    folder = config.models_dir() / "arch"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.layer.json"
-
-
-def _stamp(source: str) -> float:
-    path = Path(source).expanduser()
-    target = path / "config.json" if path.is_dir() else path
-    return target.stat().st_mtime if target.exists() else 0.0
-
-
 def decoder_layer_class(source: str, trust_remote_code: bool = False, timeout: float = 300) -> str:
     """The decoder-layer class name of model ``source`` (cached; a child process the first time)."""
     source = (source or config.DEFAULT_MODEL).strip()
-    cache, stamp = _cache_file(source), _stamp(source)
+    cache, stamp = config.model_fact_file(source, ".layer.json"), config.model_stamp(source)
     if cache.is_file():
         try:
             data = json.loads(cache.read_text())

@@ -36,7 +36,8 @@ from studio import config
 from studio.db import Database, Dataset, Project, Run, RunStatus
 from studio.db.engine import JOB_MARKER
 from studio.jobs import templates
-from studio.jobs.manifest import HOME, JobError, Manifest, check_shape, projects_of, run_dir
+from studio.jobs.manifest import (JobError, Manifest, check_shape, copy_without_links, projects_of,
+                                  run_dir)
 
 JOBS_FOLDER = "jobs"  # inside the project's folder: the default destination
 
@@ -196,7 +197,8 @@ def _write_home(db: Database, work: Path, m: Manifest, project: Any, dataset: An
         from studio.data.store import dataset_dir
 
         here = config.child_path(projects / project.folder / "datasets", dataset.folder)
-        _copy_tree(dataset_dir(db, dataset.id), here)
+        copy_without_links(dataset_dir(db, dataset.id), here,
+                           "the studio writes none there, so it is not copied into a job")
     folder = run_dir(work, m)
     folder.mkdir(parents=True)
     spec.save(folder / "runspec.json")
@@ -216,12 +218,3 @@ def _write_strategy(work: Path, m: Manifest, source: Any) -> None:
         raise JobError(str(exc)) from None
 
 
-def _copy_tree(source: Path, dest: Path) -> None:
-    """A copy of ``source`` that refuses links: the studio writes none, and a link in a folder
-    that travels would point into this machine (or out of the folder)."""
-    for root, dirs, files in os.walk(source):
-        for name in dirs + files:
-            if (Path(root) / name).is_symlink():
-                raise JobError(f"{Path(root) / name} is a link; the studio writes none there, so "
-                               "it is not copied into a job")
-    shutil.copytree(source, dest)

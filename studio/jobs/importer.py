@@ -30,7 +30,7 @@ from typing import Any
 from studio import config
 from studio.db import Checkpoint, Database, Dataset, Metric, Run, RunStatus
 from studio.db.engine import JOB_MARKER
-from studio.jobs.manifest import JOB_FILE, JobError, Manifest, projects_of
+from studio.jobs.manifest import JOB_FILE, JobError, Manifest, copy_without_links, projects_of
 
 WORK_PREFIX = ".job-import-"
 
@@ -153,16 +153,6 @@ def _check_not_imported(db: Database, manifest: Manifest) -> None:
                            f"of project '{project.name}'; delete that run to import it again")
 
 
-def _copy_tree(source: Path, dest: Path) -> None:
-    """A folder of the job, refusing links (a studio run or dataset folder holds none)."""
-    for root, dirs, files in os.walk(source):
-        for name in dirs + files:
-            if (Path(root) / name).is_symlink():
-                raise JobError(f"{Path(root) / name} is a link; a job's folders hold none, so "
-                               "the job is not imported")
-    shutil.copytree(source, dest)
-
-
 def _place(db: Database, target: Any, job: Path, manifest: Manifest, found: dict[str, Any]) -> Run:
     from studio.projects import project_dir
     from studio.runs.launch import folder_name, runs_root
@@ -186,9 +176,9 @@ def _place(db: Database, target: Any, job: Path, manifest: Manifest, found: dict
     work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=root))
     placed: list[Path] = []
     try:
-        _copy_tree(source, work / "run")
+        copy_without_links(source, work / "run", "a job's folders hold none, so the job is not imported")
         if data is not None:
-            _copy_tree(data, work / "dataset")
+            copy_without_links(data, work / "dataset", "a job's folders hold none, so the job is not imported")
         (work / "run" / JOB_FILE).write_text(json.dumps(
             {**json.loads((job / JOB_FILE).read_text(encoding="utf-8")), "imported_from": str(job)},
             indent=2) + "\n", encoding="utf-8")

@@ -16,6 +16,8 @@ Nothing in a manifest is trusted as a path: the folders it names are checked wit
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -121,3 +123,14 @@ def run_dir(job: Path, manifest: Manifest) -> Path:
     """The run's folder inside the job home, confined to it."""
     project = config.child_path(projects_of(job), manifest.project_folder)
     return config.child_path(project / "runs", manifest.run_folder)
+
+
+def copy_without_links(source: Path, dest: Path, refusal: str) -> None:
+    """``source`` copied to ``dest``, refused (``JobError``: the link, then ``refusal``) when it
+    holds a link: the studio writes none in a run or dataset folder, and a link in a folder that
+    travels would point into this machine or out of the folder."""
+    for root, dirs, files in os.walk(source):
+        for name in dirs + files:
+            if (Path(root) / name).is_symlink():
+                raise JobError(f"{Path(root) / name} is a link; {refusal}")
+    shutil.copytree(source, dest)
