@@ -124,6 +124,12 @@ def test_serve_bench_plan_percentiles_and_goals():
     lines = serve.goals([row(1, 1, 20, 20), row(16, 16, 90, 25), row(16, 4, 95, 25), row(16, 0, 100, 25)])
     assert lines[0].startswith("- 16 clients × 16 adapters / the same requests one at a time: ×3.60 (goal ≥ 3: met)")
     assert lines[1].startswith("- 16 clients × 16 adapters / 16 clients on the base: 0.90 (goal ≥ 0.9: met)")
+    # --repeat: medians of the alternating runs (one slow base run no longer decides the ratio)
+    top, base = row(16, 16, 90, 25), row(16, 0, 100, 25)
+    top.again, base.again = [80.0, 95.0], [130.0, 100.0]
+    lines = serve.goals([top, base])
+    assert lines[1].startswith("- 16 clients × 16 adapters / 16 clients on the base: 0.90 (medians of 3 runs")
+    assert "90.0/100.0 = 0.90, 80.0/130.0 = 0.62, 95.0/100.0 = 0.95" in lines[2]
 
 
 def test_serve_bench_smoke_through_the_real_server(tiny_chat_model, studio_home, tmp_path, capsys):
@@ -133,7 +139,7 @@ def test_serve_bench_smoke_through_the_real_server(tiny_chat_model, studio_home,
     serve = load("serve")
     out = tmp_path / "serve.md"
     assert serve.main(["--smoke", "--model", str(tiny_chat_model), "--clients", "2", "--adapters", "2",
-                       "--cache", str(studio_home), "--out", str(out), "--ignore-eos"]) == 0
+                       "--cache", str(studio_home), "--out", str(out), "--ignore-eos", "--repeat", "2"]) == 0
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 2 and rows[1].startswith("| 2 | base | 2 | ")
@@ -142,3 +148,4 @@ def test_serve_bench_smoke_through_the_real_server(tiny_chat_model, studio_home,
     assert "2 clients × 2 adapters / the same requests one at a time" in text
     assert "load average before:" in text and "after:" in text
     assert "answers that differ between concurrent and one at a time: 0" in text
+    assert "(medians of 2 runs each, the two sides alternating)" in text and "run by run: " in text
