@@ -67,3 +67,15 @@ def chat_prompt(tokenizer, text: str) -> list[int]:
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def serving(base_dir: Path, folders: dict[str, Path]):
+    """A ``ServeEngine`` on ``base_dir`` with ``folders`` registered (a module fixture's body:
+    ``yield from serving(...)``); closed when the fixture ends."""
+    from studio.serve.engine import ServeEngine
+
+    engine = ServeEngine.load(str(base_dir), "tiny", max_active=8)
+    for name, folder in folders.items():
+        engine.register(name, folder)
+    yield engine
+    engine.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_helpers import chat_prompt, make_adapters, reference_ids
+from serve_helpers import chat_prompt, make_adapters, reference_ids, serving
 from studio.serve.completion import Sampling
 from studio.serve.engine import ServeEngine
 
@@ -18,11 +18,7 @@ def adapters(tiny_chat_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_chat_model, adapters):
-    engine = ServeEngine.load(str(tiny_chat_model), "tiny", max_active=8)
-    for name, folder in adapters.items():
-        engine.register(name, folder)
-    yield engine
-    engine.close()
+    yield from serving(tiny_chat_model, adapters)
 
 
 @pytest.fixture(scope="module")
