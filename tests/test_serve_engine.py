@@ -312,6 +312,25 @@ def test_unregister_waits_for_requests_and_an_adapter_brings_its_own_chat_templa
     again.text(timeout=60)
     assert again.token_ids == references["lora2"]
 
+    # A client that saw its answer end may unregister at once, though the scheduler releases the
+    # adapter a moment later (here held back 0.3 s after the step that ended the row).
+    step = engine._mixed.step
+
+    def slow_step():
+        ended = step()
+        if ended:
+            time.sleep(0.3)
+        return ended
+
+    engine._mixed.step = slow_step
+    try:
+        last = engine.submit("lora2", prompt, Sampling(max_tokens=2, temperature=0))
+        last.text(timeout=60)
+        engine.unregister("lora2")
+    finally:
+        del engine._mixed.step
+    engine.register("lora2", adapters["lora2"])
+
     # A folder that saved its tokenizer brings its chat template; the others use the base's.
     own = tmp_path / "own-template"
     shutil.copytree(adapters["lora1"], own)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,10 @@ class ServeEngine:
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Request] = deque()
         self._running = self._pending = self._max_batch_seen = 0
+        # Rows admitted into a lane and not yet released (the scheduler releases a row's adapter
+        # after the step that ended it, a moment after its client saw the last token).
+        self._admitted: dict[int, Row] = {}  # by id(row)
+        self._released = threading.Condition(self._lock)  # notified when rows' adapters are released
         self._closed = False
         # Our decode loop pads and concatenates caches: only for plain full-attention caches.
         self._decode_loop = full_attention_cache(base_model)
@@ -100,8 +105,17 @@ class ServeEngine:
             return self._entry(adapter)
 
     def unregister(self, name: str) -> None:
+        """Forget ``name``; AdapterInUse while a request for it is waiting or being answered. A
+        request whose answer already ended (its client may call this at once) is not in use: we
+        wait the moment until the scheduler releases it."""
         with self._lock:
             adapter = self._adapter(name)
+            deadline = time.monotonic() + 10.0
+            while adapter.inflight:
+                rows = [r for r in self._admitted.values() if r.adapter is adapter]
+                if not rows or any(not r.completion.done for r in rows) or time.monotonic() > deadline:
+                    break
+                self._released.wait(0.05)
             if adapter.inflight or any(r.name == name for r in self._waiting):
                 raise AdapterInUse(f"adapter {name!r} is answering requests; try again when they finish")
             self._unregistered.append(self.pool.remove(name))  # detached by the scheduler, between steps
@@ -249,6 +263,7 @@ class ServeEngine:
             row = Row(completion, adapter.key if adapter is not None and adapter.mixable else None,
                       request.prompt_ids, request.sampling, new_generator(request.sampling.seed), adapter)
             self._lane_for(adapter).add(row)
+            self._admitted[id(row)] = row
         self._waiting = still
         self._pending = sum(len(lane.pending) for lane in self._order)
         self._forget_lanes()
@@ -307,8 +322,11 @@ class ServeEngine:
         ended = lane.step()
         with self._lock:
             for row in ended:
+                self._admitted.pop(id(row), None)
                 if row.adapter is not None:
                     self.pool.release(row.adapter)
+            if ended:
+                self._released.notify_all()
             self._running = sum(len(l.running) for l in self._order)
             self._pending = sum(len(l.pending) for l in self._order)
             self._max_batch_seen = max(self._max_batch_seen, len(lane.running))
