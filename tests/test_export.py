@@ -163,10 +163,15 @@ def test_qlora_merges_into_the_dequantised_base(trained):
     run_id = trained("qlora")
     export = export_run(db, run_id, "merged", "float32")
     result = export.verification
-    # Compared with the 4-bit model as trained: the merged weights are its de-quantised weights
-    # plus the adapter, so the greedy outputs agree on every eval prompt.
+    # The merged weights are the de-quantised base plus the adapter: checked against that model
+    # as strictly as any fp32 merge. The 4-bit model as trained (bitsandbytes' kernel rounds
+    # differently) is reported beside it, not required: near-ties of a random model may flip.
     assert export.status == "verified", result
     assert result["greedy_agreement"] == 1.0 and result["loader"] == "transformers"
+    assert result["max_abs_diff"] <= 1e-4
+    assert 0 < result["four_bit_max_abs_diff"] < 0.1 and 0 <= result["four_bit_greedy_agreement"] <= 1
+    lora = export_run(db, trained("lora"), "merged", "float32", overwrite=True).verification
+    assert "four_bit_greedy_agreement" not in lora
 
 
 @pytest.mark.slow

@@ -120,11 +120,12 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
         if free < needed:  # say so now, not after minutes of writing
             raise ExportError(f"not enough free space for the export in {target.parent}: it needs about "
                               f"{_size(needed)}, {_size(free)} is free. Free some space or choose another folder.")
-        texts, reference = [], []
+        texts, reference, four_bit = [], [], None
         if checked:  # before writing: a merge changes ``trained`` in place
             report(0.25, "Computing the trained model's reference outputs")
             texts = _prompts(spec, tokenizer)
-            reference = _reference(spec, method, weights.path, trained, tokenizer, texts)
+            reference = reference_outputs(trained, tokenizer, texts)
+            four_bit = _four_bit_reference(spec, method, weights.path, tokenizer, texts)
         report(0.4, "Writing files")
         if kind == "merged":
             _write_merged(trained, method, tokenizer, tmp, dtype, shard_size)
@@ -146,7 +147,7 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
             report(0.7, "Verifying: reloading with plain transformers")
             del trained  # the reference is computed; the child loads its own copy
             result = verify_export(tmp, kind, models.resolve_source(spec.model), reference, texts, dtype,
-                                   quantised_reference=method.quantized)
+                                   four_bit_reference=four_bit)
         elif verify:
             result = {"ok": None, "note": "bottleneck adapters load with the studio, not plain transformers"}
         if result.get("ok") is False:
@@ -187,12 +188,11 @@ def _refuse_while_training(db: Database, method: Any, kind: str) -> None:
                       "verification is only a file copy and can be made now.")
 
 
-def _reference(spec: RunSpec, method: Any, folder: Path, trained: Any, tokenizer: Any,
-               texts: list[str]) -> list:
-    """The trained model's logits and greedy tokens, before any merge. QLoRA: the 4-bit model
-    exactly as trained (``trained`` is de-quantised for the merge)."""
+def _four_bit_reference(spec: RunSpec, method: Any, folder: Path, tokenizer: Any, texts: list[str]) -> list | None:
+    """QLoRA: the 4-bit model's logits and greedy tokens exactly as trained (``trained`` is
+    de-quantised for the merge), reported beside the strict check; None for other methods."""
     if not method.quantized:
-        return reference_outputs(trained, tokenizer, texts)
+        return None
     from studio.export.load import load_trained
 
     as_trained = load_trained(spec, folder, "float32")
