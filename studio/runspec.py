@@ -134,6 +134,9 @@ class RunSpec:
     nproc_per_node: int = 0
     distributed: str = "ddp"  # DISTRIBUTED: how the processes share the model
     offload: bool = False  # FSDP / ZeRO parameters and optimizer state kept in CPU memory
+    # experiment trackers the Trainer also logs to (studio/trackers/): "tensorboard", "mlflow";
+    # a copy for the team's tools, the history stays the source of truth
+    trackers: list[str] = field(default_factory=list)
 
     def validate(self) -> "RunSpec":
         """Check every field before a run row exists; a ``RunSpecError`` names the field, the
@@ -178,6 +181,11 @@ class RunSpec:
         if self.packing and not spec.packs_exactly:
             self._refuse("packing", f"{spec.title} puts virtual tokens before every sequence, so packed "
                          "examples would see each other: turn packing off for this method")
+        from studio.trackers.choice import problem  # no tracker imported: find_spec only
+
+        tracker_problem = problem(self.trackers)
+        if tracker_problem:
+            self._refuse("trackers", tracker_problem)
         return self
 
     def _refuse(self, name: str, why: str) -> None:
