@@ -8,8 +8,9 @@ with the config ``studio.distributed.strategy`` writes: ``fsdp_cpu_rank.py OUT.j
 2. The FSDP engine itself on the CPU with gloo, configured exactly as the config says (the
    ``FullyShardedDataParallelPlugin`` built from the launcher's environment, PEFT's
    ``fsdp_auto_wrap_policy`` as transformers' Trainer installs it), over the studio's own LoRA
-   model (``worker.prepare.build_model``): three SGD steps on each rank's half of a batch, compared
-   on rank 0 with the same steps of an unsharded copy on the whole batch. One setting differs:
+   model (``worker.prepare.build_model``), LoRA and QLoRA (its 4-bit weights stored in fp32, the
+   load dtype, as the worker does when FSDP will flatten them): three SGD steps on each rank's
+   half of a batch, compared on rank 0 with the same steps of an unsharded copy on the whole batch. One setting differs:
    ``sync_module_states`` (the broadcast from rank 0 that RAM-efficient loading needs), which
    torch's FSDP refuses with parameters on the CPU ("requires them to be on GPU"); every rank
    builds the same model from the same seed here, and the comparison checks they agree.
@@ -28,13 +29,6 @@ import torch.distributed as dist
 
 def main(out: str, model_path: str) -> None:
     from accelerate import Accelerator
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from peft.utils.other import fsdp_auto_wrap_policy
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    from studio.runspec import RunSpec
-    from studio.worker import prepare
 
     torch.set_num_threads(1)
     facts = {}
@@ -51,12 +45,38 @@ def main(out: str, model_path: str) -> None:
     os.environ["FSDP_SYNC_MODULE_STATES"] = os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    spec = RunSpec(model=model_path, method="lora", method_settings={"r": 8, "lora_dropout": 0.0},
-                   sample_task="dates", max_length=64)
+    facts["lora"] = sharded_training(model_path, "lora", rank, world)
+    # QLoRA: the worker stores the 4-bit weights in the load dtype when FSDP will flatten them
+    # (``strategy.flattens_parameters``; this launch's WORLD_SIZE is 2 and the spec says fsdp).
+    facts["qlora"] = sharded_training(model_path, "qlora", rank, world)
+    if rank == 0:
+        with open(out, "w", encoding="utf-8") as handle:
+            json.dump(facts, handle)
+    dist.barrier()
+
+
+def sharded_training(model_path: str, method: str, rank: int, world: int) -> dict:
+    """Three SGD steps of ``method`` sharded over the ranks, against the same steps unsharded on
+    the whole batch (rank 0); what each side measured."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from studio.runspec import RunSpec
+    from studio.worker import prepare
+
+    facts: dict = {}
+    settings = {"r": 8, "lora_dropout": 0.0}
+    if method == "qlora":
+        settings["bnb_4bit_compute_dtype"] = "float32"
+    spec = RunSpec(model=model_path, method=method, method_settings=settings, sample_task="dates",
+                   max_length=64, nproc_per_node=2, distributed="fsdp")
     torch.manual_seed(0)
     model, _, _, _ = prepare.build_model(spec, prepare.Compute("cpu", "float32", False, False))
+    model.train()  # as the Trainer does (in eval mode bitsandbytes repacks 4-bit weights for inference)
+    facts["dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     reference = copy.deepcopy(model) if rank == 0 else None
-
     # With sync_module_states the plugin asks for the accelerator device (only to build its
     # param_init_fn, unused here: nothing is on the meta device) and raises on a CPU-only machine,
     # a second reason accelerate cannot run FSDP on CPUs. Answer that one question with "CUDA 0".
@@ -110,9 +130,9 @@ def main(out: str, model_path: str) -> None:
         facts["lora_tensors"] = len(lora)
         facts["lora_max_diff"] = max((full[k] - ref_state[k]).abs().max().item() for k in lora)
         facts["lora_b_sum"] = sum(full[k].abs().sum().item() for k in lora if "lora_B" in k)  # 0 at init
-        with open(out, "w", encoding="utf-8") as handle:
-            json.dump(facts, handle)
-    dist.barrier()
+    return facts
+
+
 
 
 if __name__ == "__main__":

@@ -140,10 +140,11 @@ def test_what_cannot_run_here_is_refused_with_the_reason():
     assert strategy.refusal(spec("ddp", offload=True), "cuda", 2).startswith("runspec 'offload'")
     assert strategy.refusal(spec("ddp"), "cpu", 2) is None
     assert "must be one of ddp, fsdp, zero2, zero3" in strategy.refusal(spec("zero1"), "cuda", 2)
-    qlora = strategy.refusal(spec("fsdp", method="qlora"), "cuda", 2)
-    assert "bnb_4bit_quant_storage" in qlora and "zero2" in qlora
-    assert strategy.refusal(spec("zero2", method="qlora"), "cuda", 2, has_deepspeed=True) is None
-    assert "bnb_4bit_quant_storage" in strategy.refusal(spec("zero3", method="qlora"), "cuda", 2, has_deepspeed=True)
+    # QLoRA shards too: the worker stores the 4-bit weights in the load dtype (fsdp_cpu_rank.py)
+    assert strategy.refusal(spec("fsdp", method="qlora"), "cuda", 2) is None
+    assert strategy.refusal(spec("zero3", method="qlora"), "cuda", 2, has_deepspeed=True) is None
+    assert strategy.flattens_parameters(spec("fsdp"), 2) and strategy.flattens_parameters(spec("zero3"), 4)
+    assert not strategy.flattens_parameters(spec("zero2"), 2) and not strategy.flattens_parameters(spec("fsdp"), 1)
     assert strategy.quant_storage_dtype("bf16") == "bfloat16" and strategy.quant_storage_dtype("fp16") == "float32"
 
 

@@ -70,16 +70,30 @@ def test_accelerate_cannot_run_fsdp_on_cpus(facts):
 
 def test_fsdp_shards_and_trains_lora_on_cpus_with_gloo_like_one_process(facts):
     assert facts["layer_class"] == "LlamaDecoderLayer"
-    plugin = facts["plugin"]
+    lora = facts["lora"]
+    plugin = lora["plugin"]
     assert "FULL_SHARD" in plugin["sharding_strategy"] and plugin["use_orig_params"] is False
     assert "FULL_STATE_DICT" in plugin["state_dict_type"] and plugin["wrap"] == ["LlamaDecoderLayer"]
+    _sharded_like_one_process(lora)
+
+
+def test_fsdp_shards_qlora_with_its_4bit_weights_stored_in_the_load_dtype(facts):
+    """QLoRA + FSDP: with WORLD_SIZE 2 and distributed fsdp the worker's model has one dtype
+    (bitsandbytes' packed weights stored as float32, no fp32 casts of the rest), so FSDP flattens
+    it, and sharded training equals one process on the whole batch."""
+    qlora = facts["qlora"]
+    assert qlora["dtypes"] == ["torch.float32"], qlora["dtypes"]
+    _sharded_like_one_process(qlora)
+
+
+def _sharded_like_one_process(run: dict) -> None:
     # PEFT's policy: the root, the 2 decoder blocks and every LoRA Linear (A and B) as a unit of its own
-    assert facts["units"] == 1 + 2 + facts["lora_tensors"], facts["units"]
-    half = facts["total_numel"] / 2
-    assert half <= facts["local_numel"] <= half + facts["units"] * 2, (facts["local_numel"], half)
-    assert facts["lora_tensors"] > 0 and facts["lora_b_sum"] > 0  # B starts at 0: the adapter trained
-    assert facts["losses"] == pytest.approx(facts["reference_losses"], abs=1e-5)
-    assert facts["lora_max_diff"] < 1e-5
+    assert run["units"] == 1 + 2 + run["lora_tensors"], run["units"]
+    half = run["total_numel"] / 2
+    assert half <= run["local_numel"] <= half + run["units"] * 2, (run["local_numel"], half)
+    assert run["lora_tensors"] > 0 and run["lora_b_sum"] > 0  # B starts at 0: the adapter trained
+    assert run["losses"] == pytest.approx(run["reference_losses"], abs=1e-5)
+    assert run["lora_max_diff"] < 1e-5
 
 
 def _errors(log: str) -> str:

@@ -29,7 +29,9 @@ What is written, and why (each from the engine's own documentation):
   node, no ssh/pdsh).
 * QLoRA: FSDP and ZeRO-3 shard a 4-bit base only when bitsandbytes stores the packed weights in
   a float type (``bnb_4bit_quant_storage``) equal to the type the rest of the model is loaded in
-  (PEFT's FSDP/DeepSpeed QLoRA guides): ``quant_storage_dtype`` says which.
+  and nothing is cast to fp32 before wrapping (PEFT's FSDP/DeepSpeed QLoRA guides): the worker
+  does both when ``flattens_parameters`` (``worker.prepare.build_model``, ``methods.qlora``);
+  ``quant_storage_dtype`` is the load dtype a precision gets.
 
 Where the engines cannot run, the run is refused with the reason (``refusal``): ZeRO needs the
 ``deepspeed`` package and CUDA; FSDP needs CUDA too, in accelerate 1.15 (measured:
@@ -97,37 +99,20 @@ def refusal(spec: Any, device_kind: str, processes: int, has_deepspeed: bool | N
         if missing:
             return (f"runspec 'distributed': {strategy} needs {' and '.join(missing)}; "
                     f"{JOB_EXPORT_HINT}")
-        return _sharded_4bit_refusal(spec, strategy)
+        return None
     if device_kind != "cuda":  # fsdp
         return ("runspec 'distributed': fsdp needs CUDA GPUs: on CPUs accelerate's FSDP plugin stops "
                 "with 'no available devices found', and its CPU mode (MULTI_CPU) is plain DDP, which "
                 f"would shard nothing. Use ddp on the CPU (gloo); {JOB_EXPORT_HINT}")
-    return _sharded_4bit_refusal(spec, strategy)
+    return None
 
 
-# Sharding a 4-bit base (FSDP, ZeRO-3) needs two things in the worker: bitsandbytes storing the
-# packed weights as ``quant_storage_dtype(precision)`` and the model loaded in that dtype, and no
-# fp32 casts of the non-quantised parameters (PEFT's ``prepare_model_for_kbit_training``; TRL skips
-# it for sharded QLoRA), since FSDP flattens a unit into one tensor of one dtype. Until the worker
-# does both, the combination is refused rather than failing after the model has loaded.
-SHARDED_4BIT_READY = False
-
-
-def _sharded_4bit_refusal(spec: Any, strategy: str) -> str | None:
-    if strategy not in ("fsdp", "zero3") or SHARDED_4BIT_READY:
-        return None
-    try:
-        from studio.methods import get_method
-
-        quantized = get_method(spec.method).quantized
-    except Exception:  # an unknown method is RunSpec.validate's to name
-        return None
-    if not quantized:
-        return None
-    return (f"runspec 'distributed': {strategy} shards a 4-bit base only with its weights stored in a "
-            "float type (bitsandbytes' bnb_4bit_quant_storage) and no fp32 casts before wrapping, which "
-            "this worker does not set up yet; train QLoRA with zero2 or ddp (each GPU holds the "
-            "whole 4-bit base)")
+def flattens_parameters(spec: Any, world_size: int) -> bool:
+    """True when the run's engine will flatten each wrapped unit's parameters into one tensor of
+    one dtype (FSDP, ZeRO-3; ZeRO-2 shards only gradients and optimizer state): the worker then
+    stores a 4-bit base's packed weights in the load dtype (``bnb_4bit_quant_storage``) and casts
+    nothing to fp32 before wrapping (``ApplyContext.sharded``)."""
+    return world_size > 1 and choices(spec)[0] in ("fsdp", "zero3")
 
 
 def quant_storage_dtype(precision: str) -> str:

@@ -56,6 +56,9 @@ class ApplyContext:
     tokenizer_path: str | None = None
     device: str = "cpu"
     dtype: str = "float32"  # the load dtype, as torch names it
+    # FSDP or ZeRO-3 will flatten the model's parameters into one tensor per unit, of one dtype:
+    # a method must then not cast some of them to another (``strategy.flattens_parameters``).
+    sharded: bool = False
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,13 @@ def apply_qlora(model: Any, arch: ArchInfo, p: QLoraParams, ctx: ApplyContext) -
     """LoRA on a model already loaded with ``quantization_config(p)``."""
     from peft import prepare_model_for_kbit_training
 
-    if getattr(model, "is_loaded_in_4bit", False):
+    if getattr(model, "is_loaded_in_4bit", False) and not ctx.sharded:
         # Freezes the base, casts the few non-quantised parameters (norms) to fp32 for stable
         # training and makes the input embeddings' output require grad. Checkpointing is the
-        # trainer's choice, not forced here.
+        # trainer's choice, not forced here. Not when FSDP / ZeRO-3 will shard the model: they
+        # flatten each unit's parameters into one tensor of one dtype (the load dtype, which the
+        # 4-bit weights are then stored in too), so no fp32 casts (as TRL does for sharded QLoRA);
+        # PEFT's LoRA freezes the base itself.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return apply_lora(model, arch, p, ctx)
 

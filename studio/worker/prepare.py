@@ -13,6 +13,7 @@ import torch
 from studio import models
 from studio.arch import ArchInfo
 from studio.db import Database
+from studio.distributed import strategy
 from studio.methods import get_method
 from studio.methods.base import ApplyContext
 from studio.run_setup import DeviceFacts, training_setup
@@ -96,10 +97,16 @@ def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, An
     params = method.params(spec.method_settings)
     tokenizer = models.load_tokenizer(spec.model, spec.trust_remote_code)
     kwargs: dict[str, Any] = {}
+    sharded = strategy.flattens_parameters(spec, ranks.world_size())
     if method.quantization is not None:
-        kwargs["quantization_config"] = method.quantization(params)
+        kwargs["quantization_config"] = quantization = method.quantization(params)
+        if sharded and hasattr(quantization, "bnb_4bit_quant_storage"):
+            # FSDP / ZeRO-3 flatten a unit's parameters into one tensor of one dtype: the packed
+            # 4-bit weights are stored in the load dtype the rest of the model has (PEFT's FSDP
+            # and DeepSpeed QLoRA guides), not uint8.
+            quantization.bnb_4bit_quant_storage = getattr(torch, compute.load_dtype)
         if compute.device == "cuda":
-            kwargs["device_map"] = {"": 0}
+            kwargs["device_map"] = {"": ranks.local_rank()}
     if compute.decision.get("attention"):  # eager for a short bf16 step on the CPU (precision.py)
         kwargs["attn_implementation"] = compute.decision["attention"]
     if spec.liger_kernel:  # refused before minutes of loading when it cannot be had
@@ -112,7 +119,7 @@ def build_model(spec: RunSpec, compute: Compute) -> tuple[Any, Any, ArchInfo, An
         print(kernels.apply_liger(model, compute.device), flush=True)
     arch = ArchInfo.from_model(model)
     context = ApplyContext(tokenizer=tokenizer, tokenizer_path=str(models.tokenizer_folder(spec.model)),
-                           device=compute.device, dtype=compute.load_dtype)
+                           device=compute.device, dtype=compute.load_dtype, sharded=sharded)
     model = method.apply(model, arch, params, context)
     if compute.device == "cpu" and compute.load_dtype == "bfloat16":
         from studio.worker.precision import compute_adapters_in
