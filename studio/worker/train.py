@@ -33,6 +33,7 @@ from studio.db import Database, RunStatus, utcnow
 from studio.methods import get_method
 from studio.run_setup import DeviceFacts
 from studio.runspec import RunSpec
+from studio.trackers import live as tracking
 from studio.worker import diskspace, prepare, ranks
 from studio.worker.resilient import BackgroundWriter, Patient, SilentWriter, say
 from studio.worker.run_stats import training_stats
@@ -136,7 +137,7 @@ def training_arguments(spec: RunSpec, compute: prepare.Compute, output_dir: Path
         # several processes (ranks.py): gloo on a CPU, and the group's timeout, not torch's 30 min
         ddp_backend="gloo" if compute.device == "cpu" and ranks.distributed() else None,
         ddp_timeout=ranks.timeout_s(),
-        report_to="none",
+        report_to=list(spec.trackers) or "none",  # transformers' callbacks, pointed by studio/trackers/live.py
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -183,6 +184,7 @@ def train(db: Database, run_id: int, resume: bool = False, extra_callbacks: tupl
         status, fields = RunStatus.OOM.value, {"error": f"Out of memory: {exc}\n\n{oom_advice(spec, live.device)}"}
     except Exception as exc:  # every other failure: recorded for the user, then the process exits 1
         status, fields = RunStatus.FAILED.value, _failure(db, run_id, exc, folder, live)
+    tracking.end(status)  # the MLflow run ends as the run did
     if reserve is not None:
         reserve.release()  # just before the last writes: on a full disk, SQLite needs this space
     writer.close()
@@ -230,6 +232,7 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
     """Trains; returns (final status, the run's other fields to record with it)."""
     torch.manual_seed(spec.seed)
     ranks.start_group("cuda" if torch.cuda.is_available() else "cpu")
+    tracking.begin(db, run_id, spec, folder, resume, ranks.is_main(), say)  # before the model: fails fast
     # Rank 0 decides, every rank follows (ranks.share): one precision probe, one sample-task
     # import, one download or conversion of the model before every rank loads it.
     decided = prepare.decide(db, run_id, spec, folder, resume) if ranks.is_main() else None
