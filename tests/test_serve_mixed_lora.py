@@ -56,7 +56,8 @@ def test_mixed_lora_hooks_equal_peft_adapter_names_bit_for_bit(engine, prompt):
 def test_mixed_lora_batched_decode_equals_peft_adapter_names(tiny_chat_model, prompt, monkeypatch):
     """The batched path (adapters stacked per layer, two bmm per layer, after S-LoRA / Punica)
     gives PEFT's ``adapter_names`` logits for a decode step: rows grouped contiguously, scattered,
-    one row per adapter, uneven groups beside base rows (zero-padded layout), at least half the
+    one row per adapter, uneven groups beside base rows (zero-padded layout), one scaling for
+    every adapter (fused into baddbmm / index_add_) and one per slot, at least half the
     adapters (the whole stack, unused slots fed zeros) and fewer (the used slots gathered); adapters of different ranks (zero-padded stacks) and different target layers. MKL's
     batched kernel may round the sums differently from ``F.linear``: within 1e-5 of the logits'
     scale, the same greedy token; a prefill (several tokens a row) takes the per-group path,
@@ -95,9 +96,17 @@ def test_mixed_lora_batched_decode_equals_peft_adapter_names(tiny_chat_model, pr
 
     cases = {"contiguous": list("aabbccdd"), "scattered": ["a", "b", "c", "a", "b", "c", None, "d"],
              "one row each": list("abcde"), "shuffled": list("edcba"),
+             "every adapter once, in slot order (the batch is the layout)": list("abcdefg"),
              "uneven beside base": ["a", "a", "a", None, "b", "c", "c", None],
              "three of seven (gathered)": ["c", "a", "b", "a"]}
-    for label, keys in cases.items():
+    assert all(layer.uniform == 2.0 for layer in hooks._layers)  # alpha = 2r everywhere
+    uniform = list(cases.items())
+    # the same cases with a scaling per slot (adapters of different alphas take that path)
+    per_slot = [(label + ", a scaling per slot", keys) for label, keys in uniform]
+    for label, keys in uniform + per_slot:
+        if label.endswith("per slot"):
+            for layer in hooks._layers:
+                layer.uniform = None
         ids = torch.tensor([prompt] * len(keys))
         names = [k or "__base__" for k in keys]
         with torch.no_grad():

@@ -27,7 +27,10 @@ Two ways to compute it, chosen per layer call:
       Y = bmm(bmm(X, A_g^T), B_g^T) * scaling_g       (Y [G, M, d_out])
 
   added back to the rows with index_add_ (or one ``+=`` when the layout is the batch itself:
-  one row per adapter, in slot order). Two ``bmm`` per layer instead of 2 x G ``F.linear``:
+  one row per adapter, in slot order). When every adapter of the layer has the same scaling s
+  (the same r and alpha: the usual case) the scaling rides on the add: index_add_'s alpha, or,
+  when the layout is the batch, one ``baddbmm_`` (out += s · H B^T) for the product, the scaling
+  and the sum. Two ``bmm`` per layer instead of 2 x G ``F.linear``:
   the cost is the adapters' weights read once, not G times a call's overhead. ``A_g`` is the
   stack itself when the batch uses at least half its slots (unused slots get zero rows), else
   the batch's slots gathered (a copy, kept while the batch's adapters stay the same).
@@ -77,6 +80,7 @@ class _Layer:
     a_t: torch.Tensor | None = None  # a.transpose(1, 2), b.transpose(1, 2): what bmm takes
     b_t: torch.Tensor | None = None
     scaling: torch.Tensor | None = None  # [n, 1, 1]
+    uniform: float | None = None  # the one scaling every slot has (the usual case: same r and alpha)
     slot: dict = field(default_factory=dict)  # adapter key -> slot
     # The last subset of slots a batch used, gathered: (slots, a_t, b_t, scaling). A batch keeps
     # its adapters for many decode steps, so the copy is made when its composition changes, not
@@ -227,13 +231,23 @@ class MixedLoRA:
                 layer.gathered = (wanted, a_t.index_select(0, layout.slots), b_t.index_select(0, layout.slots),
                                   scaling.index_select(0, layout.slots))
             _, a_t, b_t, scaling = layer.gathered
-        delta = torch.bmm(torch.bmm(xs, a_t), b_t) * scaling
+        hidden = torch.bmm(xs, a_t)
         out = output.view(batch, -1)
+        if layer.uniform is not None and layout.rows is None:
+            # One kernel for the second product, its scaling and the sum into the base output:
+            # out = out + s * (hidden @ B^T) (baddbmm's beta = 1, alpha = s), no delta tensor.
+            out.view(layout.groups, layout.width, -1).baddbmm_(hidden, b_t, alpha=layer.uniform)
+            return
+        delta = torch.bmm(hidden, b_t)
+        if layer.uniform is None:
+            delta = delta * scaling
         delta = delta.view(layout.groups * layout.width, -1)
+        alpha = 1.0 if layer.uniform is None else layer.uniform  # index_add_ scales as it adds
         if layout.rows is None:
             out += delta
         else:
-            out.index_add_(0, layout.rows, delta if layout.real is None else delta.index_select(0, layout.real))
+            out.index_add_(0, layout.rows, delta if layout.real is None else delta.index_select(0, layout.real),
+                           alpha=alpha)
 
 
 class _Hook:
@@ -281,6 +295,8 @@ def _stack(layer: _Layer) -> None:
     layer.scaling = torch.tensor([float(lora.scaling[k]) for k in layer.keys], dtype=a_stack.dtype,
                                  device=a_stack.device).view(-1, 1, 1)
     layer.slot = {k: i for i, k in enumerate(layer.keys)}
+    scalings = {float(lora.scaling[k]) for k in layer.keys}
+    layer.uniform = scalings.pop() if len(scalings) == 1 else None
 
 
 def _layout(layer: _Layer, row_keys: list, device: torch.device) -> _Layout:
