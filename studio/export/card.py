@@ -1,5 +1,6 @@
-"""The model card (README.md) written into every export folder, and the portable name of the
-base model that the card and an adapter's config carry.
+"""The model card (README.md) written into every export folder (for a GGUF export, with how to
+run it in Ollama), and the portable name of the base model that the card and an adapter's
+config carry.
 
 An export folder gets shared, so nothing in it may point into this machine: the base model is
 named by its hub id when there is one (the embedded model is SmolLM2-135M-Instruct from the
@@ -30,14 +31,49 @@ def base_model_reference(source: str) -> tuple[str, bool]:
     return Path(parsed.ref).name, False  # a local folder or .gguf file: its name, not where it is
 
 
+def ollama_section(run_name: str, modelfile: str | None) -> str:
+    """The GGUF card's "Run it with Ollama" section: the two commands (the model name derived
+    from the run's name), then what the Modelfile carries, read back from ``modelfile`` (its
+    text), or what the user must do when it has no TEMPLATE."""
+    from studio.export.modelfile import FILENAME, ollama_name, parse_modelfile
+
+    name = ollama_name(run_name)
+    commands = f"```\nollama create {name} -f {FILENAME}\nollama run {name}\n```"
+    if modelfile is None:
+        return (f"## Run it with Ollama\n\nIn this folder:\n\n{commands}\n\nThe `{FILENAME}` beside the "
+                "GGUF carries its chat template, stop strings and system prompt.\n")
+    parsed = parse_modelfile(modelfile)
+    stops = [value for key, value in parsed["parameters"] if key == "stop"]
+    settings = ", ".join(f"{key} {value}" for key, value in parsed["parameters"] if key != "stop")
+    lines = [f"- `FROM {parsed['from']}`: the GGUF file of this folder"]
+    if parsed["template"] is not None:
+        lines.append("- `TEMPLATE`: the model's chat template in Ollama's syntax, checked to build the same "
+                     "prompts as the Hugging Face template")
+    else:
+        why = " ".join(c for c in parsed["comments"] if not c.startswith(("Ollama Modelfile", "Create and run")))
+        lines.append(f"- **no `TEMPLATE`**: {why}")
+    if parsed["system"] is not None:
+        lines.append(f"- `SYSTEM`: {parsed['system']!r}, used when a conversation brings no system message")
+    lines.append(f"- `PARAMETER stop`: {', '.join(f'`{s}`' for s in stops) or 'none found'}, where "
+                 "generation ends")
+    if settings:
+        lines.append(f"- `PARAMETER`: {settings}")
+    return (f"## Run it with Ollama\n\nIn this folder:\n\n{commands}\n\nThe `{FILENAME}` holds:\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def model_card(*, run: Any, spec: Any, dataset: Any, kind: str, dtype: str, metrics: dict[str, float],
-               steps: int | None, mergeable: bool, peft_adapter: bool, checkpoint: int | None = None) -> str:
+               steps: int | None, mergeable: bool, peft_adapter: bool, checkpoint: int | None = None,
+               modelfile: str | None = None) -> str:
     """``peft_adapter``: the adapter folder is PEFT's (else the studio's bottleneck layout);
-    ``checkpoint``: the step of the checkpoint exported (None: the run's final weights)."""
+    ``checkpoint``: the step of the checkpoint exported (None: the run's final weights);
+    ``modelfile``: the text of the GGUF export's Ollama Modelfile, described in the card."""
     settings = "\n".join(f"| {k} | {v} |" for k, v in sorted(spec.method_settings.items())) or "| (defaults) | |"
     scores = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())) or "| (none recorded) | |"
     what = ("the base model with the adapter merged into its weights; load it with "
             "`AutoModelForCausalLM.from_pretrained(folder)`" if kind == "merged" else
+            "the base model with the adapter merged, as one GGUF file for llama.cpp and Ollama"
+            if kind == "gguf" else
             "the adapter alone; load it over the base with `peft.PeftModel.from_pretrained(base, folder)`"
             if peft_adapter else
             "the bottleneck adapters alone (PEFT Studio layout: bottleneck_config.json + "
@@ -61,8 +97,9 @@ def model_card(*, run: Any, spec: Any, dataset: Any, kind: str, dtype: str, metr
             made = "trained adapters"
         training = (f"| composed | {made}, with PEFT's add_weighted_adapter; not trained itself "
                     "(the method settings below are its first parent's) |")
+    ollama = "\n" + ollama_section(run.name, modelfile) if kind == "gguf" else ""
     return f"""---
-library_name: {"transformers" if kind == "merged" else "peft"}
+library_name: {"transformers" if kind == "merged" else "gguf" if kind == "gguf" else "peft"}
 {header}tags: [peft-studio, {spec.method}]
 ---
 # {run.name}
@@ -88,4 +125,4 @@ Exported by PEFT Studio {studio.__version__}: {what}.
 | metric | value |
 |---|---|
 {scores}
-"""
+{ollama}"""

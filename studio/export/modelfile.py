@@ -44,6 +44,8 @@ def _quoted_ok(text: str) -> bool:
 def _generation_config(tokenizer: Any) -> dict[str, Any]:
     """generation_config.json beside the tokenizer's files, when they came from a local folder."""
     folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if not folder.is_absolute():  # a hub id, or nothing: never read relative to the working folder
+        return {}
     try:
         return json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -168,13 +168,18 @@ def go_string(text: str) -> str:
 
 
 def _branches(options: list[tuple[str, str]]) -> str:
-    """``{{ if eq $prev "a" }}{{ "gap" }}{{ else if ... }}{{ end }}`` for the non-empty gaps."""
-    options = [(prev, gap) for prev, gap in options if gap]
-    if not options:
-        return ""
-    parts = [f'{{{{ {"if" if i == 0 else "else if"} eq $prev {go_string(prev)} }}}}{{{{ {go_string(gap)} }}}}'
-             for i, (prev, gap) in enumerate(options)]
-    return "".join(parts) + "{{ end }}"
+    """``{{ if eq $prev "a" }}{{ "gap" }}{{ else if ... }}{{ end }}`` for the non-empty gaps;
+    previous roles sharing a gap share a branch (``or``), which keeps the TEMPLATE readable."""
+    grouped: dict[str, list[str]] = {}
+    for prev, gap in options:
+        if gap:
+            grouped.setdefault(gap, []).append(prev)
+    parts = []
+    for i, (gap, prevs) in enumerate(grouped.items()):
+        tests = [f"eq $prev {go_string(prev)}" for prev in prevs]
+        test = tests[0] if len(tests) == 1 else "or " + " ".join(f"({t})" for t in tests)
+        parts.append(f'{{{{ {"if" if i == 0 else "else if"} {test} }}}}{{{{ {go_string(gap)} }}}}')
+    return "".join(parts) + "{{ end }}" if parts else ""
 
 
 def go_template(pieces: Pieces) -> str:
