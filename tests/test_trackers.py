@@ -176,3 +176,32 @@ def test_a_tracker_whose_package_is_missing_is_refused_with_the_install_line(mon
 def test_a_bad_trackers_field_is_refused_by_name(value, words):
     with pytest.raises(RunSpecError, match=f"runspec 'trackers'.*{words}"):
         RunSpec(sample_task="dates", trackers=value).validate()
+
+
+def test_the_switches_write_the_draft_and_the_run_view_says_where_the_logs_are(runs, tiny_chat_model):
+    from studio.ui.draft import RunDraft
+    from studio.ui.train_actions import with_tracker
+    from studio.ui.train_view import render_run
+
+    draft = with_tracker(with_tracker(RunDraft(), "mlflow", True), "tensorboard", True)
+    assert draft.run_spec(str(tiny_chat_model)).trackers == ["tensorboard", "mlflow"]  # what Start starts
+    assert with_tracker(draft, "mlflow", False).spec.trackers == ["tensorboard"]
+    from studio.ui.train_tab import redraw
+
+    assert redraw(Database(), None, with_tracker(RunDraft(), "mlflow", True))[-2:] == [False, True]  # the boxes
+    tracked, plain = runs
+    status = render_run(Database(), tracked).status
+    assert "tensorboard --logdir" in status and "mlflow ui --backend-store-uri" in status, status
+    assert "tensorboard" not in render_run(Database(), plain).status
+
+
+def test_a_switch_whose_package_is_missing_is_greyed_with_the_install_line(monkeypatch):
+    gr = pytest.importorskip("gradio")
+    from studio.ui import train_tab
+
+    real = choice._installed
+    monkeypatch.setattr(choice, "_installed", lambda module: module != "mlflow" and real(module))
+    with gr.Blocks():
+        boxes = train_tab._tracker_boxes()
+    assert boxes["mlflow"].interactive is False and "peft-studio[trackers]" in boxes["mlflow"].info
+    assert boxes["tensorboard"].interactive is not False and "pip install" not in boxes["tensorboard"].info

@@ -174,6 +174,15 @@ TRAIN_FIELDS = {
                           "final assistant turns (0: skip; generating is slow on a CPU, most with long "
                           "answers)."),
 }
+# Experiment trackers (studio/trackers/): per-run switches; a tracker whose package is missing is
+# shown off and greyed, its help replaced by the install line (trackers.choice.missing).
+TRAIN_TRACKERS = {
+    "tensorboard": ("Log to TensorBoard", "A copy of the run's curves in its folder (tensorboard/); the "
+                    "studio's History stays the record."),
+    "mlflow": ("Log to MLflow", "A copy of the run's curves and settings in the project's local MLflow store "
+               "(mlflow/mlflow.db); the studio's History stays the record."),
+}
+TRAIN_TRACKER_LOGS = "{title}: `{where}` — view: `{view}`"
 TRAIN_HELP = {
     "data": "A sample task (imported into this project on first use and scored by exact match) "
             "or a dataset you imported in the Data tab.",
@@ -314,6 +323,10 @@ EXPORT = {
     "qlora": "**QLoRA:** the merged export is the 4-bit base de-quantised to the chosen dtype with the adapter "
              "merged in; its outputs are compared with the 4-bit model as trained.",
     "merges": "{title}: merges into the base with no inference overhead.",
+    "llamacpp_checked": "llama.cpp: greedy agreement {agree:.0%} over {prompts} prompts ({required}); "
+                        "{stopped} of {ending} answers that end stopped at the end-of-turn token",
+    "gguf_types": "f16, q8_0: written by the studio. Q4_K_M, Q5_K_M, Q6_K: llama.cpp's own quantiser{missing}.",
+    "kquant_missing": " (needs llama-cpp-python, not installed: {install})",
 }
 
 TRAIN_VIEW = {

@@ -8,6 +8,7 @@ Plain values in, (message, ...) out, so tests drive them against a real database
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 from studio.adapters import derived
@@ -86,3 +87,15 @@ def resume_run(db: Database, run_id: int | None) -> str:
         except launch.RunConflict as exc:
             return labels.TRAIN_MSG["not_resumed"].format(reason=exc)
     return train_view.resumed_message(run_id, point, stop)  # from step 0 after a discard, and says so
+
+
+def with_tracker(draft: RunDraft, name: str, on: bool) -> RunDraft:
+    """The draft with tracker ``name`` switched on or off (its ``trackers`` list kept in
+    ``TRACKERS`` order); a missing package is refused at Start, with the install line."""
+    from studio.trackers.choice import TRACKERS, known
+
+    known(name)
+    chosen = set(draft.spec.trackers) - {name} | ({name} if on else set())
+    spec = dataclasses.replace(draft.spec, trackers=[t for t in TRACKERS if t in chosen],
+                               method_settings=dict(draft.spec.method_settings))  # never shared
+    return dataclasses.replace(draft, spec=spec)

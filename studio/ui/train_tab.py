@@ -22,9 +22,11 @@ from studio.db import Database, RunStatus
 from studio.methods import all_methods
 from studio.runs import launch
 from studio.runspec import OPTIMIZERS, PRECISIONS, SCHEDULES, RunSpec
+from studio.trackers.choice import TRACKERS, missing
 from studio.ui import data_choice, estimates, labels, polling
 from studio.ui.draft import TRAINING_FIELDS, RunDraft
-from studio.ui.train_actions import choices_of, resume_run, run_choices, run_to_follow, start_run, stop_run
+from studio.ui.train_actions import (choices_of, resume_run, run_choices, run_to_follow, start_run, stop_run,
+                                     with_tracker)
 from studio.ui.train_view import LOG_LINES, nice_limits, render_run
 from studio.ui.wiring import DRAFT_QUEUE, DraftView, edits
 
@@ -81,7 +83,20 @@ def redraw(db: Database, project_id: int | None, draft: RunDraft) -> list[Any]:
     if data != draft.data:
         draft = draft.with_data(data)
     return [draft, gr.update(choices=offered, value=data), draft.spec.method,
-            *(getattr(draft.spec, name) for name in OPTIONS)]
+            *(getattr(draft.spec, name) for name in OPTIONS), *(name in draft.spec.trackers for name in TRACKERS)]
+
+
+def _tracker_boxes() -> dict[str, gr.Checkbox]:
+    """One switch per experiment tracker; a tracker whose package is missing is off and greyed,
+    its help the install line (so the user learns why, not only that it cannot be chosen)."""
+    boxes = {}
+    with gr.Row():
+        for name in TRACKERS:
+            label, info = labels.TRAIN_TRACKERS[name]
+            why = missing(name)
+            boxes[name] = gr.Checkbox(False, label=label, info=why or info, interactive=why is None,
+                                      elem_id=f"train-tracker-{name}")
+    return boxes
 
 
 def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -> TrainHandles:
@@ -98,6 +113,7 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -
                 for row in range(0, len(advanced), 2):
                     with gr.Row():
                         widgets.update({name: _option(name) for name in advanced[row:row + 2]})
+                trackers = _tracker_boxes()
             estimate_md = gr.Markdown(elem_id="train-estimate")
             start = gr.Button(labels.TRAIN_START, variant="primary", size="lg", elem_id="train-start")
             message = gr.Markdown(elem_id="train-message")
@@ -179,6 +195,8 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -
     estimate_after(edits(method, lambda d, m: d.with_method(m), draft))
     for name, widget in widgets.items():
         estimate_after(edits(widget, lambda d, v, n=name: d.with_field(n, v), draft))
+    for name, box in trackers.items():  # no estimate to redo: a tracker costs no memory to speak of
+        edits(box, lambda d, v, n=name: with_tracker(d, n, v), draft)
     # Start reads the draft after the edits already sent (one queue): a value typed just before
     # the click is in the run.
     start.click(lambda: None, None, None, api_name=False, show_progress="hidden", concurrency_id=DRAFT_QUEUE).then(
@@ -191,7 +209,8 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, draft: gr.State) -
                  api_name=False)
     run_dd.input(on_select, [run_dd, shown], [*view_outputs, shown], api_name=False, show_progress="hidden")
     view = DraftView(lambda project_id, current: redraw(db, project_id, current), [picker, draft],
-                     [draft, data, method, *(widgets[name] for name in OPTIONS)], then=[estimate])
+                     [draft, data, method, *(widgets[name] for name in OPTIONS), *trackers.values()],
+                     then=[estimate])
 
     def attach_timer() -> gr.Timer:
         timer.render()

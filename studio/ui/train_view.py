@@ -23,6 +23,7 @@ import pandas as pd
 
 from studio.db import Database, Run, RunStatus
 from studio.runspec import RunSpec
+from studio.trackers.choice import run_places
 from studio.ui import labels
 from studio.runs import launch, outcome
 from studio.worker.precision_record import describe, read_record
@@ -219,6 +220,16 @@ def precision_line(db: Database, run: Run) -> str:
     return describe(record) if record else ""
 
 
+def tracker_lines(db: Database, run: Run) -> str:
+    """Where a run's tracker copies are and the command that shows each (empty without any)."""
+    names = (run.spec or {}).get("trackers") or []
+    project = db.get_project(run.project_id) if names else None
+    if project is None:
+        return ""
+    return "".join("  \n" + labels.TRAIN_TRACKER_LOGS.format(title=title, where=where, view=view)
+                   for title, where, view in run_places(project, run, names))
+
+
 def summary_markdown(run: Run, points: dict[str, list[tuple[int, float]]], step: int, total: int | None,
                      precision: str = "", status: str | None = None) -> str:
     """The finished run's results table; ``status``: its status in words (``outcome``)."""
@@ -278,6 +289,7 @@ def render_run(db: Database, run_id: int | None, now: float | None = None) -> Ru
     precision = precision_line(db, run)
     if running and precision:
         status += f"  \n{html.escape(precision)}"
+    status += tracker_lines(db, run)
     log = clean_log(db, run, LOG_LINES)
     finished = run.status not in (RunStatus.RUNNING.value, RunStatus.QUEUED.value)
     summary = summary_markdown(run, points, step, total, precision, words) if finished else ""
