@@ -2,7 +2,8 @@
 what the Modelfile tests translate and compare against. Written after the templates the model
 families publish (the parts that shape a plain conversation; tool calling left out).
 
-Each entry: (template, bos, eos, other special tokens, expected stop strings, what it shows).
+Each entry of ``FAMILIES``: (template, bos, eos, other special tokens, the stop strings expected).
+``NO_SYSTEM``: the families whose template refuses (raises on) or drops a system message.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ PHI3 = (
     "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 
+# Phi-3-mini's first template: system messages silently left out; the user turn writes the
+# assistant header itself
+PHI3_MINI = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}"
+    "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
+    "{% elif (message['role'] == 'assistant') %}{{message['content'] + '<|end|>' + '\n'}}{% endif %}{% endfor %}")
+
 # Qwen2: ChatML with a default system prompt
 QWEN2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -102,7 +110,11 @@ FAMILIES = {
     "llama2": (LLAMA2, "<s>", "</s>", [], ["</s>", "<s>"]),
     "phi3": (PHI3, "<s>", "<|endoftext|>", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
              ["<|endoftext|>", "<|end|>", "<|user|>"]),
+    "phi3-mini": (PHI3_MINI, "<s>", "<|endoftext|>", ["<|user|>", "<|assistant|>", "<|end|>"],
+                  ["<|endoftext|>", "<|end|>", "<|user|>"]),
     "qwen2": (QWEN2, None, "<|im_end|>", ["<|im_start|>"], ["<|im_end|>", "<|im_start|>"]),
     "gemma3": (GEMMA3, "<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"],
                ["<eos>", "<end_of_turn>", "<start_of_turn>"]),
 }
+
+NO_SYSTEM = {"mistral", "phi3-mini"}

@@ -11,7 +11,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from chat_templates import FAMILIES, MISTRAL_V3
+from chat_templates import FAMILIES, MISTRAL_V3, NO_SYSTEM, QWEN2
 from ollama_helpers import ollama_prompt, read_modelfile
 
 from studio.export.card import model_card
@@ -92,11 +92,11 @@ def test_template_renders_the_hugging_face_prompt(family, base_tokenizer, tmp_pa
                 expected = hugging_face(tokenizer, chat)
             except Exception:  # noqa: BLE001 - the family's template refuses a system role
                 assert system and family == "mistral"
-                assert any("no system role" in c for c in parsed["comments"])
                 continue
             assert ollama_prompt(written(tmp_path, tokenizer), chat) == expected, (family, system, turns)
             compared += 1
     assert compared == (2 if family == "mistral" else 4)
+    assert any("no system role" in c for c in parsed["comments"]) == (family in NO_SYSTEM)
 
 
 def test_default_system_prompt_kept_and_run_prompt_wins(base_tokenizer, tmp_path):
@@ -124,10 +124,33 @@ def test_inexpressible_template_written_without_template(base_tokenizer, tmp_pat
     assert any("write a TEMPLATE by hand" in c for c in parsed["comments"])
     assert parsed["system"] == SYSTEM and ("stop", "</s>") in parsed["parameters"]
     card = card_for("Mistral run", "gguf", text)
-    assert "**no `TEMPLATE`**: No TEMPLATE: this model's chat template cannot be written" in card
+    assert "**no `TEMPLATE`**: this model's chat template cannot be written in Ollama's syntax" in card
+    assert "system prompt placed in the last user turn" in card and "write a TEMPLATE by hand" in card
     # a template with no chat template at all: a plain text model
     tokenizer.chat_template = None
     assert any("no chat template" in c for c in read_back(written(tmp_path, tokenizer))["comments"])
+
+
+def test_characters_ollama_would_drop_survive(base_tokenizer, tmp_path):
+    """Ollama's parser drops non-printable characters: the TEMPLATE escapes them, a SYSTEM that
+    holds one is left out with the reason."""
+    template = QWEN2.replace("<|im_start|>' + message['role'] + '\n'", "<|im_start|>' + message['role'] + '\u00a0\u200d\n'")
+    tokenizer = family_tokenizer(base_tokenizer, template, None, "<|im_end|>", ["<|im_start|>"], tmp_path)
+    chat = conversation(True, 2)
+    assert "\u200d" in hugging_face(tokenizer, chat)
+    text = written(tmp_path, tokenizer, system_prompt="Be\u200bterse.")
+    assert ollama_prompt(text, chat) == hugging_face(tokenizer, chat)
+    parsed = read_back(text)
+    assert parsed["system"] is None
+    assert any(c.startswith("No SYSTEM: the run's system prompt") for c in parsed["comments"])
+
+
+def test_a_failing_template_cannot_write_instructions(base_tokenizer, tmp_path):
+    tokenizer = family_tokenizer(base_tokenizer, "{{ raise_exception('broken\\nFROM /etc/passwd') }}",
+                                 None, "<|im_end|>", [], tmp_path)
+    parsed = read_back(written(tmp_path, tokenizer))
+    assert parsed["from"] == "./model-f16.gguf" and parsed["template"] is None
+    assert any("fails on a plain user/assistant conversation" in c for c in parsed["comments"])
 
 
 def test_bos_the_tokenizer_adds_is_left_out(base_tokenizer, tmp_path):
@@ -189,9 +212,19 @@ def test_card_says_how_to_run_it_in_ollama(base_tokenizer, tmp_path):
     card = card_for("My run: v2/../x", "gguf", written(tmp_path, base_tokenizer, system_prompt=SYSTEM))
     assert "ollama create my-run-v2-x -f Modelfile\nollama run my-run-v2-x" in card
     assert "`TEMPLATE`: the model's chat template in Ollama's syntax" in card
-    assert "`<|im_end|>`, `<|im_start|>`" in card and repr(SYSTEM) in card
+    assert "`<|im_end|>`, `<|im_start|>`" in card and f"````text\n{SYSTEM}\n````" in card
     assert "as one GGUF file" in card and "library_name: gguf" in card
     assert "ollama" not in card_for("My run", "merged", None)
+
+
+@pytest.fixture
+def db(studio_home):
+    """A real history in this test's home; no run here is ever started, so nothing to stop."""
+    from studio.db import Database
+
+    database = Database()
+    yield database
+    database.close()
 
 
 @pytest.fixture

@@ -51,15 +51,16 @@ def ollama_section(run_name: str, modelfile: str | None) -> str:
                      "prompts as the Hugging Face template")
     else:
         why = " ".join(c for c in parsed["comments"] if not c.startswith(("Ollama Modelfile", "Create and run")))
-        lines.append(f"- **no `TEMPLATE`**: {why}")
+        lines.append(f"- **no `TEMPLATE`**: {why.removeprefix('No TEMPLATE: ')}")
     if parsed["system"] is not None:
-        lines.append(f"- `SYSTEM`: {parsed['system']!r}, used when a conversation brings no system message")
+        lines.append("- `SYSTEM`: the system prompt below, used when a conversation brings none")
     lines.append(f"- `PARAMETER stop`: {', '.join(f'`{s}`' for s in stops) or 'none found'}, where "
                  "generation ends")
     if settings:
         lines.append(f"- `PARAMETER`: {settings}")
+    system = f"\n````text\n{parsed['system']}\n````\n" if parsed["system"] is not None else ""
     return (f"## Run it with Ollama\n\nIn this folder:\n\n{commands}\n\nThe `{FILENAME}` holds:\n\n"
-            + "\n".join(lines) + "\n")
+            + "\n".join(lines) + "\n" + system)
 
 
 def model_card(*, run: Any, spec: Any, dataset: Any, kind: str, dtype: str, metrics: dict[str, float],

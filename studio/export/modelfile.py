@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.export.ollama_template import (Pieces, TemplateNotExpressible, go_template, measure,
-                                           strip_bos)
+                                           printable, strip_bos)
 
 FILENAME = "Modelfile"
 TEMPERATURE, TOP_P = 0.7, 0.9  # used when the model's generation_config recommends none
@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 
 
 def _quoted_ok(text: str) -> bool:
-    """Whether Ollama's parser reads ``text`` back unchanged inside triple quotes."""
-    return '"""' not in text and not text.startswith('"') and not text.endswith('"')
+    """Whether Ollama's parser reads ``text`` back unchanged inside triple quotes: it ends the
+    value at a triple quote and drops characters Go does not call printable."""
+    return ('"""' not in text and not text.startswith('"') and not text.endswith('"')
+            and all(printable(ch) or ch in "\t\r\n" for ch in text))
 
 
 def _generation_config(tokenizer: Any) -> dict[str, Any]:
@@ -117,8 +119,10 @@ def modelfile_text(gguf_name: str, tokenizer: Any, system_prompt: str | None,
             strip_bos(pieces, _adds_bos(tokenizer))
             template = go_template(pieces)
         except TemplateNotExpressible as exc:
-            comments += ["No TEMPLATE: this model's chat template cannot be written in Ollama's template",
-                         f"syntax without changing the prompt ({str(exc)[:300]!r}).",
+            log.warning("no Ollama TEMPLATE: %s (%s)", exc, exc.detail[:2000])
+            pieces = None
+            comments += [f"No TEMPLATE: this model's chat template cannot be written in Ollama's syntax "
+                         f"without changing the prompt: {exc}.",
                          "Ollama uses the template it recognises in the GGUF's metadata, if any; otherwise",
                          f"write a TEMPLATE by hand (see {TEMPLATE_DOCS}) before `ollama create`."]
     else:
@@ -135,10 +139,12 @@ def modelfile_text(gguf_name: str, tokenizer: Any, system_prompt: str | None,
     if system is None and pieces is not None and pieces.default_system:
         system, origin = pieces.default_system, "the chat template's default system prompt"
     if system is not None and not _quoted_ok(system):
-        comments.append(f"No SYSTEM: {origin} contains triple quotes or starts/ends with a quote, "
-                        "which a Modelfile cannot hold.")
+        comments.append(f"No SYSTEM: {origin} contains triple quotes, starts or ends with a quote, or "
+                        "holds characters Ollama's parser drops (control or invisible ones), so a Modelfile "
+                        "cannot carry it unchanged. Pass it as a system message instead.")
         system = None
-    lines = [f"# {c}" for c in comments] + ["", f"FROM ./{gguf_name}"]
+    # one line each: a newline in a reason (a template's own error text) must not start an instruction
+    lines = [f"# {' '.join(c.split())}" for c in comments] + ["", f"FROM ./{gguf_name}"]
     if template is not None:
         lines.append(f'TEMPLATE """{template}"""')
     if system is not None:

@@ -30,6 +30,7 @@ convention for continuing a partial answer.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,7 +42,12 @@ Render = Callable[[list[dict[str, str]], bool], str]  # (messages, add_generatio
 
 
 class TemplateNotExpressible(Exception):
-    """The chat template cannot be written as an Ollama TEMPLATE of per-role-pair gaps."""
+    """The chat template cannot be written as an Ollama TEMPLATE of per-role-pair gaps: ``str()``
+    is the reason in words, ``detail`` what was rendered (for the log, not the Modelfile)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.detail = detail
 
 
 @dataclass
@@ -77,8 +83,8 @@ def _gaps_of(text: str, chat: list[dict[str, str]]) -> list[str]:
         found = text.find(message["content"], at)
         if found < 0:
             raise TemplateNotExpressible(
-                f"the {message['role']} message's text is not where expected in the rendered prompt "
-                f"(the template moves, repeats or changes it): {text!r}")
+                f"the template moves, repeats or changes a {message['role']} message's text depending "
+                "on the conversation (a system prompt placed in the last user turn, for one)", repr(text))
         gaps.append(text[at:found])
         at = found + len(message["content"])
     return gaps + [text[at:]]
@@ -87,8 +93,8 @@ def _gaps_of(text: str, chat: list[dict[str, str]]) -> list[str]:
 def _record(gaps: dict, key: tuple[str, str], value: str, chat: list) -> None:
     if gaps.setdefault(key, value) != value:
         raise TemplateNotExpressible(
-            f"the text between a {key[0] or 'start'} and a {key[1]} message depends on more than "
-            f"the two roles: {gaps[key]!r} in one conversation, {value!r} in {[m['role'] for m in chat]}")
+            f"the text the template writes before a {key[1]} message depends on more than the role "
+            f"before it", f"{gaps[key]!r} in one conversation, {value!r} in {[m['role'] for m in chat]}")
 
 
 def measure(render: Render) -> Pieces:
@@ -107,7 +113,8 @@ def measure(render: Render) -> Pieces:
         try:
             text = render(chat, True)
         except Exception as exc:  # noqa: BLE001 - any template error is a reason not to translate
-            raise TemplateNotExpressible(f"the chat template fails on a plain conversation: {exc}") from exc
+            raise TemplateNotExpressible("the chat template fails on a plain user/assistant conversation",
+                                         str(exc)) from exc
         rendered.append(text)
         roles = [START] + [m["role"] for m in chat] + [GEN]
         for (prev, role), gap in zip(zip(roles, roles[1:]), _gaps_of(text, chat)):
@@ -119,8 +126,8 @@ def measure(render: Render) -> Pieces:
     for chat, text in zip(chats, rendered):  # the gaps must give back every measured render
         mine = render_pieces(pieces, chat)
         if mine != text:
-            raise TemplateNotExpressible(f"re-rendering from the measured pieces gives {mine!r}, "
-                                         f"Hugging Face's template gives {text!r}")
+            raise TemplateNotExpressible("the template's prompt cannot be rebuilt from per-role pieces",
+                                         f"rebuilt {mine!r}, Hugging Face's template gives {text!r}")
     pieces.default_system = default_system(pieces)
     return pieces
 
@@ -161,10 +168,19 @@ def render_pieces(pieces: Pieces, chat: Sequence[dict[str, str]]) -> str:
     return pieces.bos_removed + "".join(out)
 
 
+def printable(ch: str) -> bool:
+    """Go's ``strconv.IsPrint``: what Ollama's Modelfile parser keeps (it drops other characters)."""
+    return ch == " " or unicodedata.category(ch)[0] in "LMNPS"
+
+
 def go_string(text: str) -> str:
-    """``text`` as a Go interpreted string literal (JSON's escapes are valid Go escapes; non-ASCII
-    stays literal so no surrogate pair escapes appear)."""
-    return json.dumps(text, ensure_ascii=False)
+    """``text`` as a Go interpreted string literal: JSON's escapes (valid in Go) for quotes,
+    backslashes and control characters, ``\\uXXXX`` / ``\\UXXXXXXXX`` for any other character
+    Ollama's parser would drop (a no-break space, a zero-width joiner); the rest literal."""
+    body = json.dumps(text, ensure_ascii=False)[1:-1]
+    return '"' + "".join(ch if printable(ch) or ch == "\\" else
+                         f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}"
+                         for ch in body) + '"'
 
 
 def _branches(options: list[tuple[str, str]]) -> str:
@@ -195,4 +211,7 @@ def go_template(pieces: Pieces) -> str:
     ends = [(prev, gap) for (prev, r), gap in sorted(pieces.gaps.items()) if r == GEN and prev != "assistant"]
     if _branches(ends):
         lines.append("{{- " + _branches(ends)[3:])  # "{{ if" -> "{{- if": trims the newline before it
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    if '"""' in text or not all(printable(ch) or ch == "\n" for ch in text):  # go_string prevents both
+        raise TemplateNotExpressible("the translated template would not survive the Modelfile's quoting")
+    return text
