@@ -171,6 +171,17 @@ def test_a_tracker_whose_package_is_missing_is_refused_with_the_install_line(mon
     tiny_spec(tiny_chat_model, trackers=["tensorboard"]).validate()  # the other one still can
 
 
+def test_runs_export_without_the_package_says_how_to_install_it(runs, monkeypatch, capsys):
+    real = choice._installed
+    monkeypatch.setattr(choice, "_installed", lambda module: not module.startswith("tensorboard") and real(module))
+    tracked, _ = runs
+    before = sorted(p.name for p in (folder_of(Database(), tracked) / "tensorboard").iterdir())
+    assert cli.main(["runs", "export", "--tracker", "tensorboard", str(tracked)]) == 2
+    err = capsys.readouterr().err
+    assert "TensorBoard needs tensorboard" in err and "pip install" in err, err
+    assert sorted(p.name for p in (folder_of(Database(), tracked) / "tensorboard").iterdir()) == before
+
+
 @pytest.mark.parametrize("value,words", [
     (["wandb"], "unknown tracker 'wandb'"), ("mlflow", "must be a list"), (["mlflow", "mlflow"], "twice")])
 def test_a_bad_trackers_field_is_refused_by_name(value, words):

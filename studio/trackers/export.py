@@ -81,6 +81,9 @@ def export(db: Any, tracker: str, runs: list[Any], dest: Path | None = None) -> 
         if _unfinished(run):
             results.append({**base, "action": "skipped", "reason": f"{run.status}: export it once it has ended"})
             continue
+        if tracker == "tensorboard" and not run.folder and dest is None:
+            results.append({**base, "action": "skipped", "reason": "the run has no folder to log into: give --dest"})
+            continue
         metrics = db.metrics_for(run.id)
         if tracker == "mlflow":
             done = _to_mlflow(project, run, metrics, dest)
@@ -114,7 +117,7 @@ def _to_tensorboard(project: Any, run: Any, metrics: list[Any], dest: Path | Non
         runs_dir = project_folder(project) / "runs"
         target, shown = tensorboard_dir(config.child_path(runs_dir, run.folder)), runs_dir
     else:
-        target = config.child_path(config.child_path(dest, project.folder), run.folder)
+        target = config.child_path(config.child_path(dest, project.folder), run.folder or f"run-{run.id}")
         shown = dest
     replaced = _check_replaceable(target)
     staging = target.with_name(f".{target.name}.export-{os.getpid()}")

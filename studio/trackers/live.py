@@ -22,7 +22,7 @@ import os
 import time
 from typing import Any, Callable
 
-from studio.trackers.choice import TITLES, mlflow_store, mlflow_uri, project_folder, tensorboard_dir, view_command
+from studio.trackers.choice import TITLES, TrackerError, mlflow_store, mlflow_uri, project_folder, tensorboard_dir, view_command
 
 # History status -> MLflow's RunStatus name
 MLFLOW_STATUS = {"completed": "FINISHED", "cancelled": "KILLED", "failed": "FAILED", "oom": "FAILED"}
@@ -47,8 +47,12 @@ def begin(db: Any, run_id: int, spec: Any, folder: Any, resume: bool, main: bool
             say(f"{TITLES['tensorboard']}: logging to {logs}; view: "
                 f"{view_command('tensorboard', project_folder(project) / 'runs')}")
     if "mlflow" in spec.trackers and main:
-        _start_mlflow(project, run, resume)
         store = mlflow_store(project_folder(project))
+        try:
+            _start_mlflow(project, run, resume)
+        except Exception as exc:  # the store locked, unwritable, damaged: the user asked for it
+            raise TrackerError(f"the run asked for MLflow, and its store {store} could not be used: "
+                               f"{type(exc).__name__}: {exc}") from exc
         say(f"{TITLES['mlflow']}: logging to experiment '{project.name}', run '{run.name}' in {store}; "
             f"view: {view_command('mlflow', store)}")
 
@@ -75,16 +79,19 @@ class _Renamed:
         self.id, self.spec, self.name = run.id, run.spec, name
 
 
-def end(status: str) -> None:
+def end(status: str, say: Callable[[str], None] = print) -> None:
     """Close what ``begin`` opened: the MLflow run with the run's outcome (its queued metrics
     flushed), and the environment as it was (a test trains in-process)."""
     mlflow_id, _state["mlflow_run"] = _state["mlflow_run"], None
     if mlflow_id is not None:
         import mlflow
 
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == mlflow_id:
-            mlflow.end_run(status=MLFLOW_STATUS.get(status, "FAILED"))
+        try:  # the copy's end must not keep the history from recording the run's
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == mlflow_id:
+                mlflow.end_run(status=MLFLOW_STATUS.get(status, "FAILED"))
+        except Exception as exc:
+            say(f"MLflow: could not end run {mlflow_id} ({type(exc).__name__}: {exc}); the history has it all")
     env, _state["env"] = _state["env"], None
     if env is not None:
         name, before = env

@@ -184,7 +184,7 @@ def train(db: Database, run_id: int, resume: bool = False, extra_callbacks: tupl
         status, fields = RunStatus.OOM.value, {"error": f"Out of memory: {exc}\n\n{oom_advice(spec, live.device)}"}
     except Exception as exc:  # every other failure: recorded for the user, then the process exits 1
         status, fields = RunStatus.FAILED.value, _failure(db, run_id, exc, folder, live)
-    tracking.end(status)  # the MLflow run ends as the run did
+    tracking.end(status, say)  # the MLflow run ends as the run did
     if reserve is not None:
         reserve.release()  # just before the last writes: on a full disk, SQLite needs this space
     writer.close()
