@@ -90,6 +90,11 @@ def read_modelfile(text: str) -> list[tuple[str, str]]:
 
 def ollama_prompt(modelfile: str, messages: list[dict[str, str]]) -> str:
     """The prompt Ollama builds for a chat request of ``messages`` with this Modelfile."""
+    return execute(*ollama_inputs(modelfile, messages))
+
+
+def ollama_inputs(modelfile: str, messages: list[dict[str, str]]) -> tuple[str, dict]:
+    """(the TEMPLATE, the data Ollama executes it with) for a chat request of ``messages``."""
     commands = read_modelfile(modelfile)
     template = [v for c, v in commands if c == "template"][-1]
     system = ([v for c, v in commands if c == "system"] or [""])[-1]
@@ -105,5 +110,5 @@ def ollama_prompt(modelfile: str, messages: list[dict[str, str]]) -> str:
             collated[-1]["Content"] += "\n\n" + message["content"]
         else:
             collated.append({"Role": message["role"], "Content": message["content"]})
-    return execute(template, {"System": "\n\n".join(systems), "Messages": collated, "Tools": None,
-                              "Response": "", "Think": False, "IsThinkSet": False})
+    return template, {"System": "\n\n".join(systems), "Messages": collated, "Tools": None,
+                      "Response": "", "Think": False, "IsThinkSet": False}

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from chat_templates import FAMILIES, MISTRAL_V3, NO_SYSTEM, QWEN2
-from ollama_helpers import ollama_prompt, read_modelfile
+from go_template import execute
+from ollama_helpers import ollama_inputs, ollama_prompt, read_modelfile
 
 from studio.export.card import model_card
 from studio.export.modelfile import parse_modelfile, run_system_prompt, write_modelfile
@@ -97,6 +102,31 @@ def test_template_renders_the_hugging_face_prompt(family, base_tokenizer, tmp_pa
             compared += 1
     assert compared == (2 if family == "mistral" else 4)
     assert any("no system role" in c for c in parsed["comments"]) == (family in NO_SYSTEM)
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (Debian: apt-get install golang-go)")
+def test_go_itself_renders_the_same(base_tokenizer, tmp_path):
+    """Go's own text/template (tests/assets/gotemplate) gives exactly what the test evaluator
+    gives, and so Hugging Face's prompt, for every family's TEMPLATE; also for a conversation
+    ending in an assistant turn (Ollama's continuation), where no generation prompt follows."""
+    program = tmp_path / "gotemplate"
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOPROXY": "off", "GOTOOLCHAIN": "local"}  # never the network
+    subprocess.run(["go", "build", "-o", str(program), "."], cwd=Path(__file__).parent / "assets" / "gotemplate",
+                   env=env, check=True, capture_output=True, timeout=120)
+    requests, expected = [], []
+    for template, bos, eos, extra, _ in FAMILIES.values():
+        tokenizer = family_tokenizer(base_tokenizer, template, bos, eos, extra, tmp_path)
+        text = written(tmp_path, tokenizer, system_prompt=SYSTEM)
+        for chat in (conversation(False, 1), conversation(False, 3), conversation(True, 2)):
+            for messages in (chat, chat + [{"role": "assistant", "content": "Partial"}]):
+                template, data = ollama_inputs(text, messages)
+                requests.append({"Template": template, "System": data["System"], "Messages": data["Messages"]})
+                expected.append(execute(template, data))
+    done = subprocess.run([str(program)], input=json.dumps(requests), capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert json.loads(done.stdout) == expected
+    assert expected[0].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")  # llama3
+    assert expected[1].endswith("Partial")  # a continuation: no end of turn, no new header
 
 
 def test_default_system_prompt_kept_and_run_prompt_wins(base_tokenizer, tmp_path):
