@@ -200,6 +200,10 @@ def test_the_switches_write_the_draft_and_the_run_view_says_where_the_logs_are(r
     from studio.ui.train_tab import redraw
 
     assert redraw(Database(), None, with_tracker(RunDraft(), "mlflow", True))[-2:] == [False, True]  # the boxes
+    from studio import history
+    from studio.ui.train_tab import SHOWN
+
+    assert history.hidden_changes(RunSpec(trackers=["mlflow"]), SHOWN) == {}  # a clone's switches are shown
     tracked, plain = runs
     status = render_run(Database(), tracked).status
     assert "tensorboard --logdir" in status and "mlflow ui --backend-store-uri" in status, status

@@ -81,7 +81,7 @@ def clone_draft(db: Database, project_id: int | None, run_id: int | None, draft:
     if data_choice.kept(cloned.data, data_choice.choices(db, project.id), None) is None:
         notes.append(TXT["clone_no_data"])
         cloned = cloned.with_data(draft.data)
-    hidden = history.hidden_changes(spec, train_tab.OPTIONS)
+    hidden = history.hidden_changes(spec, train_tab.SHOWN)
     if hidden:
         notes.append(TXT["clone_hidden"].format(fields=", ".join(f"{k} = {v!r}" for k, v in hidden.items())))
     if spec.model != project.model_source:

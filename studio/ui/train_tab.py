@@ -31,6 +31,7 @@ from studio.ui.train_view import LOG_LINES, nice_limits, render_run
 from studio.ui.wiring import DRAFT_QUEUE, DraftView, edits
 
 OPTIONS = TRAINING_FIELDS  # every training setting has its widget here
+SHOWN = (*OPTIONS, "trackers")  # every RunSpec field a widget here sets (the switches: _tracker_boxes)
 CHOICES = {"lr_scheduler": list(SCHEDULES), "precision": list(PRECISIONS), "optimizer": list(OPTIMIZERS)}
 MINIMUM = {"batch_size": 1, "grad_accum": 1, "max_length": 16, "seed": None}
 POLL_SECONDS = 1.0  # while a run is active; see polling.IDLE_SECONDS otherwise
