@@ -12,18 +12,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import module_home
 
-pytest.importorskip("tensorboard")
-pytest.importorskip("mlflow")
-pytest.importorskip("alembic")
-
-from conftest import module_home  # noqa: E402
-from studio import cli  # noqa: E402
-from studio.db import Database  # noqa: E402
-from studio.runs import launch  # noqa: E402
-from studio.runspec import RunSpec, RunSpecError  # noqa: E402
-from studio.trackers import choice  # noqa: E402
-from worker_helpers import explain, folder_of, metrics, new_run, tiny_spec, train_here, wait_finished  # noqa: E402
+from studio import cli
+from studio.db import Database
+from studio.runs import launch
+from studio.runspec import RunSpec, RunSpecError
+from studio.trackers import choice
+from worker_helpers import explain, folder_of, metrics, new_run, tiny_spec, train_here, wait_finished
 
 PROJECT = "worker tests"  # worker_helpers.new_run's project
 
@@ -38,7 +34,10 @@ def studio_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(studio_home, tiny_chat_model):
-    """(id of the run trained by a worker with both switches on, id of a run trained without)."""
+    """(id of the run trained by a worker with both switches on, id of a run trained without).
+    The tests that use it need the ``trackers`` extra; the checks of refusals run without it."""
+    for module in ("tensorboard", "mlflow", "alembic"):
+        pytest.importorskip(module)
     db = Database()
     tracked = new_run(db, tiny_spec(tiny_chat_model, max_steps=3, trackers=["tensorboard", "mlflow"]))
     launch.start(db, tracked.id)
@@ -164,8 +163,7 @@ def test_runs_export_refuses_a_folder_it_did_not_write(runs, tmp_path, capsys):
 
 
 def test_a_tracker_whose_package_is_missing_is_refused_with_the_install_line(monkeypatch, tiny_chat_model):
-    real = choice._installed
-    monkeypatch.setattr(choice, "_installed", lambda module: module != "alembic" and real(module))
+    monkeypatch.setattr(choice, "_installed", lambda module: module != "alembic")  # all else installed
     with pytest.raises(RunSpecError, match=r"trackers.*MLflow needs alembic.*peft-studio\[trackers\]"):
         tiny_spec(tiny_chat_model, trackers=["mlflow"]).validate()
     tiny_spec(tiny_chat_model, trackers=["tensorboard"]).validate()  # the other one still can
@@ -214,8 +212,7 @@ def test_a_switch_whose_package_is_missing_is_greyed_with_the_install_line(monke
     gr = pytest.importorskip("gradio")
     from studio.ui import train_tab
 
-    real = choice._installed
-    monkeypatch.setattr(choice, "_installed", lambda module: module != "mlflow" and real(module))
+    monkeypatch.setattr(choice, "_installed", lambda module: module != "mlflow")  # all else installed
     with gr.Blocks():
         boxes = train_tab._tracker_boxes()
     assert boxes["mlflow"].interactive is False and "peft-studio[trackers]" in boxes["mlflow"].info
