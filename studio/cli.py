@@ -95,6 +95,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from studio.db import Database
     from studio.export import ExportError, export_run
 
+    hub = None
+    if args.push_to_hub is not None or args.private:  # checked before the (long) export, nothing written
+        from studio.export.hub import HubError, preflight
+
+        try:
+            if args.push_to_hub is None:
+                raise HubError("--private is for --push-to-hub REPO (a private repo on the hub)")
+            hub = preflight(args.push_to_hub)
+        except HubError as exc:
+            print(f"peft-studio export: {exc}", file=sys.stderr)
+            return 2
     db = Database()
     try:
         dtype = args.dtype or ("f16" if args.kind == "gguf" else "float32")
@@ -105,9 +116,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"peft-studio export: {exc}", file=sys.stderr)
         return 2
+    push_error = None
+    if hub is not None and row.status in ("verified", "unverified"):
+        from studio.export.hub import HubError, push_export
+
+        print(f"Uploading {row.path} to {hub.repo_id} on {hub.endpoint}", file=sys.stderr, flush=True)
+        try:
+            row = push_export(db, row, hub, private=args.private)
+        except HubError as exc:  # the export stays: its JSON first, then what to run to push it
+            push_error = exc
     verification = {k: v for k, v in (row.verification or {}).items() if k != "folder_token"}  # internal
     print(json.dumps({"id": row.id, "path": row.path, "status": row.status, "size_bytes": row.size_bytes,
+                      **({"pushed_to": verification["hub_url"]} if "hub_url" in verification else {}),
                       "verification": verification}, indent=2))
+    if push_error is not None:
+        print(f"peft-studio export: {push_error}", file=sys.stderr)
+        return 130 if push_error.interrupted else 2
     return 0 if row.status in ("verified", "unverified") else 1
 
 
@@ -185,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dest", default=None, help="a folder of your choice (default: the project's exports/)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     ex.add_argument("--no-verify", action="store_true", help="skip reloading and comparing")
+    ex.add_argument("--push-to-hub", default=None, metavar="REPO",
+                    help="then upload the export to this Hugging Face repo (user/name), README.md as its "
+                         "model card; the token from `hf auth login` or HF_TOKEN; checked before exporting")
+    ex.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     ex.set_defaults(handler=_cmd_export)
 
     from studio.bakeoff.cli import add_parser as add_bakeoff
@@ -202,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.cli_job import add_parser as add_job
 
     add_job(sub)  # job export, job import
+
+    from studio.cli_compare import add_parser as add_compare
+
+    add_compare(sub)
     return parser
 
 
