@@ -106,20 +106,31 @@ def view_command(name: str, where: Path) -> str:
     """The command that shows ``where`` (a TensorBoard log folder or an MLflow store folder)."""
     if name == "tensorboard":
         return f'tensorboard --logdir "{where}"'
-    # mlflow-skinny has no UI server: the viewer needs the full package.
-    return f'mlflow ui --backend-store-uri "{mlflow_uri(where)}"  (the UI needs: pip install mlflow)'
+    return f'mlflow ui --backend-store-uri "{mlflow_uri(where)}"'
 
 
-def run_places(project: Any, run: Any, trackers: list[str]) -> list[tuple[str, Path, str]]:
-    """(title, where, view command) for each tracker a run logs to; TensorBoard's command covers
-    the project's runs folder, so one viewer shows them all."""
+# What a viewer needs beyond the extra: mlflow-skinny has no UI server.
+VIEW_NOTES = {"mlflow": "the MLflow UI needs the full package: pip install mlflow"}
+
+
+def view_line(name: str, where: Path) -> str:
+    """The view command with what it needs, for people (``view_command`` alone for scripts)."""
+    note = VIEW_NOTES.get(name)
+    return view_command(name, where) + (f"  ({note})" if note else "")
+
+
+def run_places(project: Any, run: Any, trackers: list[str]) -> list[tuple[str, Path, str, str]]:
+    """(title, where, view command, what the viewer needs or "") for each tracker a run logs
+    to; TensorBoard's command covers the project's runs folder, so one viewer shows them all."""
     folder = project_folder(project)
     out = []
     for name in trackers:
         if name == "tensorboard":
             runs_dir = folder / "runs"
-            out.append((TITLES[name], tensorboard_dir(runs_dir / (run.folder or "")), view_command(name, runs_dir)))
+            where, shown = tensorboard_dir(runs_dir / (run.folder or "")), runs_dir
         elif name == "mlflow":
-            store = mlflow_store(folder)
-            out.append((TITLES[name], store, view_command(name, store)))
+            where = shown = mlflow_store(folder)
+        else:
+            continue
+        out.append((TITLES[name], where, view_command(name, shown), VIEW_NOTES.get(name, "")))
     return out

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from studio.trackers.choice import TRACKERS, TrackerError, known
+from studio.trackers.choice import TRACKERS, VIEW_NOTES, TrackerError, known
 
 
 def add_export_parser(runs_sub: argparse._SubParsersAction) -> None:
@@ -58,4 +58,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     views = dict.fromkeys(r["view"] for r in results if "view" in r)
     for view in views:
         print(f"view: {view}")
+    if views and VIEW_NOTES.get(tracker):
+        print(f"({VIEW_NOTES[tracker]})")
     return 0

@@ -22,7 +22,8 @@ import os
 import time
 from typing import Any, Callable
 
-from studio.trackers.choice import TITLES, TrackerError, mlflow_store, mlflow_uri, project_folder, tensorboard_dir, view_command
+from studio.trackers.choice import (TITLES, TrackerError, mlflow_store, mlflow_uri, project_folder, tensorboard_dir,
+                                    view_line)
 
 # History status -> MLflow's RunStatus name
 MLFLOW_STATUS = {"completed": "FINISHED", "cancelled": "KILLED", "failed": "FAILED", "oom": "FAILED"}
@@ -45,7 +46,7 @@ def begin(db: Any, run_id: int, spec: Any, folder: Any, resume: bool, main: bool
         os.environ[_ENV] = str(logs)
         if main:
             say(f"{TITLES['tensorboard']}: logging to {logs}; view: "
-                f"{view_command('tensorboard', project_folder(project) / 'runs')}")
+                f"{view_line('tensorboard', project_folder(project) / 'runs')}")
     if "mlflow" in spec.trackers and main:
         store = mlflow_store(project_folder(project))
         try:
@@ -54,7 +55,7 @@ def begin(db: Any, run_id: int, spec: Any, folder: Any, resume: bool, main: bool
             raise TrackerError(f"the run asked for MLflow, and its store {store} could not be used: "
                                f"{type(exc).__name__}: {exc}") from exc
         say(f"{TITLES['mlflow']}: logging to experiment '{project.name}', run '{run.name}' in {store}; "
-            f"view: {view_command('mlflow', store)}")
+            f"view: {view_line('mlflow', store)}")
 
 
 def _start_mlflow(project: Any, run: Any, resume: bool) -> None:

@@ -182,7 +182,7 @@ TRAIN_TRACKERS = {
     "mlflow": ("Log to MLflow", "A copy of the run's curves and settings in the project's local MLflow store "
                "(mlflow/mlflow.db); the studio's History stays the record."),
 }
-TRAIN_TRACKER_LOGS = "{title}: `{where}` — view: `{view}`"
+TRAIN_TRACKER_LOGS = "{title}: `{where}` — view: `{view}`{note}"
 TRAIN_HELP = {
     "data": "A sample task (imported into this project on first use and scored by exact match) "
             "or a dataset you imported in the Data tab.",

@@ -226,8 +226,9 @@ def tracker_lines(db: Database, run: Run) -> str:
     project = db.get_project(run.project_id) if names else None
     if project is None:
         return ""
-    return "".join("  \n" + labels.TRAIN_TRACKER_LOGS.format(title=title, where=where, view=view)
-                   for title, where, view in run_places(project, run, names))
+    return "".join("  \n" + labels.TRAIN_TRACKER_LOGS.format(title=title, where=where, view=view,
+                                                             note=f" ({note})" if note else "")
+                   for title, where, view, note in run_places(project, run, names))
 
 
 def summary_markdown(run: Run, points: dict[str, list[tuple[int, float]]], step: int, total: int | None,
