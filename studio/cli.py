@@ -203,8 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="export the checkpoint saved at this step (default: the final weights of a "
                          "completed run, else the run's latest checkpoint, e.g. after Stop and save)")
     ex.add_argument("--kind", choices=["merged", "adapter", "gguf"], default="merged")
-    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "f16", "q8_0"], default=None,
-                    help="float32/bfloat16/float16 (merged, adapter); f16/q8_0 (gguf)")
+    from studio.export.llamacpp import KQUANTS  # no torch: the k-quants' names
+
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "f16", "q8_0", *KQUANTS], default=None,
+                    help="float32/bfloat16/float16 (merged, adapter); f16/q8_0 (gguf), or the k-quants "
+                         f"{'/'.join(KQUANTS)} through llama.cpp's quantiser (needs llama-cpp-python)")
     ex.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB")
     ex.add_argument("--dest", default=None, help="a folder of your choice (default: the project's exports/)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
@@ -231,8 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_job(sub)  # job export, job import
 
+    from studio.cli_data import add_parser as add_data
+    from studio.cli_runs import add_parser as add_runs
     from studio.cli_compare import add_parser as add_compare
 
+    add_data(sub)  # data import, data sample, data list
+    from studio.cli_projects import add_parser as add_projects
+
+    add_projects(sub)  # projects list, create, rename, delete
+    add_runs(sub)  # runs list, show, stop, resume, export
     add_compare(sub)
     return parser
 

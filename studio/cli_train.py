@@ -89,16 +89,16 @@ def _detached(run) -> int:
     return INTERRUPTED
 
 
-def _follow(db, run) -> int:
-    """Stream the worker's log until the run ends; Ctrl-C or a lost database stops following
-    only, and says so."""
+def _follow(db, run, offset: int = 0, verb: str = "started") -> int:
+    """Stream the worker's log from byte ``offset`` (a resumed run's log goes on after the
+    earlier attempts) until the run ends; Ctrl-C or a lost database stops following only, and
+    says so."""
     from studio.runs import launch
 
     log = launch.run_folder(db, run) / launch.LOG_NAME
     project = db.get_project(run.project_id)
-    offset = 0
     try:  # the announcement too: a Ctrl-C right after it must still only stop following
-        print(f"run {run.id} started in project '{project.name}'; log: {log}", flush=True)
+        print(f"run {run.id} {verb} in project '{project.name}'; log: {log}", flush=True)
         while True:
             time.sleep(1.0)
             launch.reconcile(db)
@@ -135,7 +135,11 @@ def stop(args: argparse.Namespace) -> int:
         return _fail("stop", f"run {run.id} is {run.status} (not training or waiting in the queue); "
                              "there is nothing to stop")
     run = launch.stop(db, run.id, "discard" if args.discard else "save")
-    if run.status == RunStatus.CANCELLED.value:
+    if getattr(args, "json", False):  # `runs stop --json` (studio/cli_runs.py) shares this command
+        import json
+
+        print(json.dumps({"id": run.id, "status": run.status, "cancel_request": run.cancel_request}))
+    elif run.status == RunStatus.CANCELLED.value:
         print(f"run {run.id} was waiting in the queue and is cancelled")
     else:
         what = "without saving" if args.discard else "after saving a checkpoint (resume it later)"
