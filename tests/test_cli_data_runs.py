@@ -249,6 +249,9 @@ def test_runs_resume_wait_follows_the_worker_and_runs_stop_discard_ends_it(capsy
         wait_for(resumed, 120, 0.1, "a step after the resume")
         err = refused(capsys, "runs", "resume", run_id)  # the Train tab's refusal, word for word
         assert f"run {run_id} is running; only failed, cancelled or out-of-memory runs can be resumed" in err
+        assert f"run #{run_id} is training; stop it before deleting it" in refused(capsys, "runs", "delete", run_id, "--yes")
+        assert f"run #{run_id} of 'runs demo' is training or queued; stop it first" in refused(
+            capsys, "projects", "delete", "runs demo", "--yes")
         code, out, _ = cli(capsys, "runs", "stop", run_id, "--discard", "--json")
         assert code == 0 and json.loads(out) == {"id": run_id, "status": "running", "cancel_request": "discard"}
         out, err = follower.communicate(timeout=120)
