@@ -142,6 +142,7 @@ def exported(run: int) -> list:
     ("tester/my model", {}, WRITE, "'tester/my model' is not a valid repo id"),
     ("https://huggingface.co/tester/m", {}, WRITE, "takes a repo id (user/name or name), not a URL"),
     ("tester/m", {"HF_HUB_OFFLINE": "1"}, WRITE, "HF_HUB_OFFLINE is set"),
+    ("tester/m", {"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "yes"}, WRITE, "TRANSFORMERS_OFFLINE is set"),
     ("tester/m", {}, None, "no Hugging Face token to push to tester/m: log in with `hf auth login`"),
     ("tester/m", {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}, WRITE, "cannot reach the hub at http://127.0.0.1:"),
     ("tester/m", {"HF_ENDPOINT": "HUB"}, READ, "the token can only read from the hub"),

@@ -53,10 +53,14 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def offline() -> bool:
-    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set to a true value, as huggingface_hub reads it."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in TRUE_VALUES
+def offline() -> str | None:
+    """The variable that switches the hub off (``HF_HUB_OFFLINE``, or ``TRANSFORMERS_OFFLINE``
+    where that is unset, as huggingface_hub reads them), or None."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(name)
+        if value:
+            return name if value.strip().upper() in TRUE_VALUES else None
+    return None
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -82,10 +86,11 @@ def preflight(repo_id: str) -> HubTarget:
     with what to do at the first thing that fails."""
     repo_id = check_repo_id(repo_id)
     hub = endpoint()
-    if offline():
-        raise HubError("HF_HUB_OFFLINE is set, so the hub is switched off in this shell and nothing "
-                       f"can be pushed to {repo_id}; nothing was exported. Unset it (`unset HF_HUB_OFFLINE`) "
-                       "to push, or export without --push-to-hub and push the folder later with `hf upload`")
+    switch = offline()
+    if switch:
+        raise HubError(f"{switch} is set, so the hub is switched off in this shell and nothing can be "
+                       f"pushed to {repo_id}; nothing was exported. Unset it (`unset {switch}`) to push, or "
+                       "export without --push-to-hub and push the folder later with `hf upload`")
     from huggingface_hub import get_token
 
     try:
