@@ -161,7 +161,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     # No ``choices`` here: the import checks these values itself (``store._check_args``, one
     # place), and importing its modules would load ``datasets`` for every command's parser.
 
-    data = sub.add_parser("data", help="import a dataset into a project; list a project's datasets")
+    data = sub.add_parser("data", help="import a dataset file or a sample task into a project; list its datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     project_help = "the project, by name or id (default: the only project there is)"
 
