@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+from pathlib import Path
 
 import pytest
 from conftest import module_home
@@ -33,14 +34,15 @@ def studio_home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def project(studio_home, tiny_chat_model):
     """Project "cmp" over the tiny model: runs "lora-a" and "lora-b" (trained; learning rates
-    large and different enough that three steps give three different greedy answers) and "elsewhere", a completed run
+    large and different enough that three steps give three different greedy answers; "lora-b"
+    keeps a checkpoint at step 2) and "elsewhere", a completed run
     recorded as trained on another base model."""
     db = Database()
     found = create_project(db, "cmp", model_source=str(tiny_chat_model))
     ids = {}
-    for name, lr, seed in (("lora-a", 3e-2, 0), ("lora-b", 1e-2, 1)):
+    for name, lr, seed, save in (("lora-a", 3e-2, 0, 0), ("lora-b", 1e-2, 1, 2)):
         spec = RunSpec(model=str(tiny_chat_model), method="lora", sample_task="dates", max_steps=3, batch_size=2,
-                       max_length=64, learning_rate=lr, seed=seed, precision="fp32", eval_steps=0, save_steps=0,
+                       max_length=64, learning_rate=lr, seed=seed, precision="fp32", eval_steps=0, save_steps=save,
                        exact_match_limit=0)
         run = launch.create_run(db, found.id, spec, name=name)
         assert train(db, run.id) == "completed", db.get_run(run.id).error
@@ -82,19 +84,21 @@ def plain_answers(model_dir, adapters: list) -> list[str]:
 
 def test_base_and_two_trained_adapters_answer_as_plain_peft(project, tiny_chat_model, capsys):
     found, ids = project
-    code, out, err = compare(capsys, "--project", "cmp", "--adapters", f"{ids['lora-a']},LORA-B",
-                             "--prompt", PROMPT, "--system", SYSTEM, "--max-tokens", str(TOKENS), "--json")
+    code, out, err = compare(capsys, "--project", "cmp", "--adapters", f"{ids['lora-a']},LORA-B", "--adapters",
+                             "lora-b@2", "--prompt", PROMPT, "--system", SYSTEM, "--max-tokens", str(TOKENS), "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["project"] == "cmp" and result["settings"]["decoding"] == "greedy"
     columns = result["columns"]
-    assert [c["column"] for c in columns] == ["base", f"#{ids['lora-a']} lora-a", f"#{ids['lora-b']} lora-b"]
-    assert [c["run_id"] for c in columns] == [None, ids["lora-a"], ids["lora-b"]]
+    a, b = ids["lora-a"], ids["lora-b"]
+    assert [c["column"] for c in columns] == ["base", f"#{a} lora-a", f"#{b} lora-b", f"#{b} lora-b @ step 2"]
+    assert [(c["run_id"], c["checkpoint_step"]) for c in columns] == [(None, None), (a, None), (b, None), (b, 2)]
     assert all(c["path"] == "batched" and c["tokens"] > 0 for c in columns)  # one generate, as the tab does
     db = Database()
-    folders = [launch.run_folder(db, db.get_run(ids[name])) / "adapter" for name in ("lora-a", "lora-b")]
+    folders = [launch.run_folder(db, db.get_run(run)) / "adapter" for run in (a, b)]
+    folders += [Path(c.path) for c in db.list_checkpoints(b) if c.step == 2]
     assert [c["text"] for c in columns] == plain_answers(tiny_chat_model, folders)
-    assert len({c["text"] for c in columns}) == 3  # each trained adapter really changes the answer
+    assert len({c["text"] for c in columns[:3]}) == 3  # each trained adapter really changes the answer
 
 
 def test_text_output_puts_the_columns_side_by_side_and_the_project_defaults_to_the_only_one(project, capsys):
