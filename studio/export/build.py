@@ -29,16 +29,17 @@ from typing import Any, Callable
 from studio import config, models
 from studio.db import Database
 from studio.errors import describe, is_out_of_space
+from studio.export import llamacpp
 from studio.export.card import base_model_reference, model_card
 from studio.export.target import (ExportError, check_destination, new_token, resolve_dest, swap_in,
                                   write_marker)
-from studio.export.verify import reference_outputs, verify_export
+from studio.export.verify import reference_outputs, verify_export, verify_gguf
 from studio.export.weights import is_training_state, pick
 from studio.methods import get_method
 from studio.runspec import RunSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "q8_0", *llamacpp.KQUANTS)  # the k-quants through llama.cpp's quantiser
 KINDS = ("merged", "adapter", "gguf")
 
 
@@ -85,6 +86,8 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
     report = progress or (lambda fraction, message: None)
     if kind not in KINDS or dtype not in (GGUF_TYPES if kind == "gguf" else DTYPES):
         raise ExportError(f"kind must be one of {KINDS}; dtype one of {DTYPES} ({GGUF_TYPES} for gguf)")
+    if dtype in llamacpp.KQUANTS and not llamacpp.available():
+        raise ExportError(llamacpp.kquant_refusal(dtype))
     run = db.get_run(run_id)
     if run is None:
         raise ExportError(f"there is no run {run_id} in the history {db.path}")
@@ -130,7 +133,7 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
         if kind == "merged":
             _write_merged(trained, method, tokenizer, tmp, dtype, shard_size)
         elif kind == "gguf":
-            _write_gguf(trained, method, tokenizer, tmp, dtype)
+            gguf_file, quantiser = _write_gguf(trained, method, tokenizer, tmp, dtype)
         else:
             _copy_adapter(weights.path, tmp, spec.model)
         steps = weights.step if weights.step is not None else db.last_step(run_id)
@@ -146,10 +149,16 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
         if checked:
             report(0.7, "Verifying: reloading with plain transformers")
             del trained  # the reference is computed; the child loads its own copy
-            result = verify_export(tmp, kind, models.resolve_source(spec.model), reference, texts, dtype,
-                                   four_bit_reference=four_bit)
+            if kind == "gguf":
+                result = verify_gguf(tmp, gguf_file, dtype, models.resolve_source(spec.model), reference, texts,
+                                     tokenizer)
+            else:
+                result = verify_export(tmp, kind, models.resolve_source(spec.model), reference, texts, dtype,
+                                       four_bit_reference=four_bit)
         elif verify:
             result = {"ok": None, "note": "bottleneck adapters load with the studio, not plain transformers"}
+        if kind == "gguf" and quantiser:
+            result["quantiser"] = quantiser
         if result.get("ok") is False:
             raise ExportError(f"verification failed: {json.dumps(result)[:1500]}")
         write_marker(tmp, export_id=row.id, project_id=run.project_id, run_id=run_id, kind=kind,
@@ -239,8 +248,9 @@ def _needed_bytes(trained: Any, kind: str, dtype: str, adapter: Path) -> int:
     if kind == "adapter":  # what _copy_adapter copies
         return sum(f.stat().st_size for f in adapter.iterdir() if f.is_file() and not is_training_state(f.name))
     numel = sum(p.numel() for p in trained.parameters())
-    if kind == "gguf":  # an fp32 merge to convert from, then the .gguf itself
-        return numel * 4 + int(numel * {"f16": 2, "q8_0": 1.0625}[dtype])
+    if kind == "gguf":  # an fp32 merge to convert from, then the .gguf itself (a k-quant: f16 first)
+        per = {"f16": 2, "q8_0": 1.0625, "Q4_K_M": 2 + 0.6, "Q5_K_M": 2 + 0.7, "Q6_K": 2 + 0.82}
+        return numel * 4 + int(numel * per[dtype])
     return numel * {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
 
@@ -248,18 +258,28 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _write_gguf(trained: Any, method: Any, tokenizer: Any, folder: Path, outtype: str) -> None:
-    """Merge in fp32 into a scratch folder, convert it to one .gguf file, drop the scratch."""
-    from studio.export.gguf_export import GGUFExportError, write_gguf
+def _write_gguf(trained: Any, method: Any, tokenizer: Any, folder: Path, outtype: str) -> tuple[Path, dict]:
+    """Merge in fp32 into a scratch folder, convert it to one .gguf file, drop the scratch; a
+    k-quant is llama.cpp's quantiser applied to an f16 file, removed afterwards. The file and
+    what the quantiser did (empty for f16, q8_0)."""
+    from studio.export.gguf_export import GGUFExportError, end_of_turn_token, write_gguf
 
     scratch = folder / ".merged-fp32"
+    out = folder / f"model-{outtype}.gguf"
+    first = folder / ".model-f16.gguf" if outtype in llamacpp.KQUANTS else out
     _write_merged(trained, method, tokenizer, scratch, "float32", "50GB")
     try:
-        write_gguf(scratch, folder / f"model-{outtype}.gguf", outtype)
+        write_gguf(scratch, first, "f16" if first != out else outtype, end_of_turn=end_of_turn_token(tokenizer))
+        shutil.rmtree(scratch, ignore_errors=True)  # before quantising: its space may be needed
+        return out, (llamacpp.quantize(first, out, outtype) if first != out else {})
     except GGUFExportError as exc:
         raise ExportError(str(exc)) from exc
+    except llamacpp.LlamaCppError as exc:
+        raise ExportError(f"{exc} (the f16 file was written; llama.cpp could not quantise it)") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if first != out:
+            first.unlink(missing_ok=True)
 
 
 def merged_model(trained: Any, method: Any) -> Any:

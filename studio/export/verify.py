@@ -6,6 +6,11 @@ for a few eval prompts to a safetensors file; this process computes the same wit
 model and compares: the maximum absolute logit difference and the share of prompts whose greedy
 continuation is identical. torch is imported only when a check runs, so that listing what can be
 exported (the UI) never loads it.
+
+A GGUF export (``verify_gguf``) is checked by the loaders its users run: transformers' GGUF
+reader as above (f16, q8_0), llama.cpp where it is installed (``llamacpp``: the same greedy
+tokens, and a stop at the chat template's end-of-turn token), and the file's own metadata (it
+must mark that token). The result names the verifiers that ran and what was not verified.
 """
 
 from __future__ import annotations
@@ -132,3 +137,36 @@ def _compare(got: dict, reference: list) -> tuple[float, float]:
         diffs.append(float((got[f"logits_{i}"] - logits).abs().max()))
         agree += int(torch.equal(got[f"greedy_{i}"], greedy))
     return (max(diffs) if diffs else 0.0), (agree / len(reference) if reference else 1.0)
+
+
+def verify_gguf(folder: Path, file: Path, dtype: str, base_folder: Path, reference: list, texts: list[str],
+                tokenizer: Any) -> dict[str, Any]:
+    """Verify the GGUF export ``file`` in ``folder`` against ``reference``: transformers (f16 and
+    q8_0, whose layout it reads), llama.cpp when available (every type; the k-quants only
+    there), the end-of-turn token the file marks. The result's ``verifiers`` names who checked."""
+    from studio.export import llamacpp
+    from studio.export.gguf_export import end_of_turn_token
+
+    end_of_turn, eos = end_of_turn_token(tokenizer), tokenizer.eos_token_id
+    marked = llamacpp.marked_end_ids(file)
+    result: dict[str, Any] = {"ok": True, "verifiers": [], "end_of_turn_id": end_of_turn, "marked_end_ids": marked,
+                              "end_of_turn_marked": end_of_turn is None or end_of_turn in marked.values()}
+    if dtype in llamacpp.STRICT:
+        result.update(verify_export(folder, "gguf", base_folder, reference, texts, dtype))
+        result["verifiers"].append("transformers")
+    if llamacpp.available():
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        try:
+            checked = llamacpp.verify(file, dtype, texts, ids, reference, end_of_turn, eos)
+        except llamacpp.LlamaCppError as exc:
+            checked = {"ok": False, "loader": "llama.cpp", "error": str(exc)}
+        result["llama_cpp"] = checked
+        result["verifiers"].append("llama.cpp")
+        if "transformers" not in result["verifiers"]:  # the k-quants: llama.cpp's figures are the export's
+            result["greedy_agreement"] = checked.get("greedy_agreement")
+            result["prompts"], result["loader"] = checked.get("prompts"), "llama.cpp"
+    else:
+        result["not_verified"] = llamacpp.missing_note()
+    result["ok"] = (result.get("ok") is not False and result["end_of_turn_marked"]
+                    and result.get("llama_cpp", {}).get("ok") is not False)
+    return result

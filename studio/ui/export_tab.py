@@ -18,6 +18,7 @@ import pandas as pd
 
 from studio.adapters import derived
 from studio.db import Database
+from studio.export import llamacpp
 from studio.export.weights import exportable
 from studio.methods import get_method
 from studio.runspec import RunSpec
@@ -74,10 +75,20 @@ def run_note(db: Database, run_id: int | None) -> str:
 
 
 def export_message(result: dict) -> str:
-    """What the user reads after an export (``result``: the export as the child reports it)."""
+    """What the user reads after an export (``result``: the export as the child reports it); a
+    GGUF export also says what llama.cpp found, or what was not verified without it."""
     v = result.get("verification") or {}
     checked = (TEXT["checked"].format(diff=v["max_abs_diff"], agree=v["greedy_agreement"], prompts=v["prompts"],
                                       loader=v["loader"]) if "max_abs_diff" in v else v.get("note", ""))
+    lc = v.get("llama_cpp") or {}
+    if "greedy_agreement" in lc:
+        checked = "; ".join(filter(None, [checked, TEXT["llamacpp_checked"].format(
+            agree=lc["greedy_agreement"], prompts=lc["prompts"], required=lc["required"],
+            stopped=lc["stopped_there"], ending=lc["answers_ending_at_end_of_turn"])]))
+    elif lc.get("error"):
+        checked = f"{checked}; llama.cpp: {lc['error']}"
+    if v.get("not_verified"):
+        checked = f"{checked}. {v['not_verified']}"
     step = v.get("checkpoint_step")
     weights = "final weights" if step is None else f"checkpoint at step {step}"
     return TEXT["done"].format(status=result["status"], path=result["path"],
@@ -142,8 +153,12 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
         return export_message(done), _exports_table(db, project_id)
 
     def on_kind(kind_v):
-        choices = ["f16", "q8_0"] if kind_v == "gguf" else ["float32", "bfloat16", "float16"]
-        return gr.update(choices=choices, value=choices[0])
+        if kind_v != "gguf":
+            return gr.update(choices=["float32", "bfloat16", "float16"], value="float32", info=None)
+        # k-quants are offered without llama.cpp too: choosing one says what it needs (export_run)
+        missing = "" if llamacpp.available() else TEXT["kquant_missing"].format(install=llamacpp.INSTALL)
+        return gr.update(choices=["f16", "q8_0", *llamacpp.KQUANTS], value="f16",
+                         info=TEXT["gguf_types"].format(missing=missing))
 
     kind.change(on_kind, [kind], [dtype], api_name=False)
     go.click(on_export, [picker, run, weights, kind, dtype, shard, dest, overwrite, verify], [result, table],
