@@ -48,15 +48,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         project = choose_project(db, args.project)
         source = (args.model or project.model_source or "default").strip()
         picks = resolve(db, project, split_items(args.adapters), source)
-        refusal = chat_memory_refusal(db, source)
+        refusal = chat_memory_refusal(db, source) if args.device != "cpu" else None  # RAM: the OS arbitrates
         if refusal:
             raise ValueError(refusal)
         from studio.compare.engine import BASE, MAX_ADAPTERS, ChatEngine  # torch: only once all is checked
 
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device cuda: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu")
         if len(picks) > MAX_ADAPTERS:
             raise ValueError(f"--adapters names {len(picks)} runs; at most {MAX_ADAPTERS} answer side by side")
         print(f"Loading {source} and {len(picks)} adapter(s)...", file=sys.stderr, flush=True)
-        engine = ChatEngine.load(source)
+        engine = ChatEngine.load(source, device=args.device)
         for pick in picks:
             engine.add_adapter(pick.label, pick.folder, pick.method)
         system = (args.system or "").strip() or None
@@ -122,6 +126,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--system", default=None, help="a system prompt for every column")
     cmd.add_argument("--model", default=None,
                      help="the base model to compare over (default: the project's model)")
+    cmd.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                     help="where the model answers (default: the GPU if there is one, in bf16; the CPU in fp32)")
     cmd.add_argument("--max-tokens", type=int, default=64, help="new tokens per answer, 1 to 4096 (default 64)")
     cmd.add_argument("--temperature", type=float, default=0.0,
                      help="0 (default): greedy, the same answer every time; above 0 (up to 5): sampling")
