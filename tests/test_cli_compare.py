@@ -85,8 +85,8 @@ def plain_answers(model_dir, adapters: list) -> list[str]:
 def test_base_and_two_trained_adapters_answer_as_plain_peft(project, tiny_chat_model, capsys):
     found, ids = project
     code, out, err = compare(capsys, "--project", "cmp", "--adapters", f"{ids['lora-a']},LORA-B", "--adapters",
-                             "lora-b@2", "--prompt", PROMPT, "--system", SYSTEM, "--max-tokens", str(TOKENS), "--device", "cpu",
-                             "--json")  # the CPU in fp32, as the reference
+                             "lora-b@2", "--prompt", PROMPT, "--system", SYSTEM, "--max-tokens", str(TOKENS),
+                             "--device", "cpu", "--json")  # the CPU in fp32, as the reference
     assert code == 0, err
     result = json.loads(out)
     assert result["project"] == "cmp" and result["settings"]["decoding"] == "greedy"

@@ -89,9 +89,11 @@ class StandIn(BaseHTTPRequestHandler):
         if self.path == "/api/repos/create":
             payload = json.loads(body)
             repo = f"{payload.get('organization') or 'tester'}/{payload['name']}"
-            if repo.startswith("tester/"):
-                self.received[repo] = {"create": payload, "files": {}}
-                return self._send(200, {"url": f"{here}/{repo}"})
+            if not repo.startswith("tester/"):
+                return self._send(403, {"error": "You don't have the rights to create a model under the "
+                                                 f"namespace {payload.get('organization')}"})
+            self.received[repo] = {"create": payload, "files": {}}
+            return self._send(200, {"url": f"{here}/{repo}"})
         parts = self.path.split("/")  # /api/models/<user>/<name>/<preupload|commit>/main
         repo = "/".join(parts[3:5])
         if repo.startswith("tester/") and repo in self.received and parts[5:6] == ["preupload"]:
@@ -105,7 +107,7 @@ class StandIn(BaseHTTPRequestHandler):
                     value = item["value"]
                     self.received[repo]["files"][value["path"]] = base64.b64decode(value["content"])
             return self._send(200, {"commitUrl": f"{here}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40})
-        self._send(403, {"error": f"You don't have the rights to create a model under the namespace {repo.split('/')[0]}"})
+        self._send(403, {"error": f"You don't have the rights to write to {repo}"})
 
     def log_message(self, *args):  # keep the test output quiet
         pass
@@ -144,7 +146,8 @@ def exported(run: int) -> list:
     ("tester/m", {"HF_HUB_OFFLINE": "1"}, WRITE, "HF_HUB_OFFLINE is set"),
     ("tester/m", {"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "yes"}, WRITE, "TRANSFORMERS_OFFLINE is set"),
     ("tester/m", {}, None, "no Hugging Face token to push to tester/m: log in with `hf auth login`"),
-    ("tester/m", {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}, WRITE, "cannot reach the hub at http://127.0.0.1:"),
+    ("tester/m", {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}, WRITE,
+     "cannot reach the hub at http://127.0.0.1:"),  # a closed loopback port: refused at once
     ("tester/m", {"HF_ENDPOINT": "HUB"}, READ, "the token can only read from the hub"),
     ("tester/m", {"HF_ENDPOINT": "HUB"}, REVOKED, "refused the token (HTTP 401"),
 ])
@@ -176,6 +179,7 @@ def test_an_upload_that_fails_keeps_the_export_and_says_how_to_push_it_later(run
     assert (folder / "README.md").is_file() and (folder / "adapter_model.safetensors").is_file()
     error = done.stderr.strip().splitlines()[-1]
     assert error.startswith("peft-studio export: the upload to tester-org/dates-lora") and "403" in error
+    assert "create a model under the namespace tester-org" in error  # the hub's own reason, passed on
     later = f"hf upload tester-org/dates-lora {folder} . --exclude .peft-studio-export.json"
     assert f"The export is kept at {folder}; push it later with: {later}" in error
     assert exported(run_id)[0].status == "unverified" and exported(run_id)[0].path == str(folder)

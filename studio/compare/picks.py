@@ -112,7 +112,8 @@ def _weights_of(db: Database, run: Any, step: int | None, base_source: str, item
 
     trained_on = str((run.spec or {}).get("model", ""))
     if not same_source(trained_on, base_source):
-        raise PickError(f"--adapters {item!r}: run {run.id} ({run.name!r}) was trained on {trained_on or 'an unrecorded model'}, "
+        raise PickError(f"--adapters {item!r}: run {run.id} ({run.name!r}) was trained on "
+                        f"{trained_on or 'an unrecorded model'}, "
                         f"not on {base_source}, the model compared over; compare runs of one base "
                         "(--model picks another base)")
     try:

@@ -26,7 +26,8 @@ from studio.export.target import MARKER
 
 PROBE_TIMEOUT_S = 5.0  # the reachability check: a hub that does not answer in 5 s will not take gigabytes
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # huggingface_hub.constants.ENV_VARS_TRUE_VALUES
-LOGIN_HELP = "log in with `hf auth login` (or set HF_TOKEN to a token with write access, from {endpoint}/settings/tokens)"
+LOGIN_HELP = ("log in with `hf auth login` (or set HF_TOKEN to a token with write access, from "
+              "{endpoint}/settings/tokens)")
 
 
 class HubError(Exception):
