@@ -111,9 +111,17 @@ def test_without_llamacpp_the_export_says_what_is_not_verified(f16_without_llama
     assert v["not_verified"].startswith("Not verified: loading in llama.cpp and stopping at the end-of-turn token")
     assert "pip install 'peft-studio[llamacpp]'" in v["not_verified"]
     assert v["end_of_turn_marked"] and v["marked_end_ids"]["eot"] == END  # the file itself, read by gguf
+    assert _modelfile_from(export.path) == "./model-f16.gguf"
     shown = export_message({"status": export.status, "path": export.path, "size_bytes": export.size_bytes,
                             "verification": json.loads(json.dumps(v))})
     assert "Not verified: loading in llama.cpp" in shown
+
+
+def _modelfile_from(folder: str) -> str:
+    """The FROM of the export's Ollama Modelfile (part 1's parser): the file it runs."""
+    from studio.export.modelfile import parse_modelfile
+
+    return parse_modelfile((Path(folder) / "Modelfile").read_text(encoding="utf-8"))["from"]
 
 
 def _assert_same_answers_and_stop(lc: dict) -> None:
@@ -154,7 +162,9 @@ def test_a_q8_0_export_is_verified_by_transformers_and_llamacpp(stopping_run):
     assert v["verifiers"] == ["transformers", "llama.cpp"] and v["greedy_agreement"] == 1.0
     _assert_same_answers_and_stop(v["llama_cpp"])
     assert v["marked_end_ids"]["eot"] == END
-    assert sorted(os.listdir(export.path)) == sorted(["model-q8_0.gguf", "README.md", ".peft-studio-export.json"])
+    assert sorted(os.listdir(export.path)) == sorted(["model-q8_0.gguf", "README.md", "Modelfile",
+                                                      ".peft-studio-export.json"])
+    assert _modelfile_from(export.path) == "./model-q8_0.gguf"
 
 
 def test_q4_k_m_is_made_by_llamacpp_and_its_agreement_stated(stopping_run):
@@ -166,12 +176,15 @@ def test_q4_k_m_is_made_by_llamacpp_and_its_agreement_stated(stopping_run):
     assert export.status == "verified", v
     files = os.listdir(export.path)
     assert "model-Q4_K_M.gguf" in files and not any("f16" in f for f in files)  # the intermediate removed
+    assert _modelfile_from(export.path) == "./model-Q4_K_M.gguf"
     reader = gguf.GGUFReader(str(Path(export.path) / "model-Q4_K_M.gguf"))
     assert int(reader.get_field(gguf.Keys.General.FILE_TYPE).contents()) == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert v["verifiers"] == ["llama.cpp"] and v["loader"] == "llama.cpp"
     assert 0.0 <= v["greedy_agreement"] <= 1.0 and v["llama_cpp"]["required"] == "agreement stated, not required"
     # A 64-wide model has no row of 256 values: llama.cpp falls back from Q4_K to other types, and says so.
-    assert sum(v["quantiser"]["tensor_types"].values()) == len(reader.tensors)
+    types = v["quantiser"]["tensor_types"]
+    assert sum(types.values()) == len(reader.tensors) and "Q4_K" not in types
+    assert v["quantiser"]["note"].startswith("no tensor of this model could take Q4_K")
     assert v["llama_cpp"]["stopped_there"] == v["llama_cpp"]["answers_ending_at_end_of_turn"]
 
 

@@ -33,7 +33,7 @@ from studio.export import llamacpp
 from studio.export.card import base_model_reference, model_card
 from studio.export.target import (ExportError, check_destination, new_token, resolve_dest, swap_in,
                                   write_marker)
-from studio.export.verify import reference_outputs, verify_export, verify_gguf
+from studio.export.verify import gguf_loaders, reference_outputs, verify_export, verify_gguf
 from studio.export.weights import is_training_state, pick
 from studio.methods import get_method
 from studio.runspec import RunSpec
@@ -133,7 +133,9 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
         if kind == "merged":
             _write_merged(trained, method, tokenizer, tmp, dtype, shard_size)
         elif kind == "gguf":
-            gguf_file, quantiser = _write_gguf(trained, method, tokenizer, tmp, dtype)
+            from studio.export.modelfile import run_system_prompt
+
+            gguf_file, quantiser = _write_gguf(trained, method, tokenizer, tmp, dtype, run_system_prompt(db, run))
         else:
             _copy_adapter(weights.path, tmp, spec.model)
         steps = weights.step if weights.step is not None else db.last_step(run_id)
@@ -143,11 +145,13 @@ def export_run(db: Database, run_id: int, kind: str = "merged", dtype: str = "fl
         dataset = db.get_dataset(run.dataset_id) if run.dataset_id else None
         (tmp / "README.md").write_text(model_card(run=run, spec=spec, dataset=dataset, kind=kind, dtype=dtype,
                                                   metrics=metrics, steps=steps, mergeable=method.mergeable,
-                                                  peft_adapter=method.peft_adapter, checkpoint=weights.step),
+                                                  peft_adapter=method.peft_adapter, checkpoint=weights.step,
+                                                  modelfile=_read_modelfile(tmp) if kind == "gguf" else None),
                                        encoding="utf-8")
         result: dict[str, Any] = {"ok": None}
         if checked:
-            report(0.7, "Verifying: reloading with plain transformers")
+            report(0.7, "Verifying: " + ("loading the GGUF file in " + " and ".join(gguf_loaders(dtype))
+                                         if kind == "gguf" else "reloading with plain transformers"))
             del trained  # the reference is computed; the child loads its own copy
             if kind == "gguf":
                 result = verify_gguf(tmp, gguf_file, dtype, models.resolve_source(spec.model), reference, texts,
@@ -258,11 +262,14 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _write_gguf(trained: Any, method: Any, tokenizer: Any, folder: Path, outtype: str) -> tuple[Path, dict]:
+def _write_gguf(trained: Any, method: Any, tokenizer: Any, folder: Path, outtype: str,
+                system_prompt: str | None) -> tuple[Path, dict]:
     """Merge in fp32 into a scratch folder, convert it to one .gguf file, drop the scratch; a
-    k-quant is llama.cpp's quantiser applied to an f16 file, removed afterwards. The file and
-    what the quantiser did (empty for f16, q8_0)."""
+    k-quant is llama.cpp's quantiser applied to an f16 file, removed afterwards. Ollama's
+    Modelfile beside it names the final file. The file and what the quantiser did (empty for
+    f16, q8_0)."""
     from studio.export.gguf_export import GGUFExportError, end_of_turn_token, write_gguf
+    from studio.export.modelfile import write_modelfile
 
     scratch = folder / ".merged-fp32"
     out = folder / f"model-{outtype}.gguf"
@@ -270,8 +277,11 @@ def _write_gguf(trained: Any, method: Any, tokenizer: Any, folder: Path, outtype
     _write_merged(trained, method, tokenizer, scratch, "float32", "50GB")
     try:
         write_gguf(scratch, first, "f16" if first != out else outtype, end_of_turn=end_of_turn_token(tokenizer))
+        context = json.loads((scratch / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
         shutil.rmtree(scratch, ignore_errors=True)  # before quantising: its space may be needed
-        return out, (llamacpp.quantize(first, out, outtype) if first != out else {})
+        quantiser = llamacpp.quantize(first, out, outtype) if first != out else {}
+        write_modelfile(folder, out.name, tokenizer, system_prompt, context_length=context)
+        return out, quantiser
     except GGUFExportError as exc:
         raise ExportError(str(exc)) from exc
     except llamacpp.LlamaCppError as exc:
@@ -280,6 +290,13 @@ def _write_gguf(trained: Any, method: Any, tokenizer: Any, folder: Path, outtype
         shutil.rmtree(scratch, ignore_errors=True)
         if first != out:
             first.unlink(missing_ok=True)
+
+
+def _read_modelfile(folder: Path) -> str | None:
+    from studio.export.modelfile import FILENAME
+
+    path = folder / FILENAME
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def merged_model(trained: Any, method: Any) -> Any:

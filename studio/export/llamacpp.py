@@ -95,7 +95,14 @@ def quantize(source: Path, dest: Path, name: str) -> dict[str, Any]:
         answer = Path(tmp) / "answer.json"
         _run(["quantize", str(source), str(dest), name, str(answer)], f"quantising to {name}")
         done = json.loads(answer.read_text(encoding="utf-8"))
-    return {**done, "tensor_types": tensor_types(dest)}
+    types = tensor_types(dest)
+    done["tensor_types"] = types
+    main = name.split("_M")[0]  # Q4_K_M's main type is Q4_K
+    if main not in types:
+        done["note"] = (f"no tensor of this model could take {main}: llama.cpp needs rows of a multiple of 256 "
+                        f"values, and used {', '.join(sorted(t for t in types if t not in ('F32', 'F16')))} "
+                        "instead (a small model's layers are narrower; the file is still valid)")
+    return done
 
 
 def tensor_types(path: Path) -> dict[str, int]:

@@ -139,6 +139,14 @@ def _compare(got: dict, reference: list) -> tuple[float, float]:
     return (max(diffs) if diffs else 0.0), (agree / len(reference) if reference else 1.0)
 
 
+def gguf_loaders(dtype: str) -> list[str]:
+    """Who verifies a GGUF export of ``dtype`` here: transformers reads f16 and q8_0, llama.cpp
+    every type where it is installed."""
+    from studio.export import llamacpp
+
+    return (["transformers"] if dtype in llamacpp.STRICT else []) + (["llama.cpp"] if llamacpp.available() else [])
+
+
 def verify_gguf(folder: Path, file: Path, dtype: str, base_folder: Path, reference: list, texts: list[str],
                 tokenizer: Any) -> dict[str, Any]:
     """Verify the GGUF export ``file`` in ``folder`` against ``reference``: transformers (f16 and

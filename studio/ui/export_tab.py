@@ -89,6 +89,8 @@ def export_message(result: dict) -> str:
         checked = f"{checked}; llama.cpp: {lc['error']}"
     if v.get("not_verified"):
         checked = f"{checked}. {v['not_verified']}"
+    if (v.get("quantiser") or {}).get("note"):
+        checked = f"{checked}. llama.cpp's quantiser: {v['quantiser']['note']}"
     step = v.get("checkpoint_step")
     weights = "final weights" if step is None else f"checkpoint at step {step}"
     return TEXT["done"].format(status=result["status"], path=result["path"],
