@@ -243,6 +243,7 @@ def test_card_says_how_to_run_it_in_ollama(base_tokenizer, tmp_path):
     assert "ollama create my-run-v2-x -f Modelfile\nollama run my-run-v2-x" in card
     assert "`TEMPLATE`: the model's chat template in Ollama's syntax" in card
     assert "`<|im_end|>`, `<|im_start|>`" in card and f"````text\n{SYSTEM}\n````" in card
+    assert "`SYSTEM`: the run's system prompt (shared by every training example), below" in card
     assert "as one GGUF file" in card and "library_name: gguf" in card
     assert "ollama" not in card_for("My run", "merged", None)
 

@@ -53,7 +53,9 @@ def ollama_section(run_name: str, modelfile: str | None) -> str:
         why = " ".join(c for c in parsed["comments"] if not c.startswith(("Ollama Modelfile", "Create and run")))
         lines.append(f"- **no `TEMPLATE`**: {why.removeprefix('No TEMPLATE: ')}")
     if parsed["system"] is not None:
-        lines.append("- `SYSTEM`: the system prompt below, used when a conversation brings none")
+        origin = next((c.removeprefix("SYSTEM is ").rstrip(".") for c in parsed["comments"]
+                       if c.startswith("SYSTEM is ")), "the system prompt")
+        lines.append(f"- `SYSTEM`: {origin}, below; used when a conversation brings no system message")
     lines.append(f"- `PARAMETER stop`: {', '.join(f'`{s}`' for s in stops) or 'none found'}, where "
                  "generation ends")
     if settings:
