@@ -164,7 +164,8 @@ def test_inexpressible_template_written_without_template(base_tokenizer, tmp_pat
 def test_characters_ollama_would_drop_survive(base_tokenizer, tmp_path):
     """Ollama's parser drops non-printable characters: the TEMPLATE escapes them, a SYSTEM that
     holds one is left out with the reason."""
-    template = QWEN2.replace("<|im_start|>' + message['role'] + '\n'", "<|im_start|>' + message['role'] + '\u00a0\u200d\n'")
+    header = "<|im_start|>' + message['role'] + '"
+    template = QWEN2.replace(header + "\n'", header + "\u00a0\u200d\n'")  # a no-break space, a joiner
     tokenizer = family_tokenizer(base_tokenizer, template, None, "<|im_end|>", ["<|im_start|>"], tmp_path)
     chat = conversation(True, 2)
     assert "\u200d" in hugging_face(tokenizer, chat)
