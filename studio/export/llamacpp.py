@@ -82,7 +82,8 @@ def _run(args: list[str], what: str) -> None:
             raise LlamaCppError(f"llama.cpp did not finish {what} within {TIMEOUT_S} s") from None
     if child.returncode != 0:
         how = f"exit code {child.returncode}" if child.returncode > 0 else f"signal {-child.returncode}"
-        raise LlamaCppError(f"llama.cpp failed {what} ({how}): {child.stderr.strip()[-1500:]}")
+        said = " / ".join(line for line in child.stderr.strip().splitlines()[-3:] if line.strip())
+        raise LlamaCppError(f"llama.cpp failed {what} ({how}): {said[-1500:] or 'it said nothing'}")
 
 
 def quantize(source: Path, dest: Path, name: str) -> dict[str, Any]:

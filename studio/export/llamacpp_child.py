@@ -2,8 +2,8 @@
 
 llama.cpp is C++ behind ctypes: a file it cannot read may abort the process instead of raising,
 so the studio never loads it in its own process. ``llamacpp`` runs this file by path with a
-clean ``PYTHONPATH`` (it imports llama_cpp and the standard library, never the studio), hands it
-a JSON request and reads a JSON answer:
+clean ``PYTHONPATH`` (it imports llama_cpp, numpy and the standard library, never the studio),
+hands it a JSON request and reads a JSON answer; a failure is one line on stderr, exit code 1:
 
 ``quantize IN OUT NAME ANSWER``
     llama.cpp's own quantiser (``llama_model_quantize``) from the f16 file ``IN`` to ``OUT`` as
@@ -82,4 +82,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except Exception as exc:  # noqa: BLE001 - one line for the studio's message, not a traceback
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
