@@ -186,6 +186,44 @@ def test_a_file_llamacpp_cannot_load_is_its_error_not_the_studios(f16_without_ll
 
 
 @needs_llamacpp
+def test_the_end_of_turn_id_the_writer_marks_is_what_makes_llamacpp_stop(tiny_chat_model, tmp_path):
+    """The "never stops" bug itself: a chat template whose turns end with a token that is not the
+    end-of-sequence token (here <file_sep>, which llama.cpp does not recognise by its text). The
+    untrained model is made to say it second; the file marked with it stops there, the same file
+    without the mark runs on, and the verifier says so."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from studio.export.gguf_export import end_of_turn_token, write_gguf
+    from studio.export.verify import reference_outputs
+
+    base = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "message['content'] + '<|im_end|>'", "message['content'] + ('<file_sep>' if message['role'] == "
+                                             "'assistant' else '<|im_end|>')")
+    tokenizer.save_pretrained(base)
+    turn_end = end_of_turn_token(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(turn_end) == "<file_sep>" != tokenizer.eos_token
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False,
+                                           add_generation_prompt=True)]
+    ids = [tokenizer(texts[0], add_special_tokens=False)["input_ids"]]
+    answer = reference_outputs(AutoModelForCausalLM.from_pretrained(base), tokenizer, texts)[0][1].tolist()
+    k = next(i for i in range(1, len(answer)) if answer[i] not in answer[:i])
+    _swap_output_rows(base, turn_end, answer[k])
+    reference = reference_outputs(AutoModelForCausalLM.from_pretrained(base), tokenizer, texts)
+    assert reference[0][1].tolist()[k] == turn_end  # transformers does not stop there: its eos is <|im_end|>
+
+    marked = write_gguf(base, tmp_path / "marked.gguf", "f16", end_of_turn=turn_end)
+    lc = llamacpp.verify(marked, "f16", texts, ids, reference, turn_end, tokenizer.eos_token_id)
+    assert lc["ok"] and lc["answers_ending_at_end_of_turn"] == lc["stopped_there"] == 1, lc
+    unmarked = write_gguf(base, tmp_path / "unmarked.gguf", "f16")
+    lc = llamacpp.verify(unmarked, "f16", texts, ids, reference, turn_end, tokenizer.eos_token_id)
+    assert not lc["ok"] and lc["ran_past_end_of_turn"] == [0], lc
+    assert lc["end_ids_are_end_of_generation"][str(turn_end)] is False
+
+
+@needs_llamacpp
 def test_q4_k_m_is_made_by_llamacpp_and_its_agreement_stated(stopping_run):
     import gguf
 
