@@ -35,13 +35,13 @@ def quantize(source: str, dest: str, name: str) -> dict:
 
 def verify(path: str, request: dict) -> dict:
     import numpy as np
-    from llama_cpp import Llama, llama_vocab_eos, llama_vocab_eot, llama_vocab_is_eog
+    from llama_cpp import Llama, llama_model_get_vocab, llama_vocab_eos, llama_vocab_eot, llama_vocab_is_eog
 
     budget = request["max_new_tokens"]
     longest = max((len(ids) for ids in request["prompt_ids"]), default=0)
     llm = Llama(model_path=path, n_ctx=longest + budget + 8, n_batch=max(32, longest + budget),
                 logits_all=True, verbose=False, seed=0)
-    vocab = llm._model.vocab
+    vocab = llama_model_get_vocab(llm.model)
     answers = []
     for text, ids, want in zip(request["texts"], request["prompt_ids"], request["reference_tokens"]):
         llm.reset()
