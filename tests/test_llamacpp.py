@@ -165,8 +165,13 @@ def test_a_q8_0_export_is_verified_by_transformers_and_llamacpp(stopping_run):
     assert export.status == "verified", v
     assert v["greedy_agreement"] >= 0.75 and v["studio_imported_by_loader"] == []  # transformers' verdict
     if llamacpp.available():
+        from studio.ui.export_tab import export_message
+
         assert v["verifiers"] == ["transformers", "llama.cpp"]
         _assert_same_answers_and_stop(v["llama_cpp"])
+        shown = export_message({"status": export.status, "path": export.path, "size_bytes": export.size_bytes,
+                                "verification": v})
+        assert "llama.cpp: greedy agreement 100% over 4 prompts" in shown and "stopped at the end-of-turn" in shown
     else:
         assert v["verifiers"] == ["transformers"] and v["not_verified"].startswith("Not verified")
     assert v["marked_end_ids"]["eot"] == END

@@ -82,9 +82,12 @@ def export_message(result: dict) -> str:
                                       loader=v["loader"]) if "max_abs_diff" in v else v.get("note", ""))
     lc = v.get("llama_cpp") or {}
     if "greedy_agreement" in lc:
+        ending = lc["answers_ending_at_end_of_turn"]
+        stop = (TEXT["llamacpp_stopped"].format(stopped=lc["stopped_there"], ending=ending) if ending else
+                TEXT["llamacpp_no_end"].format(eog="yes" if all(lc["end_ids_are_end_of_generation"].values())
+                                               else "no"))
         checked = "; ".join(filter(None, [checked, TEXT["llamacpp_checked"].format(
-            agree=lc["greedy_agreement"], prompts=lc["prompts"], required=lc["required"],
-            stopped=lc["stopped_there"], ending=lc["answers_ending_at_end_of_turn"])]))
+            agree=lc["greedy_agreement"], prompts=lc["prompts"], required=lc["required"], stop=stop)]))
     elif lc.get("error"):
         checked = f"{checked}; llama.cpp: {lc['error']}"
     if v.get("not_verified"):

@@ -323,8 +323,10 @@ EXPORT = {
     "qlora": "**QLoRA:** the merged export is the 4-bit base de-quantised to the chosen dtype with the adapter "
              "merged in; its outputs are compared with the 4-bit model as trained.",
     "merges": "{title}: merges into the base with no inference overhead.",
-    "llamacpp_checked": "llama.cpp: greedy agreement {agree:.0%} over {prompts} prompts ({required}); "
-                        "{stopped} of {ending} answers that end stopped at the end-of-turn token",
+    "llamacpp_checked": "llama.cpp: greedy agreement {agree:.0%} over {prompts} prompts ({required}); {stop}",
+    "llamacpp_stopped": "{stopped} of {ending} answers that end stopped at the end-of-turn token",
+    "llamacpp_no_end": "no answer reached the end-of-turn token within the tokens compared (llama.cpp treats "
+                       "it as the end of generation: {eog})",
     "gguf_types": "f16, q8_0: written by the studio. Q4_K_M, Q5_K_M, Q6_K: llama.cpp's own quantiser{missing}.",
     "kquant_missing": " (needs llama-cpp-python, not installed: {install})",
 }
