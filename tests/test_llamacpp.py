@@ -249,13 +249,22 @@ def test_q4_k_m_is_made_by_llamacpp_and_its_agreement_stated(stopping_run):
     assert v["llama_cpp"]["stopped_there"] == v["llama_cpp"]["answers_ending_at_end_of_turn"]
 
 
+def _peaked(token: int):
+    """First-token logits over a vocabulary of 8 whose greedy pick is ``token``."""
+    import torch
+
+    logits = torch.arange(8, dtype=torch.float32) / 10
+    logits[token] = 5.0
+    return logits
+
+
 def test_the_verdict_fails_an_answer_that_runs_past_the_end_of_turn():
     """The rule itself, on llama.cpp answers as the child reports them: stopping is required."""
     import torch
 
-    reference = [(torch.zeros(3, 8), torch.tensor([5, 6, END]))]
+    reference = [(_peaked(5).expand(3, 8), torch.tensor([5, 6, END]))]
     answer = {"tokens": [5, 6, END], "stopped": True, "completion_finish": "stop", "tokenized": [1, 2, 3],
-              "first_logits": [0.0] * 8, "departure": None}
+              "first_logits": _peaked(5).tolist(), "departure": None}
     got = {"answers": [answer], "is_eog": {str(END): True}, "eos": END, "eot": END}
     assert llamacpp.judge(got, "f16", [[1, 2, 3]], reference, [END], END)["ok"]
     ran_on = {**got, "answers": [{**answer, "tokens": [5, 6, END, 7, 8], "stopped": False,
@@ -269,9 +278,9 @@ def test_the_verdict_fails_an_answer_that_runs_past_the_end_of_turn():
 def test_the_verdict_allows_a_near_tie_only_and_requires_the_same_tokenization():
     import torch
 
-    reference = [(torch.zeros(3, 8), torch.tensor([5, 6, END]))]
+    reference = [(_peaked(5).expand(3, 8), torch.tensor([5, 6, END]))]
     answer = {"tokens": [5, 7, 9], "stopped": False, "completion_finish": None, "tokenized": [1, 2, 3],
-              "first_logits": [0.0] * 8, "departure": {"at": 1, "margin": 5e-4}}
+              "first_logits": _peaked(5).tolist(), "departure": {"at": 1, "margin": 5e-4}}
     got = {"answers": [answer], "is_eog": {str(END): True}, "eos": END, "eot": END}
     tie = llamacpp.judge(got, "q8_0", [[1, 2, 3]], reference, [END], END)
     assert tie["ok"] and tie["greedy_agreement"] == 0.0 and tie["near_ties"] == [{"prompt": 0, "at_token": 1,
@@ -280,6 +289,13 @@ def test_the_verdict_allows_a_near_tie_only_and_requires_the_same_tokenization()
     assert llamacpp.judge(far, "q8_0", [[1, 2, 3]], reference, [END], END)["different_answers"] == [0]
     assert not llamacpp.judge(far, "f16", [[1, 2, 3]], reference, [END], END)["ok"]
     assert llamacpp.judge(far, "Q4_K_M", [[1, 2, 3]], reference, [END], END)["ok"]  # 4-bit: stated only
+    # A broken file: its logits far from the reference's, its first token not in their top 5. The
+    # tie tolerance (twice the logit difference) is capped, and the top-5 check fails it anyway.
+    broken = {**got, "answers": [{**answer, "first_logits": (_peaked(0) * 40).tolist(),
+                                  "departure": {"at": 0, "margin": 0.4}}]}
+    verdict = llamacpp.judge(broken, "q8_0", [[1, 2, 3]], reference, [END], END)
+    assert not verdict["ok"] and verdict["near_tie_tolerance"] == llamacpp.NEAR_TIE_CAP
+    assert verdict["first_token_in_top5"] == 0.0
     split_apart = {**got, "answers": [{**answer, "tokenized": [1, 2, 4]}]}
     verdict = llamacpp.judge(split_apart, "f16", [[1, 2, 3]], reference, [END], END)
     assert not verdict["ok"] and verdict["tokenization_agreement"] == 0.0

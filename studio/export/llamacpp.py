@@ -39,10 +39,14 @@ DISABLE_ENV = "PEFT_STUDIO_NO_LLAMACPP"
 KQUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K")
 STRICT = ("f16", "q8_0")  # every prompt must give the same tokens (but for near-ties, below)
 # A departure counts as a near-tie when llama.cpp's token beat transformers' by less than twice
-# the largest first-token logit difference between the two (the rounding this file carries), or
-# than this floor: a random test model's logits lie within hundredths of each other, and q8_0's
-# 8-bit activations flip such ties (measured: 1 of 4 prompts on the tiny test model).
-NEAR_TIE_FLOOR = 1e-3
+# the largest first-token logit difference between the two (the rounding this file carries),
+# within [floor, cap]. Measured on SmolLM2-135M (4 prompts, 16 tokens): f16 differs by at most
+# 0.05 in the logits and gives the same tokens; q8_0 by 1.2 (llama.cpp's own Q8_0 by 1.3, and
+# transformers' reload of it by 1.0), and every prompt departs somewhere, by margins of 0.03-0.28.
+# A random test model's logits lie within hundredths of each other (the floor). The cap keeps a
+# broken file, whose logits differ by a lot, from calling every departure a tie.
+NEAR_TIE_FLOOR, NEAR_TIE_CAP = 1e-3, 0.5
+TOP = 5  # and each side's first token must be among the other's top 5 (a broken file's is not)
 REQUIRED = {True: "the same tokens on every prompt, but at near-ties, and llama.cpp tokenizing the prompts "
                   "as transformers does", False: "agreement stated, not required"}
 _CHILD = Path(__file__).with_name("llamacpp_child.py")
@@ -152,6 +156,13 @@ def _until_end(tokens: list[int], ends: list[int]) -> list[int]:
     return tokens[:cut] if cut else tokens
 
 
+def _in_top(mine: Any, theirs: Any) -> bool:
+    """Each side's first greedy token is among the other's ``TOP`` most likely."""
+    import numpy as np
+
+    return bool(int(np.argmax(mine)) in np.argsort(theirs)[-TOP:] and int(np.argmax(theirs)) in np.argsort(mine)[-TOP:])
+
+
 def judge(got: dict, dtype: str, prompt_ids: list[list[int]], reference: list, ends: list[int],
           end_of_turn: int | None) -> dict[str, Any]:
     """The verdict on llama.cpp's answers ``got`` (the child's JSON) against transformers'."""
@@ -162,7 +173,9 @@ def judge(got: dict, dtype: str, prompt_ids: list[list[int]], reference: list, e
     wants = [_until_end([int(t) for t in greedy.tolist()], ends) for _, greedy in reference]
     diffs = [float(np.abs(np.asarray(a["first_logits"]) - logits[-1].numpy()).max())
              for a, (logits, _) in zip(answers, reference)]
-    tolerance = max(2 * max(diffs, default=0.0), NEAR_TIE_FLOOR)
+    tolerance = min(max(2 * max(diffs, default=0.0), NEAR_TIE_FLOOR), NEAR_TIE_CAP)
+    top_agrees = sum(_in_top(np.asarray(a["first_logits"]), logits[-1].numpy())
+                     for a, (logits, _) in zip(answers, reference))
     differ = [i for i, (a, want) in enumerate(zip(answers, wants)) if a["tokens"] != want]
     near_ties = [{"prompt": i, "at_token": d["at"], "margin": d["margin"]} for i in differ
                  if (d := answers[i]["departure"]) is not None and d["margin"] <= tolerance]
@@ -176,10 +189,11 @@ def judge(got: dict, dtype: str, prompt_ids: list[list[int]], reference: list, e
                                          and answers[i]["completion_finish"] == "stop")]
     stops_expected, stopped_right, same = len(ending), len(ending) - len(runs_on), n - len(differ)
     eog = all(got["is_eog"].values())
-    agrees = (not unexplained and tokenized_same == n) if strict else n > 0
+    agrees = (not unexplained and tokenized_same == n and top_agrees == n) if strict else n > 0
     result = {"ok": eog and not runs_on and agrees, "loader": "llama.cpp",
               "greedy_agreement": same / n if n else 1.0, "prompts": n,
               "max_abs_diff_first_token": max(diffs, default=0.0), "near_tie_tolerance": tolerance,
+              "first_token_in_top5": top_agrees / n if n else 1.0,
               "tokenization_agreement": tokenized_same / n if n else 1.0,
               "end_of_turn_id": end_of_turn, "end_ids_are_end_of_generation": got["is_eog"],
               "llama_cpp_eos": got["eos"], "llama_cpp_eot": got["eot"],

@@ -86,8 +86,10 @@ def export_message(result: dict) -> str:
         stop = (TEXT["llamacpp_stopped"].format(stopped=lc["stopped_there"], ending=ending) if ending else
                 TEXT["llamacpp_no_end"].format(eog="yes" if all(lc["end_ids_are_end_of_generation"].values())
                                                else "no"))
+        ties = lc.get("near_ties") or []
+        tied = TEXT["llamacpp_ties"].format(n=len(ties), margin=max(t["margin"] for t in ties)) if ties else ""
         checked = "; ".join(filter(None, [checked, TEXT["llamacpp_checked"].format(
-            agree=lc["greedy_agreement"], prompts=lc["prompts"], required=lc["required"], stop=stop)]))
+            agree=lc["greedy_agreement"], prompts=lc["prompts"], ties=tied, required=lc["required"], stop=stop)]))
     elif lc.get("error"):
         checked = f"{checked}; llama.cpp: {lc['error']}"
     if v.get("not_verified"):

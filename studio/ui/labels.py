@@ -323,7 +323,9 @@ EXPORT = {
     "qlora": "**QLoRA:** the merged export is the 4-bit base de-quantised to the chosen dtype with the adapter "
              "merged in; its outputs are compared with the 4-bit model as trained.",
     "merges": "{title}: merges into the base with no inference overhead.",
-    "llamacpp_checked": "llama.cpp: greedy agreement {agree:.0%} over {prompts} prompts ({required}); {stop}",
+    "llamacpp_checked": "llama.cpp: greedy agreement {agree:.0%} over {prompts} prompts{ties} ({required}); {stop}",
+    "llamacpp_ties": ", {n} more departing at a near-tie (logit margin at most {margin:.2g}, within the file's "
+                     "rounding)",
     "llamacpp_stopped": "{stopped} of {ending} answers that end stopped at the end-of-turn token",
     "llamacpp_no_end": "no answer reached the end-of-turn token within the tokens compared (llama.cpp treats "
                        "it as the end of generation: {eog})",
