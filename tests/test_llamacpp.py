@@ -74,7 +74,8 @@ def stopping_run(studio_home, tiny_chat_model, tmp_path_factory) -> tuple[int, l
     db = Database()
     project = create_project(db, "gguf")
     spec = RunSpec(model=str(base), method="lora", sample_task="dates", max_steps=3, batch_size=2, max_length=64,
-                   learning_rate=5e-3, eval_steps=0, save_steps=0, exact_match_limit=0)
+                   learning_rate=5e-3, eval_steps=0, save_steps=0, exact_match_limit=0,
+                   precision="fp32")  # not "auto": the same trained model on a busy machine or an idle one
     run = launch.create_run(db, project.id, spec)
     assert train(db, run.id) == "completed", db.get_run(run.id).error
     gc.collect()
@@ -128,10 +129,14 @@ def _modelfile_from(folder: str) -> str:
     return parse_modelfile((Path(folder) / "Modelfile").read_text(encoding="utf-8"))["from"]
 
 
-def _assert_same_answers_and_stop(lc: dict) -> None:
-    assert lc["ok"] and lc["greedy_agreement"] == 1.0 and lc["prompts"] == 4, lc
-    # The first prompt's answer ends at the swapped-in end of turn, and llama.cpp stopped there.
-    assert lc["answers_ending_at_end_of_turn"] >= 1 and lc["stopped_there"] == lc["answers_ending_at_end_of_turn"]
+def _assert_same_answers_and_stop(lc: dict, dtype: str) -> None:
+    """f16: the same tokens on every prompt, and the first answer stopped at the swapped-in end of
+    turn. q8_0 rounds llama.cpp's activations to 8 bits too: a prompt may leave transformers'
+    answer at a near-tie (listed), never by more, and no answer runs past its end of turn."""
+    assert lc["ok"] and lc["prompts"] == 4, lc
+    ties = len(lc.get("near_ties", []))
+    assert lc["greedy_agreement"] == 1.0 if dtype == "f16" else lc["greedy_agreement"] + ties / 4 == 1.0, lc
+    assert lc["stopped_there"] == lc["answers_ending_at_end_of_turn"] >= (1 if dtype == "f16" else 0), lc
     assert lc["end_ids_are_end_of_generation"] == {str(END): True} and lc["tokenization_agreement"] == 1.0
 
 
@@ -155,7 +160,7 @@ def test_the_f16_file_answers_in_llamacpp_as_the_trained_model_and_stops_at_end_
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     lc = llamacpp.verify(Path(f16_without_llamacpp[0].path) / "model-f16.gguf", "f16", texts, ids, reference,
                          end_of_turn_token(tokenizer), tokenizer.eos_token_id)
-    _assert_same_answers_and_stop(lc)
+    _assert_same_answers_and_stop(lc, "f16")
 
 
 def test_a_q8_0_export_is_verified_by_transformers_and_llamacpp(stopping_run):
@@ -168,10 +173,10 @@ def test_a_q8_0_export_is_verified_by_transformers_and_llamacpp(stopping_run):
         from studio.ui.export_tab import export_message
 
         assert v["verifiers"] == ["transformers", "llama.cpp"]
-        _assert_same_answers_and_stop(v["llama_cpp"])
+        _assert_same_answers_and_stop(v["llama_cpp"], "q8_0")
         shown = export_message({"status": export.status, "path": export.path, "size_bytes": export.size_bytes,
                                 "verification": v})
-        assert "llama.cpp: greedy agreement 100% over 4 prompts" in shown and "stopped at the end-of-turn" in shown
+        assert "llama.cpp: greedy agreement" in shown and "over 4 prompts" in shown
     else:
         assert v["verifiers"] == ["transformers"] and v["not_verified"].startswith("Not verified")
     assert v["marked_end_ids"]["eot"] == END
