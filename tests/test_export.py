@@ -185,14 +185,7 @@ def test_lora_on_the_real_model_exports_and_verifies(smollm2_dir):
     assert export.verification["max_abs_diff"] <= 1e-3
 
 
-@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
-def test_gguf_export_reloads_with_transformers_and_agrees(outtype, trained):
-    db = Database()
-    export = export_run(db, trained("lora"), "gguf", outtype)
-    assert export.status == "verified", export.verification
-    files = set(os.listdir(export.path))
-    assert f"model-{outtype}.gguf" in files and "README.md" in files and ".merged-fp32" not in files
-    assert export.verification["greedy_agreement"] >= 0.75 and export.verification["studio_imported_by_loader"] == []
+# GGUF exports (f16, q8_0, k-quants; transformers and llama.cpp): tests/test_llamacpp.py
 
 
 # ---- issue 15: a verification that can fail, portable references, checkpoints; issue 14: training
