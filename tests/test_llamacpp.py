@@ -104,7 +104,7 @@ def f16_without_llamacpp(stopping_run):
 
 
 def test_without_llamacpp_the_export_says_what_is_not_verified(f16_without_llamacpp):
-    from studio.ui.export_tab import export_message
+    from studio.ui.export_tab import export_message, ollama_hint
 
     export, refusal, refused_rows = f16_without_llamacpp
     assert "Q5_K_M is made by llama.cpp's own quantiser" in refusal and "f16 or q8_0" in refusal
@@ -120,6 +120,10 @@ def test_without_llamacpp_the_export_says_what_is_not_verified(f16_without_llama
     shown = export_message({"status": export.status, "path": export.path, "size_bytes": export.size_bytes,
                             "verification": json.loads(json.dumps(v))})
     assert "Not verified: loading in llama.cpp" in shown
+    # the Export tab says how to run it in Ollama, with the name the export's card uses
+    hint = ollama_hint(export.path, "Dates: v2")
+    assert f"cd {export.path}" in hint and "ollama create dates-v2 -f Modelfile" in hint
+    assert ollama_hint(str(Path(export.path).parent), "x") == ""  # no Modelfile there: nothing said
 
 
 def _modelfile_from(folder: str) -> str:

@@ -12,6 +12,7 @@ that does not merge) come from ``export_run`` in the child, shown as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -102,6 +103,15 @@ def export_message(result: dict) -> str:
                                mb=(result.get("size_bytes") or 0) / 2**20, weights=weights, checked=checked)
 
 
+def ollama_hint(path: str, run_name: str) -> str:
+    """The two Ollama commands for a GGUF export folder holding a Modelfile ('' otherwise)."""
+    from studio.export.modelfile import FILENAME, ollama_name
+
+    if not (Path(path) / FILENAME).is_file():
+        return ""
+    return TEXT["ollama"].format(path=path, name=ollama_name(run_name))
+
+
 def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None = None) -> ExportHandles:
     """Render the tab. ``tab``: the tab itself; opening it re-lists the runs (one may have
     finished, or been stopped, in the Train tab since the page loaded)."""
@@ -157,7 +167,9 @@ def build(demo: gr.Blocks, db: Database, picker: gr.Dropdown, tab: gr.Tab | None
                                    progress=lambda f, m: progress(f, desc=m))
         except (ExportError, OSError) as exc:
             return TEXT["failed"].format(reason=exc), _exports_table(db, project_id)
-        return export_message(done), _exports_table(db, project_id)
+        run = db.get_run(run_id)
+        return (export_message(done) + ollama_hint(done["path"], run.name if run else "model"),
+                _exports_table(db, project_id))
 
     def on_kind(kind_v):
         if kind_v != "gguf":

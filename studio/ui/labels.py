@@ -318,6 +318,8 @@ EXPORT = {
     "pick": "**Pick a run first.**",
     "failed": "**Export failed:** {reason}",
     "done": "**Export {status}:** `{path}` ({mb:.1f} MiB, {weights}). {checked}",
+    "ollama": "\n\n**Run it in Ollama:** `cd {path}`, then `ollama create {name} -f Modelfile` and `ollama run {name}` "
+              "(the Modelfile carries the chat template, the stop tokens and the system prompt).",
     "checked": "max |Δlogit| {diff:.2e}, greedy agreement {agree:.0%} over {prompts} prompts, loaded with {loader}",
     "no_merge": "**{title} cannot be merged.** {notes} Choose *adapter* to export it.",
     "qlora": "**QLoRA:** the merged export is the 4-bit base de-quantised to the chosen dtype with the adapter "
