@@ -99,7 +99,8 @@ def batchable(folder: str | Path) -> bool:
 
 
 def project_adapters(db: Database, project_id: int, folder_of) -> list[AdapterSource]:
-    """Every attachable adapter of a project: each finished run's final adapter, then its checkpoints.
+    """Every attachable adapter of a project: each finished run's final adapter, then its checkpoints
+    (but the last step's, which a completed run already offers as its final adapter).
 
     ``folder_of(run)`` gives a run's folder (``studio.runs.launch.run_folder``), passed in so
     that listing adapters does not import the worker package."""
@@ -109,12 +110,16 @@ def project_adapters(db: Database, project_id: int, folder_of) -> list[AdapterSo
             continue
         root = folder_of(run)
         final = root / "adapter"
+        last_step = None  # a checkpoint of the last step holds the final adapter's weights: listed once
         if run.status == RunStatus.COMPLETED.value and _is_adapter(final):
             recipe = derived.recipe_of(run)  # a combined adapter says so: "#7 mix (ties of #3 + #5)"
             label = f"#{run.id} {run.name}" + (f" ({derived.short(recipe)})" if recipe is not None else "")
             sources.append(AdapterSource(label, final, run.method, run.id))
+            last_step = db.last_step(run.id)
         for checkpoint in db.list_checkpoints(run.id):
             path = Path(checkpoint.path)
+            if last_step is not None and checkpoint.step >= last_step:
+                continue
             if _is_adapter(path):
                 sources.append(AdapterSource(f"#{run.id} {run.name} @ step {checkpoint.step}", path,
                                              run.method, run.id, checkpoint.step))
