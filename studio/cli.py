@@ -1,13 +1,17 @@
 """``peft-studio``: the command line. Everything the UI does, headless.
 
-Sub-commands so far: ``ui`` (the web app), ``setup`` (prepare the embedded model), ``info``
+Sub-commands: ``ui`` (the web app), ``setup`` (prepare the embedded model), ``info``
 (architecture facts of a model source), ``estimate`` (trainable count and memory), ``train``
 and ``stop`` (a run from a runspec file, through the same worker the UI uses; in
 ``studio/cli_train.py``), ``export`` (merged or adapter-only files of a run's final weights or
 one of its checkpoints, verified), ``bakeoff`` (several methods, one budget, one
 table; in ``studio/bakeoff/cli.py``), ``serve`` (an OpenAI-compatible endpoint over one base and
 many adapters; in ``studio/cli_serve.py``), ``compose`` (trained LoRA adapters combined into a
-derived run; in ``studio/cli_compose.py``). Each sub-command's heavy imports stay in its handler.
+derived run; in ``studio/cli_compose.py``), ``job`` (cluster jobs; ``studio/cli_job.py``),
+``projects``, ``data``, ``runs`` (``studio/cli_projects.py``, ``cli_data.py``, ``cli_runs.py``; ``runs
+export`` in ``studio/trackers/cli.py``) and ``compare`` (``studio/cli_compare.py``); ``export
+--push-to-hub`` uploads through ``studio/export/hub.py``. Each sub-command's heavy imports stay in
+its handler.
 """
 
 from __future__ import annotations

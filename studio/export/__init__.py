@@ -6,8 +6,10 @@ Modules: ``load`` (rebuild a trained model from a run), ``weights`` (which of a 
 be exported: final or a checkpoint), ``build`` (write an export atomically and record it),
 ``target`` (where it goes, what it may replace), ``verify`` (reload it in a clean child process
 and compare), ``card`` (README.md, the base model's portable name), ``gguf_export`` (the GGUF
-writer), ``child`` (an export in a ``peft-studio export`` child process, for the UI). Importing
-the package loads no torch: the UI lists what can be exported without it.
+writer), ``llamacpp`` / ``llamacpp_child`` (llama.cpp as a GGUF verifier and k-quant quantiser,
+where installed), ``modelfile`` / ``ollama_template`` (the Ollama Modelfile beside a GGUF),
+``hub`` (``--push-to-hub``), ``child`` (an export in a ``peft-studio export`` child process, for
+the UI). Importing the package loads no torch: the UI lists what can be exported without it.
 """
 
 from studio.export.build import ExportError, export_run, exports_dir
