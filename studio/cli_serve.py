@@ -8,6 +8,12 @@ is not an adapter) is one line on stderr and exit code 2, before any model is lo
 listens it prints one line on stdout, ``PEFT Studio serving N models at http://HOST:PORT/v1``
 (the real port, also for ``--port 0``), and SIGTERM or Ctrl-C stop it cleanly with exit code 0.
 ``--engine vllm`` hands the same catalog to vLLM's own server (``studio.serve.vllm``).
+
+Started by the app (``studio.serve.process``), it also gets ``--lifeline-fd FD`` (hidden from
+``--help``): the read end of a pipe whose write end only the app holds. When the app dies,
+however it dies (SIGKILL included), the read sees EOF and the server stops as on SIGTERM, so
+it never keeps the port and the model with no app to manage it. Run from a terminal, without
+the flag, nothing watches the parent: it serves until stopped, as before.
 """
 
 from __future__ import annotations
@@ -18,11 +24,18 @@ import signal
 import socket
 import stat
 import sys
+import threading
+import time
 from pathlib import Path
 
 from studio import config
 
 PROG = "peft-studio serve"
+# After the lifeline's EOF and our SIGTERM, how long a clean stop may take before the server's
+# process group is killed: what the app's own Stop allows (process.STOP_GRACE). It covers a
+# SIGTERM that lands while no handler stops anything (between the model load and uvicorn's own
+# handlers) and a load stuck in native code.
+LIFELINE_GRACE_S = 10.0
 
 
 class ServeRefused(Exception):
@@ -64,6 +77,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "CUDA GPU, vLLM's own server)")
     sv.add_argument("--trust-remote-code", action="store_true",
                     help="allow the base model's own Python code (only for sources you trust)")
+    # The app's lifeline (see the module's docstring); never typed by a user.
+    sv.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
     sv.set_defaults(handler=serve)
 
 
@@ -116,11 +131,44 @@ def build_catalog(args: argparse.Namespace):
     return catalog
 
 
+def watch_lifeline(fd: int, grace: float = LIFELINE_GRACE_S) -> None:
+    """Stop this server when the read end ``fd`` sees EOF: the app that holds the write end is
+    gone. A daemon thread blocks on the read (no polling); on EOF it says so on stderr (the log)
+    and sends this process SIGTERM, which takes the same clean path as the app's Stop (during
+    the load and while serving). If the process still lives ``grace`` seconds later, its group
+    is killed (the app started it as a group leader; vLLM's server is in that group).
+    ``ServeRefused`` when ``fd`` is not an open pipe or file."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise ServeRefused(f"--lifeline-fd {fd} is not an open file descriptor") from None
+
+    def wait_for_eof() -> None:
+        try:
+            while os.read(fd, 4096):
+                pass  # the app never writes; anything written is not a reason to stop
+        except OSError:
+            pass  # a broken read means the same: the other end cannot be relied on
+        print(f"{PROG}: the app that started this server is gone: stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)  # a clean stop ends the process, and this daemon thread with it
+        print(f"{PROG}: not stopped {grace:g} s after SIGTERM: killing it", file=sys.stderr, flush=True)
+        leader = os.getpgrp() == os.getpid()  # never kill a group we did not start
+        if leader:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait_for_eof, name="serve-lifeline", daemon=True).start()
+
+
 def serve(args: argparse.Namespace) -> int:
     from studio.serve.catalog import CatalogError
     from studio.ui.launch import is_loopback
 
     try:
+        if args.lifeline_fd is not None:
+            watch_lifeline(args.lifeline_fd)  # first: an app that dies during the checks counts too
         key = read_key(args)
         if key is None and not is_loopback(args.host):
             raise ServeRefused(f"refusing to listen on {args.host} without an API key: anyone who can "

@@ -17,6 +17,14 @@ refused with the one that runs and where.
 - The child is stopped when the app exits: ``atexit`` for a normal exit, and a SIGTERM handler
   (``stop_on_exit``, installed from the main thread) because SIGTERM's default action ends a
   process without running ``atexit`` and the child, in its own group, would outlive the app.
+- And when the app dies without running any of that (SIGKILL, the OOM killer, a crash): the
+  child gets the read end of a pipe whose write end only the app holds (``--lifeline-fd``).
+  The kernel closes the write end when the app dies, however it dies; the child reads EOF and
+  stops as on SIGTERM (``cli_serve.watch_lifeline``). Chosen over Linux's PR_SET_PDEATHSIG,
+  which fires when the *thread* that started the child ends (a Start runs on one of Gradio's
+  worker threads, which anyio ends after 10 s idle: a healthy server would be killed), is
+  Linux-only, and races with a parent that dies before the child sets it; an EOF is never
+  missed, whenever the child starts to read.
 """
 
 from __future__ import annotations
@@ -152,6 +160,7 @@ class _Child:
     settings: ServeSettings
     log: Path
     key_file: Path | None
+    lifeline: int | None = None       # the pipe's write end: open while the child is ours
     url: str | None = None
     models: int | None = None
     started_at: float | None = None
@@ -181,11 +190,23 @@ class ServeProcess:
                                    "stop it first. The app runs one server at a time.")
             key_file = write_key_file(settings.api_key) if settings.api_key else None
             log = serve_dir() / LOG_NAME
-            with open(log, "wb") as out:  # a fresh log per start: the tail is this start's
-                proc = subprocess.Popen(command(settings, key_file), stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            child = self._child = _Child(proc, settings, log, key_file)
+            # The lifeline: both ends are non-inheritable (os.pipe's default), so no other child
+            # of the app (a training worker) holds the write end; only the serve child gets
+            # the read end (pass_fds), and the app closes its copy once the child has it.
+            lifeline_read, lifeline = os.pipe()
+            try:
+                argv = command(settings, key_file) + ["--lifeline-fd", str(lifeline_read)]
+                with open(log, "wb") as out:  # a fresh log per start: the tail is this start's
+                    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            pass_fds=(lifeline_read,),
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            except BaseException:
+                os.close(lifeline)
+                raise
+            finally:
+                os.close(lifeline_read)
+            child = self._child = _Child(proc, settings, log, key_file, lifeline)
         _stop_on_exit_once()
         return self._wait_ready(child, timeout, on_wait)
 
@@ -259,6 +280,9 @@ class ServeProcess:
                       f"{log_tail(child.log)}")
         if child.key_file is not None:
             child.key_file.unlink(missing_ok=True)
+        if child.lifeline is not None:  # the child is gone: its lifeline has no reader left
+            os.close(child.lifeline)
+            child.lifeline = None
         self._child = None
         self._last = ServeStatus("stopped", None, child.proc.pid, child.started_at, child.models,
                                  child.settings, reason, child.log)
