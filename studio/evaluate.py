@@ -13,8 +13,11 @@ are scored:
 
 Generation is the slow part of an evaluation (minutes for 50 answers on a 2-core CPU), so it
 reports as it goes: a caller that wraps it in ``reporting(listener)`` gets
-``listener(done, total)`` after every generated token (``done``: answers finished so far), which
-is how the training worker keeps its heartbeat and its "evaluating (k of n)" state alive.
+``listener(done, total, batch_end)`` after every generated token and after every batch of answers
+(``done``: answers finished so far), which is how the training worker keeps its heartbeat and its
+"evaluating (k of n)" state alive. The listener may raise to abandon the evaluation (the worker
+does on a stop request): the exception leaves the scoring function, so no score of the answers
+generated so far is ever returned as if the evaluation were complete.
 """
 
 from __future__ import annotations
@@ -37,15 +40,18 @@ DEFAULT_MAX_NEW_TOKENS = 48  # the longest sample answer (JSON) is ~25 tokens
 ANSWER_MARGIN_TOKENS = 16
 MAX_ANSWER_TOKENS = 256
 
-Listener = Callable[[int, int], None]  # (answers done, answers in all)
+# (answers done, answers in all, True when a batch of answers has just ended: a point that every
+# process of a multi-process run reaches at once, unlike a token count, see studio.worker.eval_stop)
+Listener = Callable[[int, int, bool], None]
 _listener: ContextVar[Listener | None] = ContextVar("evaluate_listener", default=None)
 
 
 @contextmanager
 def reporting(listener: Listener) -> Iterator[None]:
-    """Within the block, every generation here calls ``listener(done, total)`` once per
-    generated token (a context variable rather than a parameter: the scorers are built by the
-    worker and called by the trainer's callback, and neither should thread it through)."""
+    """Within the block, every generation here calls ``listener(done, total, batch_end)`` once
+    per generated token and once after each batch (a context variable rather than a parameter:
+    the scorers are built by the worker and called by the trainer's callback, and neither should
+    thread it through). Whatever the listener raises ends the generation and the scoring."""
     token = _listener.set(listener)
     try:
         yield
@@ -55,13 +61,14 @@ def reporting(listener: Listener) -> Iterator[None]:
 
 def _token_ticker(listener: Listener, done: int, total: int) -> Any:
     """A stopping criterion that never stops generation: it only tells ``listener`` that one
-    more token was generated (transformers calls it once per decoding step)."""
+    more token was generated (transformers calls it once per decoding step). An exception the
+    listener raises passes through ``generate``: that is how an evaluation is abandoned."""
     import torch
     from transformers import StoppingCriteria
 
     class Tick(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            listener(done, total)
+            listener(done, total, False)
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     return Tick()
 
@@ -120,7 +127,7 @@ def answer_prompts(model: Any, tokenizer: Any, texts: list[str], *,
             new_tokens = out[:, batch["input_ids"].shape[1]:]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
             if listener is not None:
-                listener(len(answers), len(texts))
+                listener(len(answers), len(texts), True)
     finally:
         tokenizer.padding_side = previous_side
     return answers

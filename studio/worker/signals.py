@@ -9,9 +9,12 @@ write; either way the run lost everything since its last checkpoint. Instead:
   there and the run is cancelled;
 - while training, the signal only sets a flag; ``StudioCallback.on_step_end`` turns it into the
   same stop a "save" request from the UI makes: the step in progress ends, a checkpoint is
-  written, the run is cancelled with a note naming the signal, and Resume continues from there;
-- after training (the final evaluation, saving the adapter) the worker finishes: the end is near
-  and interrupting a save would leave a half-written adapter.
+  written, the run is cancelled with a note naming the signal, and Resume continues from there.
+  An evaluation in progress is not waited for: it ends within one eval batch or generated token
+  and the checkpoint is the last finished step's (``eval_stop.py``);
+- after training, the final evaluation stops the same way (nothing of it is kept; that step's
+  checkpoint is); saving the adapter is finished: the end is near and interrupting a save would
+  leave a half-written adapter.
 
 A second signal never interrupts anything: it is noted in the log and otherwise ignored, so a
 checkpoint being written is not cut in half. SIGKILL remains the way to end a worker at once.
@@ -38,7 +41,8 @@ class StoppedBySignal(BaseException):
 class GracefulStop:
     """The worker's signal handlers and what they asked for. Phases: ``waiting`` (installed, not
     yet inside the run's error handling: remember), ``starting`` (raise ``StoppedBySignal``),
-    ``training`` (flag, stop after the step), ``finishing`` (note, finish)."""
+    ``training`` (flag, stop after the step or within an evaluation), ``finishing`` (flag: a
+    final evaluation stops, the rest finishes)."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -91,9 +95,11 @@ class GracefulStop:
         if self.phase == "starting":
             raise StoppedBySignal(name)
         if self.phase == "training":
-            _note(f"{name} received: stopping after the current step, with a checkpoint")
+            _note(f"{name} received: stopping after the current step (at once during an evaluation), "
+                  "with a checkpoint")
         elif self.phase == "finishing":
-            _note(f"{name} received after training: finishing the run first")
+            _note(f"{name} received after training: a final evaluation stops at once, with a "
+                  "checkpoint; saving the adapter is finished first")
 
 
 def _note(text: str) -> None:

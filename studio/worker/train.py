@@ -2,7 +2,8 @@
 
 Life of a run as this module sees it: status ``running`` with our pid → model, method and data
 built → transformers ``Trainer`` with ``StudioCallback`` → ``completed`` (or ``cancelled`` on a
-cancel request or SIGTERM/SIGINT (``signals.py``), ``oom`` with advice on out-of-memory,
+cancel request or SIGTERM/SIGINT (``signals.py``), read at step ends and within an evaluation,
+the final one included (``eval_stop.py``), ``oom`` with advice on out-of-memory,
 ``failed`` with "disk full: ..." when the disk filled up (``diskspace.py``) or the traceback tail on
 any other error). A killed worker cannot write its own end: ``launch.reconcile`` marks it failed.
 Database writes ride out a locked or full history file (``resilient.py``): the training loop
@@ -34,7 +35,7 @@ from studio.methods import get_method
 from studio.run_setup import DeviceFacts
 from studio.runspec import RunSpec
 from studio.trackers import live as tracking
-from studio.worker import diskspace, prepare, ranks
+from studio.worker import diskspace, eval_stop, prepare, ranks
 from studio.worker.resilient import BackgroundWriter, Patient, SilentWriter, say
 from studio.worker.run_stats import training_stats
 from studio.worker.signals import GracefulStop, StoppedBySignal
@@ -271,6 +272,13 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
             stop.training_ended()
     wall = time.perf_counter() - started
 
+    if callback.cancel_mode is None:
+        final = training_stats(trainer, model, wall)  # before the evaluations raise the peak
+        try:
+            final.update(eval_stop.final_scores(trainer, callback, model, scorer, eval_set is not None))
+        except eval_stop.EvaluationInterrupted:  # a stop during the final evaluation
+            if callback.cancel_mode == "save":
+                eval_stop.keep_last_step(trainer)
     if callback.cancel_mode is not None:
         if callback.cancel_mode == "discard" and ranks.is_main():
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
@@ -283,19 +291,6 @@ def _train(db: Database, writer: BackgroundWriter, run_id: int, spec: RunSpec, f
             f"step {step} was kept and Resume continues from there.")}
 
     step = trainer.state.global_step
-    final = training_stats(trainer, model, wall)  # before the evaluations below raise the peak
-    if eval_set is not None:
-        # When eval_steps divides the last step the Trainer has just evaluated these very weights
-        # (eval loss and exact match): reuse that instead of making the user wait for it twice.
-        already = callback.evaluated_step == step
-        evaluated = callback.evaluated_metrics if already else trainer.evaluate()
-        final.update({k: v for k, v in evaluated.items() if k == "eval_loss"})
-    # The final evaluate() above already ran the callback's exact match, unless the callback
-    # has no scorer (QLoRA) or there was no eval split to evaluate.
-    if scorer is not None and (callback.evaluate_exact_match is None or eval_set is None):
-        score = scorer(model)
-        if score is not None:
-            final["eval_exact_match"] = score
     live.saving_adapter = True
     trainer.save_model(str(folder / "adapter"))
     live.saving_adapter = False

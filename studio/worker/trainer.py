@@ -7,14 +7,16 @@ loss; ``PEFT_STUDIO_FULL_LOGITS_LOSS=1`` turns it off), and it saves / restores 
 adapters as adapter folders (PEFT models are handled by Trainer itself; a plain model with our
 wrappers would otherwise be saved whole). ``StudioCallback`` writes per-step metrics and a
 heartbeat, records checkpoints, runs the exact-match evaluation and turns a cancel request from
-the UI, or SIGTERM/SIGINT, into a clean stop. Its writes go through a background writer, so a
-locked or full history file never stops training (``resilient.py``).
+the UI, or SIGTERM/SIGINT, into a clean stop: at a step end, or during an evaluation within one
+eval batch or generated token (``eval_stop.py``). Its writes go through a background writer, so
+a locked or full history file never stops training (``resilient.py``).
 
 Under a launcher every rank runs this callback, and only rank 0's writer writes
 (``resilient.SilentWriter`` elsewhere, ``ranks.py``). At each step end the ranks agree through
 one collective: rank 0's cancel request (only rank 0 reads the history), a signal on any rank,
 and the step's tokens of every rank, so that tokens/s counts them all and every rank stops at
-the same step (none is left waiting alone in a collective).
+the same step (none is left waiting alone in a collective); during an evaluation they agree the
+same way at each eval batch and each batch of answers (``eval_stop.py``).
 
 The heartbeat is the supervisor's only sign of life (``launch.reconcile`` kills a worker silent
 for ``launch.STALE_HEARTBEAT``), so the loop beats at every point of progress, not only at step
@@ -42,6 +44,7 @@ from studio.adapters import bottleneck
 from studio.db import Database
 from studio.sysinfo import peak_rss_bytes
 from studio.worker import kernels, label_loss, ranks
+from studio.worker.eval_stop import EvaluationInterrupted, StopPoll
 from studio.worker.resilient import BackgroundWriter, current_cancel_request, say
 from studio.worker.signals import GracefulStop
 
@@ -133,6 +136,16 @@ class StudioTrainer(Trainer):
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             ok = True
             return metrics
+        except EvaluationInterrupted:
+            if not self.is_in_train:
+                raise  # the worker's final evaluation: train.py ends the run
+            # Inside the training loop, the evaluation follows a finished step: stop as that
+            # step's end would have (StudioCallback.on_step_end). The Trainer then writes the
+            # step's checkpoint on "save" and leaves the loop; no metrics: none is complete.
+            self.control.should_evaluate = False
+            self.control.should_training_stop = True
+            self.control.should_save = callback.cancel_mode == "save"
+            return {}
         finally:
             callback.end_evaluation(self.state.global_step, recorded=ok)
 
@@ -208,6 +221,7 @@ class StudioCallback(TrainerCallback):
         self._activity: dict[str, Any] | None = None
         self._last_beat = -math.inf
         self._eval_started: float | None = None
+        self._stop_poll = StopPoll()  # when an evaluation looks for a stop request
 
     # ---- heartbeat and activity ----
     def _beat(self, force: bool = False) -> None:
@@ -221,9 +235,9 @@ class StudioCallback(TrainerCallback):
     def _set_activity(self, **changes: Any) -> None:
         self._activity = {**(self._activity or {}), **changes}
 
-    def begin_evaluation(self, step: int, batches: int | None) -> None:
+    def begin_evaluation(self, step: int, batches: int | None, part: str = "eval loss") -> None:
         self._eval_started = time.time()
-        self._activity = {"phase": "evaluating", "part": "eval loss", "done": 0, "total": batches,
+        self._activity = {"phase": "evaluating", "part": part, "done": 0, "total": batches,
                           "step": step, "since": self._eval_started}
         self._beat(force=True)
 
@@ -233,13 +247,33 @@ class StudioCallback(TrainerCallback):
         self._eval_started = self._activity = None
         self._beat(force=True)
 
-    def _answered(self, done: int, total: int) -> None:
-        """``evaluate.reporting``'s listener: called after every generated token."""
+    def _answered(self, done: int, total: int, batch_end: bool = False) -> None:
+        """``evaluate.reporting``'s listener: called after every generated token and after each
+        batch of answers. Raises ``EvaluationInterrupted`` on a stop request."""
         now = {"phase": "evaluating", "part": "exact match", "done": done, "total": total}
         first = not self._activity or self._activity.get("total") != total  # "0 of n" is news
         if first or any(self._activity.get(k) != v for k, v in now.items()):
             self._set_activity(**now)
         self._beat(force=first)
+        self._check_stop(boundary=batch_end)
+
+    def exact_match(self, scorer: Any, model: Any) -> float | None:
+        """``scorer(model)``, the exact match, with its progress, beats and stop checks (see
+        ``_answered``); ``EvaluationInterrupted`` leaves it with no score."""
+        from studio import evaluate
+
+        self._set_activity(phase="evaluating", part="exact match", done=0, total=None)
+        self._beat(force=True)
+        with evaluate.reporting(self._answered):
+            return scorer(model)
+
+    def _check_stop(self, boundary: bool) -> None:
+        """During an evaluation: raise ``EvaluationInterrupted`` when a stop was asked for (a
+        cancel request or a signal), having recorded it as ``on_step_end`` does. ``boundary``: a
+        point every rank reaches together (``eval_stop.StopPoll``)."""
+        signalled = self.stop is not None and self.stop.requested
+        if self._stop_poll.due(boundary, signalled) and self._stop_mode(*self._agree()) is not None:
+            raise EvaluationInterrupted(self.cancel_mode)
 
     def _memory_bytes(self) -> float:
         if torch.cuda.is_available():
@@ -274,20 +308,29 @@ class StudioCallback(TrainerCallback):
         if self._activity and self._activity.get("part") == "eval loss":
             self._set_activity(done=self._activity["done"] + 1)
         self._beat()
+        self._check_stop(boundary=True)  # each eval-loss batch: every rank has one
 
     def on_step_end(self, args, state, control, **kwargs):
         self._activity = None
         self._beat(force=True)
         # While writes are quick, wait for them: the history stays as current as the loop.
         self.writer.settle(SETTLE_STEP_S)
-        request, signal_name = self._agree()
+        mode = self._stop_mode(*self._agree())
+        if mode is not None:
+            control.should_training_stop = True
+            control.should_save = mode == "save"
+            control.should_evaluate = False  # an evaluation due at this step would delay the stop
+        return control
+
+    def _stop_mode(self, request: str | None, signal_name: str | None) -> str | None:
+        """"save" or "discard" when the run must stop, recorded in ``cancel_mode`` (and the
+        signal's name in ``stopped_by``: a signal stops like "save"); None to go on."""
         if signal_name is not None:
             request, self.stopped_by = "save", signal_name
         if request in ("save", "discard"):
             self.cancel_mode = request
-            control.should_training_stop = True
-            control.should_save = request == "save"
-        return control
+            return request
+        return None
 
     def _agree(self) -> tuple[str | None, str | None]:
         """(the cancel request, the signal's name) as every rank sees them, with the step's tokens
@@ -325,16 +368,12 @@ class StudioCallback(TrainerCallback):
             self.writer.log_metrics(state.global_step, values, wall_time=time.time())
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        self.evaluated_step, self.evaluated_metrics = state.global_step, dict(metrics or {})
         if self.evaluate_exact_match is not None and model is not None:
-            from studio import evaluate
-
-            self._set_activity(phase="evaluating", part="exact match", done=0, total=None)
-            self._beat(force=True)
-            with evaluate.reporting(self._answered):
-                score = self.evaluate_exact_match(model)
+            score = self.exact_match(self.evaluate_exact_match, model)  # may be interrupted
             if score is not None:
                 self.writer.log_metrics(state.global_step, {"eval_exact_match": score}, wall_time=time.time())
+        # Only a whole evaluation: train.py reuses it as the final one when it was at the last step.
+        self.evaluated_step, self.evaluated_metrics = state.global_step, dict(metrics or {})
 
     def on_save(self, args, state, control, **kwargs):
         self._beat(force=True)
