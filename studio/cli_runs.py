@@ -260,7 +260,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--status", default=None, help="only runs with this status: queued, running, completed, "
                                                    "failed, cancelled or oom")
     command("show", _cmd_show, "one run: status and why, steps, metrics, checkpoints, exports, error")
-    st = command("stop", _cmd_stop, "ask a training run to stop after its current step (as `stop`)")
+    st = command("stop", _cmd_stop, "ask a training run to stop after its current step, at once during an evaluation (as `stop`)")
     st.add_argument("--discard", action="store_true",
                     help="stop without saving a checkpoint (default: save one, so it can resume)")
     rs = command("resume", _cmd_resume, "resume a failed, cancelled or out-of-memory run from its latest "

@@ -34,7 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "with DDP under torchrun (gloo on a CPU); 0 = one per visible GPU")
     tr.set_defaults(handler=train)
 
-    st = sub.add_parser("stop", help="ask a training run to stop after its current step")
+    st = sub.add_parser("stop", help="ask a training run to stop after its current step (at once during an evaluation)")
     st.add_argument("run_id", type=int)
     st.add_argument("--discard", action="store_true",
                     help="stop without saving a checkpoint (default: save one, so it can resume)")

@@ -215,7 +215,7 @@ TRAIN_MSG = {
     "refused": "**Not started:** {reason}",
     "started": "**Started run #{id}** ({name}).",
     "not_running": "**Nothing to stop:** the selected run is not running.",
-    "stopping": "**Stopping run #{id}** after its current step, {kept}.",
+    "stopping": "**Stopping run #{id}** after its current step (at once if it is evaluating), {kept}.",
     "kept": {"save": "saving a checkpoint", "discard": "discarding its checkpoints"},
     "stopped": {"save": "**Run #{id} stopped** ({status}); its checkpoint is kept: *Resume selected run* "
                         "continues it.",
