@@ -137,7 +137,7 @@ def test_imported_run_is_listed_by_export_and_loads_in_compare(trip, monkeypatch
     assert weights[0].step is None and weights[0].path == launch.run_folder(trip.db, run) / "adapter"
     sources = [s for s in project_adapters(trip.db, trip.project.id, lambda r: launch.run_folder(trip.db, r))
                if s.run_id == run.id]
-    assert [s.step for s in sources] == [None, 2, 4]
+    assert [s.step for s in sources] == [None, 2]  # step 4's checkpoint is the final adapter, listed once
     engine = ChatEngine.load(trip.project.model_source, dtype="float32", device="cpu")
     attached = engine.add_adapter("imported", sources[0].folder)
     assert (attached.method, attached.path) == ("lora", "batched")
