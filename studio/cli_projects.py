@@ -113,7 +113,7 @@ def _cmd_rename(args: argparse.Namespace) -> int:
 
 def _cmd_delete(args: argparse.Namespace) -> int:
     from studio import projects
-    from studio.db import Database, RunStatus
+    from studio.db import Database
     from studio.runs import launch
     from studio.ui import labels
 
@@ -125,9 +125,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     if not args.yes:  # the picker's confirmation step, as a flag a script must spell out
         return fail("projects delete", plain(labels.delete_warning(project.name)) + " Pass --yes to delete it.")
     launch.reconcile(db)  # a worker that died is not "running" any more
-    busy = [r.id for r in db.list_runs(project.id)
-            if r.status in (RunStatus.RUNNING.value, RunStatus.QUEUED.value) and
-            (r.status == RunStatus.RUNNING.value or r.queued_at is not None)]
+    busy = [r.id for r in db.list_runs(project.id) if r.in_flight]
     if busy:  # its folder holds their checkpoints: removing it under a worker loses the run
         return fail("projects delete", f"run {', '.join(f'#{i}' for i in busy)} of {project.name!r} is "
                                        f"training or queued; stop it first (peft-studio runs stop ID)")

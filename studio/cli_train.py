@@ -130,8 +130,7 @@ def stop(args: argparse.Namespace) -> int:
     run = db.get_run(args.run_id)
     if run is None:
         return _fail("stop", f"there is no run {args.run_id} in the history {db.path}")
-    waiting = run.status == RunStatus.QUEUED.value and run.queued_at is not None
-    if run.status != RunStatus.RUNNING.value and not waiting:
+    if not run.in_flight:
         return _fail("stop", f"run {run.id} is {run.status} (not training or waiting in the queue); "
                              "there is nothing to stop")
     run = launch.stop(db, run.id, "discard" if args.discard else "save")

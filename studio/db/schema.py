@@ -146,6 +146,14 @@ class Run(Base):
     # as a dict (combination, parent run ids and weights, density, svd rank). None: a trained run.
     recipe: Mapped[dict | None] = mapped_column(JSONText)
 
+    @property
+    def in_flight(self) -> bool:
+        """Training, or waiting in the dispatch queue (a run only created is "queued" too, but
+        nothing will start it): what a stop can stop and what must not be deleted or copied
+        while its history still grows."""
+        return self.status == RunStatus.RUNNING.value or (self.status == RunStatus.QUEUED.value
+                                                         and self.queued_at is not None)
+
 
 class Metric(Base):
     __tablename__ = "metrics"

@@ -31,7 +31,6 @@ from studio.trackers.choice import (TITLES, TrackerError, mlflow_store, project_
                                     tensorboard_dir, view_command)
 from studio.trackers.live import MLFLOW_STATUS
 
-UNFINISHED = ("running", "queued")
 EVENTS_PREFIX = "events.out.tfevents."
 
 
@@ -53,16 +52,11 @@ def select(db: Any, run_ids: list[int], project: str | None, every: bool) -> lis
         if run is None:
             raise TrackerError(f"no run with id {run_id} in this studio's history "
                                "(peft-studio runs list shows the runs)")
-        if _unfinished(run):
+        if run.in_flight:
             raise TrackerError(f"run {run_id} is {run.status}: its history is still growing; "
                                "export it once it has ended")
         runs.append(run)
     return runs
-
-
-def _unfinished(run: Any) -> bool:
-    # "queued" is also a run created and never started (no queued_at): nothing will add to it
-    return run.status == "running" or (run.status == "queued" and run.queued_at is not None)
 
 
 def export(db: Any, tracker: str, runs: list[Any], dest: Path | None = None) -> list[dict[str, Any]]:
@@ -78,7 +72,7 @@ def export(db: Any, tracker: str, runs: list[Any], dest: Path | None = None) -> 
     for run in runs:
         project = projects[run.project_id]
         base = {"run_id": run.id, "name": run.name, "project": project.name, "status": run.status}
-        if _unfinished(run):
+        if run.in_flight:
             results.append({**base, "action": "skipped", "reason": f"{run.status}: export it once it has ended"})
             continue
         if tracker == "tensorboard" and not run.folder and dest is None:
