@@ -133,9 +133,9 @@ def test_bad_input_is_refused_with_one_line_naming_it(project, capsys, argv, mes
 def test_without_project_several_projects_or_none_say_what_to_do(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFT_STUDIO_HOME", str(tmp_path))
     code, _, err = compare(capsys, "--prompt", "hi")
-    assert code == 2 and "has no project yet" in err
+    assert code == 2 and "there is no project yet" in err
     db = Database()
     create_project(db, "one")
     create_project(db, "two")
     code, _, err = compare(capsys, "--prompt", "hi")
-    assert code == 2 and "there are 2 projects: name one with --project (one, two)" in err
+    assert code == 2 and "there are 2 projects ('one', 'two'): say which one with --project NAME" in err

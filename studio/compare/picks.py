@@ -37,21 +37,14 @@ class Pick:
 
 
 def choose_project(db: Database, name: str | None) -> Any:
-    """The project named ``name`` (or with that id); with no name, the only project there is."""
-    from studio.serve.catalog import CatalogError, find_project
+    """The project ``--project`` names, as every command chooses it (``cli_projects.resolve_project``:
+    a name, or an id; left out or blank: the only project there is)."""
+    from studio.cli_projects import ProjectChoiceError, resolve_project
 
-    if name is not None and name.strip():
-        try:
-            return find_project(db, name.strip())
-        except CatalogError as exc:
-            raise PickError(str(exc)) from None
-    projects = db.list_projects()
-    if len(projects) == 1:
-        return projects[0]
-    if not projects:
-        raise PickError(f"the history {db.path} has no project yet: train a run first")
-    names = ", ".join(sorted(p.name for p in projects)[:10])
-    raise PickError(f"there are {len(projects)} projects: name one with --project ({names})")
+    try:
+        return resolve_project(db, (name or "").strip() or None)
+    except ProjectChoiceError as exc:
+        raise PickError(str(exc)) from None
 
 
 def split_items(values: list[str]) -> list[str]:
