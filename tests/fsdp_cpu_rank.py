@@ -100,30 +100,18 @@ def sharded_training(model_path: str, method: str, rank: int, world: int) -> dic
     generator = torch.Generator().manual_seed(1)
     batch = torch.randint(3, 500, (2 * world, 32), generator=generator)  # every rank draws the same batch
     mine = batch[2 * rank: 2 * rank + 2]
-    optimizer = torch.optim.SGD([p for p in sharded.parameters() if p.requires_grad], lr=0.5)
-    losses = []
-    for _ in range(3):
-        loss = sharded(input_ids=mine, labels=mine).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    def over_the_batch(loss: torch.Tensor) -> float:
         mean = loss.detach().clone()
         dist.all_reduce(mean)  # the step's loss over the whole batch (equal-length rows)
-        losses.append(mean.item() / world)
-    facts["losses"] = losses
+        return mean.item() / world
+
+    facts["losses"] = sgd_steps(sharded, mine, over_the_batch)
 
     with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT,
                               FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
         full = sharded.state_dict()
     if rank == 0:
-        ref_opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
-        ref_losses = []
-        for _ in range(3):
-            loss = reference(input_ids=batch, labels=batch).loss
-            loss.backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
-            ref_losses.append(loss.item())
+        ref_losses = sgd_steps(reference, batch, lambda loss: loss.item())
         ref_state = reference.state_dict()
         lora = [k for k in full if "lora_" in k]
         facts["reference_losses"] = ref_losses
@@ -133,6 +121,20 @@ def sharded_training(model_path: str, method: str, rank: int, world: int) -> dic
     return facts
 
 
+
+
+def sgd_steps(model, ids: torch.Tensor, loss_value, steps: int = 3) -> list[float]:
+    """``steps`` SGD steps (lr 0.5) of ``model`` on ``ids`` (labels = inputs); each step's loss
+    as ``loss_value`` reads it."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss_value(loss))
+    return losses
 
 
 if __name__ == "__main__":
